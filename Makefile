@@ -1,0 +1,13 @@
+# The two commands of the README: `make train` (set-up + dry-run training), `make test` (set-up + tests).
+PY := .venv/bin/python
+ARGS ?=
+
+.PHONY: setup train test
+setup:
+	@bash scripts/setup.sh
+
+train: setup
+	$(PY) -m axon.train launch.nproc_per_node=8 model=tiny run.name=dry-run $(ARGS)
+
+test: setup
+	$(PY) -m pytest tests $(ARGS)

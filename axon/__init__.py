@@ -1,0 +1,1 @@
+"""Axon: 4D-parallel LLM training."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op, each with an autograd.Function and a PyTorch reference."""
