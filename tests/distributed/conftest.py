@@ -1,0 +1,37 @@
+"""Session-scoped worker pools (one per world size), shared by all distributed tests."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+from tests.distributed.harness import WorkerPool
+
+
+class Pools:
+    def __init__(self) -> None:
+        self._pools: dict[int, WorkerPool] = {}
+
+    def run(self, world: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run `fn(*args, **kwargs)` on every rank of a `world`-rank gloo job; per-rank results."""
+        pool = self._pools.get(world)
+        if pool is None:
+            pool = self._pools[world] = WorkerPool(world)
+        try:
+            return pool.run(fn, *args, **kwargs)
+        finally:
+            if pool.broken:
+                pool.close()
+                del self._pools[world]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+@pytest.fixture(scope="session")
+def dist_pools():
+    pools = Pools()
+    yield pools
+    pools.close()
