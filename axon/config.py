@@ -149,6 +149,11 @@ class ClusterCfg:
     intra_lat: float = 1e-5
     inter_lat: float = 1e-5
     host_bw: float = 1e10
+    mem_bw: float = 1e11  # device memory bandwidth (bytes/s)
+    compute_efficiency: float = 0.6  # fraction of peak_flops large GEMMs reach
+    gemm_half_dim: float = 64.0  # smallest GEMM dim at which half that rate is reached
+    dtype_bytes: int = 2  # 2 = bf16 compute, 4 = fp32 (CPU)
+    overhead_bytes: float = 2e9  # per device: context, allocator slack, buffers
 
 
 @dataclass

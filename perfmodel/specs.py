@@ -202,6 +202,11 @@ class Cluster:
     intra_lat: float = 1e-5  # seconds per message hop
     inter_lat: float = 1e-5
     host_bw: float = 1e10  # device <-> host copy bandwidth (bytes/s)
+    mem_bw: float = 1e11  # device memory bandwidth (bytes/s); prices the optimizer step
+    compute_efficiency: float = 0.6  # fraction of peak_flops that large training GEMMs reach
+    gemm_half_dim: float = 64.0  # a GEMM whose smallest dim is this reaches half that rate
+    dtype_bytes: int = 2  # bytes per weight/activation element in compute (2 = bf16, 4 = fp32)
+    overhead_bytes: float = 2e9  # per device: runtime context, allocator slack, comm buffers
 
     @property
     def world_size(self) -> int:
