@@ -1,0 +1,55 @@
+"""A tiny worker for the launcher tests: detect the launcher, init torch.distributed, all-reduce.
+
+usage: python -m tests.integration.launch_worker OUT_DIR MODE [TIMEOUT_S]
+  MODE sum:  all-reduce rank+1 once, write OUT_DIR/rank<r>.json with what it saw.
+  MODE die:  loop of all-reduces; the last rank SIGKILLs itself at iteration 3.
+  MODE hang: rank 0 all-reduces, the others sleep without joining (the timeout must fire).
+Every rank first writes its pid to OUT_DIR/pid<r>.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launch import dist as launch_dist
+from launch.env import detect
+
+
+def main() -> None:
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 60.0
+    env = detect(os.environ)
+    (out / f"pid{env.rank}").write_text(str(os.getpid()))
+    backend = launch_dist.init(env, "auto", timeout_s)
+    if mode == "sum":
+        x = torch.tensor([float(env.rank + 1)])  # [1]
+        dist.all_reduce(x)
+        info = {"kind": env.kind, "rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
+                "backend": backend, "sum": x.item(), "dist_rank": dist.get_rank(),
+                "dist_world": dist.get_world_size(), "threads": torch.get_num_threads()}
+        (out / f"rank{env.rank}.json").write_text(json.dumps(info))
+    elif mode == "die":
+        for step in range(100_000):
+            if step == 3 and env.rank == env.world_size - 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            dist.all_reduce(torch.ones(1024))
+            time.sleep(0.01)
+    elif mode == "hang":
+        if env.rank == 0:
+            dist.all_reduce(torch.ones(4))  # must raise after timeout_s
+        else:
+            time.sleep(600)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    launch_dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
