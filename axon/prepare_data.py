@@ -1,0 +1,191 @@
+"""`axon prepare-data`: tokenize text into a token file for training.
+
+    axon prepare-data book1.txt book2.txt --out data/books             # byte tokenizer
+    axon prepare-data web.jsonl --field text --tokenizer tok/tokenizer.json --out data/web
+
+Each .txt file is one document; each line of a .jsonl file is one document (its `--field`).
+Every document is followed by the tokenizer's end-of-document token. Writes `<out>.bin` (raw
+uint16/uint32 tokens, the nanoGPT/Megatron format) and `<out>.json` (dtype, vocab_size,
+n_tokens, tokenizer, source sha256, ...). Both are written under temporary names, fsynced and
+renamed, the sidecar last: a failed run leaves no partial file and any previous output intact.
+Train on the result with `data.path=<out>.bin` (and `model.vocab_size` >= the tokenizer's).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional
+
+import numpy as np
+
+from axon.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+
+BATCH_DOCS = 512  # documents tokenized per encode_batch call
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="axon prepare-data", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", type=Path, help=".txt or .jsonl files, tokenized in the order given")
+    p.add_argument("--out", required=True, type=Path, help="output prefix: writes <out>.bin and <out>.json")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
+    p.add_argument("--field", default="text", help="JSONL key holding the document text (default: text)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
+                   help="token type; auto = uint16 when the vocabulary fits, else uint32")
+    p.add_argument("--eot-token", default=None,
+                   help="end-of-document token of a tokenizer.json (default: <|endoftext|>, </s>, ... if present)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        meta = prepare(args.inputs, args.out, args.tokenizer, field=args.field, dtype=args.dtype,
+                       eot_token=args.eot_token)
+    except (ValueError, OSError) as err:
+        print(f"axon prepare-data: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {meta['n_tokens']:,} tokens ({meta['n_docs']:,} documents, {meta['dtype']}, "
+          f"vocabulary {meta['vocab_size']:,}) to {_bin_path(args.out)}")
+    return 0
+
+
+def prepare(inputs: list[Path], out: Path, tokenizer: str, field: str = "text", dtype: str = "auto",
+            eot_token: Optional[str] = None) -> dict:
+    """Tokenize `inputs` into `<out>.bin` + `<out>.json`; returns the sidecar's contents."""
+    tok = load_tokenizer(tokenizer, eot_token=eot_token)
+    if tok.eot_id is None:
+        raise ValueError(f"tokenizer {tokenizer} has none of the usual end-of-document tokens; "
+                         f"name one with --eot-token")
+    np_dtype = _pick_dtype(dtype, tok.vocab_size)
+    for path in inputs:
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"{path}: input files must end in .txt or .jsonl")
+    bin_path, json_path = _bin_path(out), _bin_path(out).with_suffix(".json")
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256()
+    n_tokens, n_docs, max_id = 0, 0, 0
+    eot = np.array([tok.eot_id], dtype=np_dtype)
+    with _AtomicFile(bin_path) as f:
+        for docs in _batches(_documents(inputs, field, sha), BATCH_DOCS):
+            for ids in tok.encode_batch(docs):
+                f.write(ids.astype(np_dtype).tobytes())
+                f.write(eot.tobytes())
+                n_tokens += len(ids) + 1
+                n_docs += 1
+                max_id = max(max_id, int(ids.max()) if len(ids) else 0, tok.eot_id)
+        if n_docs == 0:
+            raise ValueError(f"no documents in {', '.join(map(str, inputs))}")
+        meta = {
+            "format": "axon-tokens-v1",
+            "dtype": np.dtype(np_dtype).name,
+            "vocab_size": tok.vocab_size,
+            "n_tokens": n_tokens,
+            "n_docs": n_docs,
+            "max_token_id": max_id,
+            "eot_id": tok.eot_id,
+            "tokenizer": tok.name,
+            "tokenizer_sha256": tok.sha256 if isinstance(tok, HFTokenizer) else None,
+            "sources": [str(p) for p in inputs],
+            "source_sha256": sha.hexdigest(),
+        }
+        f.commit()
+    with _AtomicFile(json_path) as j:
+        j.write((json.dumps(meta, indent=2) + "\n").encode())
+        j.commit()
+    return meta
+
+
+def _bin_path(out: Path) -> Path:
+    return out if out.suffix == ".bin" else out.with_name(out.name + ".bin")
+
+
+def _pick_dtype(dtype: str, vocab_size: int) -> type:
+    if dtype == "auto":
+        return np.uint16 if vocab_size <= 2**16 else np.uint32
+    if dtype == "uint16" and vocab_size > 2**16:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens, more than uint16 holds; use --dtype uint32")
+    return {"uint16": np.uint16, "uint32": np.uint32}[dtype]
+
+
+def _documents(inputs: list[Path], field: str, sha: "hashlib._Hash") -> Iterator[str]:
+    """Each .txt file whole, or each line of a .jsonl file; every byte read goes into `sha`."""
+    for path in inputs:
+        with open(path, "rb") as f:
+            if path.suffix == ".txt":
+                raw = f.read()
+                sha.update(raw)
+                yield _utf8(raw, path)
+            else:
+                yield from _jsonl_documents(f, path, field, sha)
+
+
+def _jsonl_documents(f: BinaryIO, path: Path, field: str, sha: "hashlib._Hash") -> Iterator[str]:
+    for lineno, line in enumerate(f, 1):
+        sha.update(line)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(_utf8(line, path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{path}:{lineno}: no string field {field!r}; name the text field with --field")
+        yield record[field]
+
+
+def _utf8(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _batches(items: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _AtomicFile:
+    """Writes to `<path>.tmp-<pid>`; `commit()` fsyncs and renames it onto `path`. Leaving the
+    `with` block without commit (an error) deletes the temporary file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self._f: Optional[BinaryIO] = None
+
+    def __enter__(self) -> "_AtomicFile":
+        self._f = open(self.tmp, "wb")
+        return self
+
+    def write(self, data: bytes) -> None:
+        assert self._f is not None
+        self._f.write(data)
+
+    def commit(self) -> None:
+        assert self._f is not None
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.replace(self.tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
+            self.tmp.unlink(missing_ok=True)
