@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterator, Optional
 
 import numpy as np
 
-from axon.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from axon.tokenizer import HFTokenizer, load_tokenizer
 
 BATCH_DOCS = 512  # documents tokenized per encode_batch call
 
@@ -189,3 +189,7 @@ class _AtomicFile:
         if self._f is not None:
             self._f.close()
             self.tmp.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
