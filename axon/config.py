@@ -85,7 +85,7 @@ class OptimCfg:
 class DataCfg:
     name: str = "corpus"
     path: Optional[str] = None  # a .bin token file; None = the embedded corpus
-    dtype: str = "auto"  # uint16 | uint32 | auto (from a .json sidecar or vocab size)
+    dtype: str = "auto"  # uint16 | uint32 | auto (from the .json sidecar)
     tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
     val_fraction: float = 0.01
 

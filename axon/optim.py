@@ -1,0 +1,65 @@
+"""AdamW, the warm-up + cosine learning-rate schedule, and global-norm gradient clipping that is
+correct when parameters are sharded (each shard's squares summed once over its group)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from axon.config import Optim
+
+def build_optimizer(model: nn.Module, optim: Optim, lr: float) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norms, biases) do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             foreach=False)
+
+def lr_at(step: int, base_lr: float, optim: Optim, total_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine down to base_lr * min_lr_ratio."""
+    if step < optim.warmup_steps:
+        return base_lr * (step + 1) / optim.warmup_steps
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    floor = base_lr * optim.min_lr_ratio
+    return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+def global_grad_norm(params_by_shard_group: Mapping[Any, list[torch.Tensor]],
+                     stage_group: Any = None) -> torch.Tensor:
+    """L2 norm of the full gradient. `params_by_shard_group` maps the process group over which a
+    parameter is sharded (None = not sharded) to its local parameters; pipeline stages are summed
+    over `stage_group`."""
+    total = None
+    for group, params in params_by_shard_group.items():
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            continue
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        if group is not None:
+            dist.all_reduce(sq, group=group)
+        total = sq if total is None else total + sq
+    if total is None:
+        total = torch.zeros(())
+    if stage_group is not None:
+        dist.all_reduce(total, group=stage_group)
+    return total.sqrt()
+
+def clip_(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients in place so their global norm is at most `max_norm` (0 disables)."""
+    if max_norm <= 0:
+        return
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.device))
