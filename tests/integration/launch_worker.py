@@ -1,9 +1,11 @@
 """A tiny worker for the launcher tests: detect the launcher, init torch.distributed, all-reduce.
 
 usage: python -m tests.integration.launch_worker OUT_DIR MODE [TIMEOUT_S]
-  MODE sum:  all-reduce rank+1 once, write OUT_DIR/rank<r>.json with what it saw.
+  MODE sum:  all-reduce rank+1 once, write OUT_DIR/rank<r>.json with what it saw, print a line.
   MODE die:  loop of all-reduces; the last rank SIGKILLs itself at iteration 3.
   MODE hang: rank 0 all-reduces, the others sleep without joining (the timeout must fire).
+  MODE fail-one: rank 0 ignores SIGTERM and sleeps, the others exit with code 3.
+  MODE sleep: every rank sleeps (to be stopped from outside).
 Every rank first writes its pid to OUT_DIR/pid<r>.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
                 "backend": backend, "sum": x.item(), "dist_rank": dist.get_rank(),
                 "dist_world": dist.get_world_size(), "threads": torch.get_num_threads()}
         (out / f"rank{env.rank}.json").write_text(json.dumps(info))
+        print(f"hello from rank {env.rank}", flush=True)
     elif mode == "die":
         for step in range(100_000):
             if step == 3 and env.rank == env.world_size - 1:
@@ -46,6 +49,13 @@ def main() -> None:
             dist.all_reduce(torch.ones(4))  # must raise after timeout_s
         else:
             time.sleep(600)
+    elif mode == "fail-one":
+        if env.rank == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor must escalate to SIGKILL
+            time.sleep(600)
+        raise SystemExit(3)
+    elif mode == "sleep":
+        time.sleep(600)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     launch_dist.shutdown()
