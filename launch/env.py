@@ -13,8 +13,8 @@ after it gets the frozen `LaunchEnv`. Supported, in order of precedence:
    and MPI wins.
 3. MPI: OpenMPI (OMPI_COMM_WORLD_*), MPICH/Hydra and Intel MPI (PMI_RANK, PMI_SIZE,
    MPI_LOCALRANKID, MPI_LOCALNRANKS; Cray's PMI_LOCAL_RANK/SIZE), MVAPICH2 (MV2_COMM_WORLD_*),
-   PMIx (PMIX_RANK, with the world size from OpenMPI's or PMI's variable). No master address is known, so `launch.dist.init` rendezvouses through mpi4py
-   unless MASTER_ADDR and MASTER_PORT are set.
+   PMIx (PMIX_RANK, with the world size from OpenMPI's or PMI's variable). No master address
+   is known, so `launch.dist.init` rendezvouses through mpi4py unless MASTER_ADDR is set.
 4. A single process otherwise (master 127.0.0.1, port 0 = pick a free one at init).
 """
 from __future__ import annotations
