@@ -1,0 +1,327 @@
+"""Pipeline schedules as data: for every pipeline rank, the ordered list of actions it runs.
+
+    actions = build("zbv", pp=4, microbatches=8, virtual_stages=2)
+    for rank, acts in enumerate(actions): print(rank, " ".join(map(str, acts)))
+
+Pure Python (no torch), so schedules can be printed, checked (`parallel.schedule_sim.validate`)
+and costed (`parallel.schedule_sim.simulate`) anywhere; one executor runs any list.
+
+Model chunks are numbered 0..n_chunks-1 in model order; `placement` says which rank holds each:
+one chunk per rank (gpipe, 1f1b, zbh1), round-robin `c % pp` (interleaved, v chunks per rank),
+or a V (zbv, vhalf, vmin: rank r holds chunks r and 2pp-1-r).
+
+Execution contract (what `validate` checks):
+- a rank runs its list in order; F/B/W are compute (B is the full backward when no W appears);
+- a maximal run of consecutive SEND_*/RECV_* actions is one batch, posted together
+  (batch_isend_irecv); batches of a rank complete in posting order (one communicator stream);
+- the rank waits for a RECV just before the compute that consumes it; sends complete in the
+  background and are waited for at the end of the step;
+- p2p messages between two ranks are matched in posting order (no tags), so the SENDs from a
+  to b appear in the same order as b's RECVs from a;
+- OFFLOAD moves a (chunk, microbatch)'s saved activations to host memory after its F, RELOAD
+  brings them back ahead of its B (asynchronous copies).
+
+Restrictions: interleaved with virtual_stages > 1 needs microbatches % pp == 0 (Megatron's
+grouping of pp microbatches per chunk round); V schedules need virtual_stages == 2; others 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+F, B, W = "F", "B", "W"
+SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
+OFFLOAD, RELOAD = "OFFLOAD", "RELOAD"
+COMPUTE = (F, B, W)
+COMM = (SEND_F, RECV_F, SEND_B, RECV_B)
+MEMORY = (OFFLOAD, RELOAD)
+KINDS = COMPUTE + COMM + MEMORY
+
+SCHEDULES = ("none", "gpipe", "1f1b", "interleaved", "zbh1", "zbv", "vhalf", "vmin")
+SPLIT_BACKWARD = ("zbh1", "zbv", "vhalf", "vmin")  # B (input grads) and W (weight grads) apart
+V_SHAPED = ("zbv", "vhalf", "vmin")
+RELOAD_LEAD = 2  # a RELOAD is placed this many compute actions ahead of its B
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be built or is broken; the message names the setting to change."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a rank's schedule. `chunk` is the model chunk (model order); `peer` is the
+    other rank of a SEND/RECV. SEND_F/SEND_B carry the output/input-grad of `chunk`; RECV_F and
+    RECV_B carry the input/output-grad of `chunk`."""
+
+    kind: str
+    microbatch: int
+    chunk: int
+    peer: int | None = None
+
+    def __str__(self) -> str:
+        peer = "" if self.peer is None else f"@{self.peer}"
+        return f"{self.kind}{self.microbatch}.{self.chunk}{peer}"
+
+
+def chunks_per_rank(schedule: str, virtual_stages: int = 1) -> int:
+    if schedule == "interleaved":
+        return virtual_stages
+    return 2 if schedule in V_SHAPED else 1
+
+
+def placement(schedule: str, pp: int, virtual_stages: int = 1) -> list[int]:
+    """rank holding each model chunk, indexed by chunk."""
+    n = pp * chunks_per_rank(schedule, virtual_stages)
+    if schedule in V_SHAPED:
+        return [c if c < pp else 2 * pp - 1 - c for c in range(n)]
+    return [c % pp for c in range(n)]
+
+
+def build(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
+          offload: float = 0.0) -> list[list[Action]]:
+    """Per-rank ordered action lists for `schedule` (see the module docstring)."""
+    _check(schedule, pp, microbatches, virtual_stages, offload)
+    place = placement(schedule, pp, virtual_stages)
+    m = microbatches
+    if schedule in ("none", "gpipe"):
+        orders = [[Action(F, i, r) for i in range(m)] + [Action(B, i, r) for i in range(m)]
+                  for r in range(pp)] if schedule == "gpipe" else [_interleaved_1f1b(0, 1, m, 1)]
+    elif schedule in ("1f1b", "interleaved"):
+        v = virtual_stages if schedule == "interleaved" else 1
+        orders = [_interleaved_1f1b(r, pp, m, v) for r in range(pp)]
+    else:
+        orders = _greedy_split(place, pp, m, _memory_cap(schedule, pp))
+    reloads, offloads = _offload_plan(orders, offload)
+    return _with_p2p(orders, place, reloads, offloads)
+
+
+def _check(schedule: str, pp: int, m: int, v: int, offload: float) -> None:
+    if schedule not in SCHEDULES:
+        raise ScheduleError(f"parallel.schedule={schedule!r} is not one of {SCHEDULES}")
+    if pp < 1 or v < 1:
+        raise ScheduleError(f"parallel.pp={pp} and parallel.virtual_stages={v} must be >= 1")
+    if m < 1:
+        raise ScheduleError(f"{m} microbatches per step; raise train.global_batch_size or lower "
+                            f"parallel.micro_batch_size so each step has at least one")
+    if schedule == "none" and pp != 1:
+        raise ScheduleError(f"parallel.schedule=none runs without a pipeline but parallel.pp={pp}; "
+                            f"pick a pipeline schedule or set parallel.pp=1")
+    want_v = 2 if schedule in V_SHAPED else 1
+    if schedule != "interleaved" and v != want_v:
+        raise ScheduleError(f"parallel.schedule={schedule} places {want_v} chunk(s) per rank; set "
+                            f"parallel.virtual_stages={want_v} (or parallel.schedule=interleaved)")
+    if schedule == "interleaved" and v > 1 and m % pp:
+        raise ScheduleError(
+            f"parallel.schedule=interleaved needs the microbatches per step ({m}) to be a multiple of "
+            f"parallel.pp={pp}; change train.global_batch_size or parallel.micro_batch_size "
+            f"(microbatches = global_batch_size / (dp * tp_depth * micro_batch_size))")
+    if not 0.0 <= offload <= 1.0:
+        raise ScheduleError(f"parallel.offload.activations={offload} must be in [0, 1]")
+
+
+def _interleaved_1f1b(rank: int, pp: int, m: int, v: int) -> list[Action]:
+    """Megatron's (interleaved) 1F1B for one rank: warm-up forwards, one-forward-one-backward
+    steady state, cool-down backwards. v=1 is plain 1F1B; v chunks go round-robin (c = k*pp+rank)
+    and microbatches run in groups of pp per chunk round."""
+    total = m * v
+
+    def chunk_mb(k: int, forward: bool) -> tuple[int, int]:
+        group, within = divmod(k, pp * v)
+        local, j = divmod(within, pp)
+        if not forward:
+            local = v - 1 - local
+        return local * pp + rank, group * pp + j
+
+    if v == 1:
+        warmup = min(pp - rank - 1, m)
+        chunk_mb = lambda k, forward: (rank, k)  # noqa: E731 (plain 1F1B: one chunk, in order)
+    else:
+        warmup = min((pp - rank - 1) * 2 + (v - 1) * pp, total)
+    fwd = [Action(F, i, c) for c, i in (chunk_mb(k, True) for k in range(total))]
+    bwd = [Action(B, i, c) for c, i in (chunk_mb(k, False) for k in range(total))]
+    order = fwd[:warmup]
+    for k in range(total - warmup):
+        order += [fwd[warmup + k], bwd[k]]
+    return order + bwd[total - warmup:]
+
+
+def _memory_cap(schedule: str, pp: int) -> float:
+    """Peak activations per rank (units of one microbatch through one full stage) the greedy
+    zero-bubble scheduler may hold: 1F1B's first stage (pp) for zbh1/zbv; the V-Half and V-Min
+    budgets of Qi et al., floor((pp+2)/2) and floor((pp+4)/3)."""
+    return {"zbh1": pp, "zbv": pp, "vhalf": (pp + 2) // 2, "vmin": (pp + 4) // 3}[schedule]
+
+
+def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Action]]:
+    """List-schedule F/B/W with unit costs (per full stage F=B=W=1) under a per-rank activation
+    cap, the zero-bubble recipe: whenever a rank is free it runs a ready B, else a ready F the cap
+    allows, else a pending W (which fills what would be a bubble and frees memory).
+
+    A microbatch enters a rank (F of its first chunk there) only if room for its later chunks
+    there stays free afterwards; later chunks run in microbatch order, so the oldest admitted
+    microbatch can always go on and the greedy cannot deadlock."""
+    n, eps = len(place), 1e-9
+    unit = pp / n  # one chunk's share of a full stage
+    owned = [[c for c in range(n) if place[c] == r] for r in range(pp)]
+    enters = [c == min(owned[place[c]]) for c in range(n)]  # a microbatch's first chunk on its rank
+    end: dict[tuple[str, int, int], float] = {}
+    next_f, next_b = [0] * n, [0] * n
+    w_queue: list[list[tuple[int, int]]] = [[] for _ in range(pp)]
+    held = [0.0] * pp  # activations on the rank now (F start to W end)
+    free = [0.0] * pp
+    stalled = [False] * pp  # found nothing to run at free[r]; others at the same time go first
+    orders: list[list[Action]] = [[] for _ in range(pp)]
+    remaining = [3 * m * len(owned[r]) for r in range(pp)]
+    inf = float("inf")
+
+    def ready(kind: str, c: int, i: int) -> float:
+        if kind == F:
+            return 0.0 if c == 0 else end.get((F, c - 1, i), inf)
+        return end.get((F, c, i), inf) if c == n - 1 else end.get((B, c + 1, i), inf)
+
+    while any(remaining):
+        r = min((r for r in range(pp) if remaining[r]), key=lambda r: (free[r], stalled[r], r))
+        t = free[r]
+        b_cands = [(ready(B, c, next_b[c]), next_b[c], -c) for c in owned[r] if next_b[c] < m]
+        room = cap + eps - held[r]
+        f_cands = [(ready(F, c, next_f[c]), enters[c], next_f[c], c) for c in owned[r]
+                   if next_f[c] < m and unit * (len(owned[r]) if enters[c] else 1) <= room]
+        now_b = [x for x in b_cands if x[0] <= t]
+        now_f = [x for x in f_cands if x[0] <= t]
+        if now_b:
+            _, i, neg_c = min(now_b, key=lambda x: x[1:])
+            act = Action(B, i, -neg_c)
+            next_b[-neg_c] += 1
+            w_queue[r].append((-neg_c, i))
+        elif now_f:
+            _, _, i, c = min(now_f, key=lambda x: x[1:])
+            act = Action(F, i, c)
+            next_f[c] += 1
+            held[r] += unit
+        elif w_queue[r]:
+            c, i = w_queue[r].pop(0)
+            act = Action(W, i, c)
+            held[r] -= unit
+        else:
+            others = [q for q in range(pp) if q != r and remaining[q]]
+            if any(free[q] == t and not stalled[q] for q in others):
+                stalled[r] = True  # a rank acting now may make something ready sooner
+                continue
+            later = [x[0] for x in b_cands + f_cands if x[0] < inf] + [free[q] for q in others if free[q] > t]
+            if not later:
+                raise ScheduleError(f"greedy schedule stuck on rank {r} (internal error)")
+            free[r], stalled[r] = min(later), False
+            continue
+        stalled[r] = False
+        orders[r].append(act)
+        free[r] = t + unit
+        end[(act.kind, act.chunk, act.microbatch)] = free[r]
+        remaining[r] -= 1
+    return orders
+
+
+def _offload_plan(orders: list[list[Action]], fraction: float
+                  ) -> tuple[list[dict[int, list[Action]]], list[dict[int, list[Action]]]]:
+    """PipeOffload: per rank, offload the `fraction` of (chunk, microbatch) activations that live
+    longest (most compute actions between F and B). Returns, per rank, RELOADs to put before and
+    OFFLOADs to put after the compute action at each index. Pairs whose F and B are within
+    RELOAD_LEAD + 1 actions are never offloaded (no time to move the data out and back)."""
+    reloads: list[dict[int, list[Action]]] = [{} for _ in orders]
+    offloads: list[dict[int, list[Action]]] = [{} for _ in orders]
+    if fraction <= 0.0:
+        return reloads, offloads
+    for r, order in enumerate(orders):
+        f_at = {(a.chunk, a.microbatch): k for k, a in enumerate(order) if a.kind == F}
+        b_at = {(a.chunk, a.microbatch): k for k, a in enumerate(order) if a.kind == B}
+        spans = sorted(((b_at[key] - f_at[key], key) for key in f_at), key=lambda x: (-x[0], x[1]))
+        count = int(fraction * len(spans) + 0.5)
+        for span, (c, i) in spans[:count]:
+            if span <= RELOAD_LEAD + 1:
+                break
+            offloads[r].setdefault(f_at[(c, i)], []).append(Action(OFFLOAD, i, c))
+            reloads[r].setdefault(b_at[(c, i)] - RELOAD_LEAD, []).append(Action(RELOAD, i, c))
+    return reloads, offloads
+
+
+def timeline(actions: list[list[Action]], costs: dict[str, float], p2p: float = 0.0
+             ) -> list[list[tuple[float, float, Action]]]:
+    """Event-driven timing: an action starts when its rank is free and its inputs are done (+p2p
+    when they come from another rank); it lasts costs[kind] * pp / n_chunks. SEND/RECV take no
+    time of their own. Raises ScheduleError on a circular wait. Per rank: (start, end, action)."""
+    place = {a.chunk: r for r, acts in enumerate(actions) for a in acts if a.kind in COMPUTE}
+    pp, n = len(actions), len(place)
+    per_chunk = pp / n
+    end: dict[tuple[str, int, int], float] = {}
+    pos, free = [0] * pp, [0.0] * pp
+    out: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
+
+    def inputs(a: Action) -> list[tuple[str, int, int]]:
+        if a.kind == F:
+            return [(F, a.chunk - 1, a.microbatch)] if a.chunk > 0 else []
+        if a.kind == B:
+            return [(F, a.chunk, a.microbatch)] + ([(B, a.chunk + 1, a.microbatch)] if a.chunk < n - 1 else [])
+        return [(B, a.chunk, a.microbatch)] if a.kind == W else [(F, a.chunk, a.microbatch)]
+
+    progress = True
+    while progress:
+        progress = False
+        for r in range(pp):
+            while pos[r] < len(actions[r]):
+                a = actions[r][pos[r]]
+                if a.kind not in COMM:
+                    deps = inputs(a)
+                    if any(d not in end for d in deps):
+                        break
+                    start = max([free[r]] + [end[d] + (p2p if place[d[1]] != r else 0.0) for d in deps])
+                    free[r] = start + costs[a.kind] * per_chunk
+                    out[r].append((start, free[r], a))
+                    if a.kind in COMPUTE:
+                        end[(a.kind, a.chunk, a.microbatch)] = free[r]
+                pos[r] += 1
+                progress = True
+    if any(pos[r] < len(actions[r]) for r in range(pp)):
+        stuck = ", ".join(f"rank {r} at {actions[r][pos[r]]}" for r in range(pp) if pos[r] < len(actions[r]))
+        raise ScheduleError(f"circular wait between ranks: {stuck}")
+    return out
+
+
+def _with_p2p(orders: list[list[Action]], place: list[int], reloads: list[dict[int, list[Action]]],
+              offloads: list[dict[int, list[Action]]]) -> list[list[Action]]:
+    """Insert a SEND right after the compute producing the data and its RECV before the compute
+    consuming it. Every message gets a global key (the producer's end time in a unit-cost run,
+    then the sender rank and the action) and each rank posts its messages in key order, moving
+    RECVs earlier where needed: then the message with the smallest pending key always has both
+    ends posted at the head of their streams, so the batches cannot deadlock, and the messages
+    between two ranks match in posting order. A gap between computes reads: messages (by key),
+    OFFLOADs, RELOADs."""
+    n = len(place)
+    costs = {F: 1.0, B: 1.0 if any(a.kind == W for o in orders for a in o) else 2.0, W: 1.0}
+    ends = {(a.kind, a.chunk, a.microbatch): e for tl in timeline(orders, costs) for _, e, a in tl}
+    index = [{(a.kind, a.chunk, a.microbatch): k for k, a in enumerate(order)} for order in orders]
+    posts: list[list[tuple[tuple, int, Action]]] = [[] for _ in orders]  # (key, gap, action)
+    for r, order in enumerate(orders):
+        for k, a in enumerate(order):
+            to = a.chunk + 1 if a.kind == F else a.chunk - 1
+            if a.kind == W or not 0 <= to < n or place[to] == r:
+                continue
+            key = (ends[(a.kind, a.chunk, a.microbatch)], r, a.kind, a.chunk, a.microbatch)
+            posts[r].append((key, k + 1, Action(SEND_F if a.kind == F else SEND_B, a.microbatch, a.chunk, place[to])))
+            posts[place[to]].append((key, index[place[to]][(a.kind, to, a.microbatch)],
+                                     Action(RECV_F if a.kind == F else RECV_B, a.microbatch, to, r)))
+    gaps: list[dict[int, list[Action]]] = [{} for _ in orders]
+    for r, rank_posts in enumerate(posts):
+        latest = len(orders[r])
+        placed = []
+        for key, gap, act in sorted(rank_posts, key=lambda p: p[0], reverse=True):
+            latest = gap if act.kind in (SEND_F, SEND_B) else min(gap, latest)  # a SEND cannot move
+            placed.append((key, latest, act))
+        for _, gap, act in sorted(placed, key=lambda p: p[0]):
+            gaps[r].setdefault(gap, []).append(act)
+    out: list[list[Action]] = []
+    for r, order in enumerate(orders):
+        acts: list[Action] = []
+        for k, a in enumerate(order + [None]):
+            acts += gaps[r].get(k, []) + offloads[r].get(k - 1, []) + reloads[r].get(k, [])
+            if a is not None:
+                acts.append(a)
+        out.append(acts)
+    return out
