@@ -32,26 +32,41 @@ from parallel.data import DataParallel
 from perfmodel.flops import mfu, n_params
 from perfmodel.specs import Plan, PlanError
 
-# (setting, is it asked for, the issue that implements it)
-NOT_YET = (
-    ("parallel.pp", lambda p: p.pp > 1, "#4 pipeline parallelism"),
-    ("parallel.cp", lambda p: p.cp > 1, "#5 context parallelism"),
-    ("parallel.tp_col/tp_row/tp_depth", lambda p: p.tp > 1, "#3 tensor parallelism"),
-    ("parallel.sequence_parallel", lambda p: p.sequence_parallel, "#3 tensor parallelism"),
-    ("parallel.zero", lambda p: p.zero > 0, "#6 ZeRO"),
-    ("parallel.offload.optimizer", lambda p: p.offload.optimizer, "#6 optimizer offload"),
-    ("parallel.offload.activations", lambda p: p.offload.activations > 0, "#4 PipeOffload"),
-    ("parallel.recompute", lambda p: p.recompute != "none", "#6 recomputation"),
-    ("parallel.virtual_stages", lambda p: p.virtual_stages > 1, "#4 pipeline parallelism"),
+# Plan settings this build cannot run yet: (field, the only supported value, the issue).
+NOT_YET: tuple[tuple[str, Any, str], ...] = (
+    ("pp", 1, "#4 pipeline parallelism"),
+    ("virtual_stages", 1, "#4 pipeline parallelism"),
+    ("offload.activations", 0.0, "#4 PipeOffload"),
+    ("cp", 1, "#5 context parallelism"),
+    ("tp_col", 1, "#3 tensor parallelism"),
+    ("tp_row", 1, "#3 tensor parallelism"),
+    ("tp_depth", 1, "#3 tensor parallelism"),
+    ("sequence_parallel", False, "#3 tensor parallelism"),
+    ("zero", 0, "#6 ZeRO"),
+    ("offload.optimizer", False, "#6 optimizer offload"),
+    ("recompute", "none", "#6 recomputation"),
 )
+
+
+def _plan_value(plan: Plan, name: str) -> Any:
+    obj: Any = plan
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def check_implemented(plan: Plan) -> None:
     """Reject layouts this build cannot run yet (before any process group exists)."""
-    missing = [f"{setting} ({issue})" for setting, asked, issue in NOT_YET if asked(plan)]
+    missing = [f"parallel.{name}={_plan_value(plan, name)!r} ({issue})" for name, only, issue in NOT_YET
+               if _plan_value(plan, name) != only]
     if missing:
         raise PlanError("not implemented yet: " + ", ".join(missing) + "; set those back to their defaults "
-                        "(e.g. parallel.pp=1) and use parallel.dp for the ranks")
+                        "and use parallel.dp for the ranks")
+
+
+def implemented_constraints() -> dict[str, Any]:
+    """What `parallel=auto` must hold fixed so the search only proposes runnable layouts."""
+    return {name: only for name, only, _ in NOT_YET}
 
 
 @dataclass
