@@ -1,0 +1,154 @@
+"""Communication cost: alpha-beta ring collectives, group placement, per-layer volumes.
+
+Formulas are DESIGN.md section 4. A group's bandwidth is the intra-node one when every group
+of that kind sits inside one node under the grid's rank order (innermost first: tp_col, tp_row,
+tp_depth, cp, dp, pp; the few lines of stride math are repeated here so perfmodel never
+imports launch), else the inter-node one (the slowest link of the ring sets its pace).
+All sizes are bytes; times are seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from perfmodel.specs import Cluster, ModelSpec, Plan
+
+INNER_FIRST = ("tp_col", "tp_row", "tp_depth", "cp", "dp", "pp")
+
+
+@dataclass(frozen=True)
+class Link:
+    """Latency (s per hop) and bandwidth (bytes/s per device) a group's ring runs at."""
+
+    alpha: float
+    beta: float
+
+
+def all_reduce(size: float, group: int, link: Link) -> float:
+    """Ring all-reduce of `size` bytes: 2(G-1)alpha + 2(G-1)/G * S/beta."""
+    if group <= 1 or size <= 0:
+        return 0.0
+    return 2 * (group - 1) * link.alpha + 2 * (group - 1) / group * size / link.beta
+
+
+def all_gather(size: float, group: int, link: Link) -> float:
+    """Ring all-gather producing `size` bytes (the full tensor): (G-1)alpha + (G-1)/G * S/beta."""
+    if group <= 1 or size <= 0:
+        return 0.0
+    return (group - 1) * link.alpha + (group - 1) / group * size / link.beta
+
+
+reduce_scatter = all_gather  # same ring cost, `size` = the full (unscattered) tensor
+all_to_all = all_gather  # pairwise exchange: each rank keeps 1/G and sends the rest
+
+
+def p2p(size: float, link: Link) -> float:
+    """One point-to-point message."""
+    return link.alpha + size / link.beta if size > 0 else 0.0
+
+
+def stride_of(plan: Plan, axis: str) -> int:
+    """Rank distance between neighbours along `axis` (product of the inner axes' sizes)."""
+    stride = 1
+    for inner in INNER_FIRST:
+        if inner == axis:
+            return stride
+        stride *= getattr(plan, inner)
+    raise ValueError(f"unknown axis {axis!r}; one of {INNER_FIRST}")
+
+
+def inside_node(plan: Plan, axes: tuple[str, ...], gpus_per_node: int) -> bool:
+    """Whether every group over `axes` (adjacent in the rank order) sits inside one node.
+
+    A group's members occupy an aligned block of stride(innermost) * size(all axes) ranks; it
+    stays in a node when that block divides the node."""
+    inner = min(axes, key=INNER_FIRST.index)
+    block = stride_of(plan, inner)
+    for axis in axes:
+        block *= getattr(plan, axis)
+    return block <= gpus_per_node and gpus_per_node % block == 0
+
+
+def link_for(plan: Plan, axes: tuple[str, ...], cluster: Cluster) -> Link:
+    if inside_node(plan, axes, cluster.gpus_per_node):
+        return Link(cluster.intra_lat, cluster.intra_bw)
+    return Link(cluster.inter_lat, cluster.inter_bw)
+
+
+def group_size(plan: Plan, axes: tuple[str, ...]) -> int:
+    size = 1
+    for axis in axes:
+        size *= getattr(plan, axis)
+    return size
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One tensor-parallel Linear of a block: weight k x n; `first` = first of its pair
+    (splits n over tp_col and k over tp_row; the second of the pair is transposed)."""
+
+    name: str
+    k: int
+    n: int
+    first: bool
+
+
+def block_linears(m: ModelSpec) -> tuple[Linear, ...]:
+    """The four Linears of a transformer block, in the column-then-row pairing Megatron uses,
+    so 1D TP (tp_col=t) costs exactly Megatron's 2 forward + 2 backward all-reduces."""
+    kv = m.n_kv_heads * m.head_dim
+    up = m.d_ff * (2 if m.mlp == "swiglu" else 1)
+    return (Linear("qkv", m.d_model, m.d_model + 2 * kv, True),
+            Linear("attn_out", m.d_model, m.d_model, False),
+            Linear("mlp_up", m.d_model, up, True),
+            Linear("mlp_down", m.d_ff, m.d_model, False))
+
+
+@dataclass(frozen=True)
+class TensorVolumes:
+    """Per-rank bytes of the 3D-TP collectives of one block for one microbatch (full tensor sizes,
+    the argument the ring formulas take). `fwd_*`: blocking forward all-reduces; `bwd_*`: the
+    backward dX all-reduces; `weights`: the block's weight shard gathered over tp_depth."""
+
+    fwd_over_col: float
+    fwd_over_row: float
+    bwd_over_col: float
+    bwd_over_row: float
+    weights: float
+
+
+def tensor_volumes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> TensorVolumes:
+    """AxoNN 3D TP per block (DESIGN section 4): with X = tp_col, Y = tp_row, Z = tp_depth and
+    `tokens` = this rank's tokens of the microbatch (already / Z, / cp), a first-of-pair Linear
+    all-reduces its output (tokens x n/X) over Y and its dX (tokens x k/Y) over X; the second
+    all-reduces its output (tokens x n/Y) over X and its dX (tokens x k/X) over Y."""
+    x, y = plan.tp_col, plan.tp_row
+    fc = fr = bc = br = w = 0.0
+    for lin in block_linears(m):
+        if lin.first:
+            fr += tokens * lin.n / x
+            bc += tokens * lin.k / y
+        else:
+            fc += tokens * lin.n / y
+            br += tokens * lin.k / x
+        w += lin.k * lin.n / (x * y)
+    b = dtype_bytes
+    return TensorVolumes(fc * b, fr * b, bc * b, br * b, w * b)
+
+
+def cp_ring_bytes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> float:
+    """Ring attention: each of cp-1 steps passes this rank's K and V block (forward)."""
+    kv = m.n_kv_heads * m.head_dim / (plan.tp_col * plan.tp_row)
+    return (plan.cp - 1) * 2 * tokens * kv * dtype_bytes
+
+
+def ulysses_bytes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> float:
+    """Ulysses: all-to-all of Q, K, V and the attention output (full sizes, per direction)."""
+    kv = m.n_kv_heads * m.head_dim
+    return tokens * (2 * m.d_model + 2 * kv) / (plan.tp_col * plan.tp_row) * dtype_bytes
+
+
+def p2p_bytes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> float:
+    """Activation sent across one pipeline boundary for one microbatch (sharded over the
+    tensor group when sequence parallelism leaves it sharded)."""
+    shard = plan.tp_col * plan.tp_row if plan.sequence_parallel else plan.tp_row
+    return tokens * m.d_model / shard * dtype_bytes

@@ -1,0 +1,205 @@
+"""Predict one training step of a plan: compute, exposed communication, pipeline bubble,
+optimizer, memory per rank, step time, tokens/s and MFU, with a breakdown.
+
+The step is m microbatches through the bottleneck pipeline stage (the last: it also runs the
+head), stretched by the schedule's bubble, then the data-parallel / ZeRO gradient exchange that
+the backward did not hide, then the optimizer step. Per microbatch the stage computes
+forward + backward (+ recomputation) of its blocks and waits for whatever tensor, context and
+pipeline communication is not overlapped (DESIGN.md section 4 for every volume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from perfmodel import comm, pipeline
+from perfmodel.flops import mfu, n_params
+from perfmodel.memory import Memory, memory, optimizer_bytes_per_param, stage_activation_bytes, stage_params
+from perfmodel.specs import Cluster, ModelSpec, Plan, PlanError
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: Plan
+    n_params: int
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    memory: Memory
+    breakdown: dict[str, float]  # seconds per step by component; they sum to step_time_s
+    pipeline: pipeline.ScheduleCost
+    fits: bool  # device memory <= cluster.hbm_bytes and offloaded bytes fit the host
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "n_params": self.n_params,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "memory": self.memory.to_dict(),
+            "breakdown": dict(self.breakdown),
+            "pipeline": {"bubble_fraction": self.pipeline.bubble_fraction,
+                         "peak_activations": self.pipeline.peak_activations, "source": self.pipeline.source},
+            "fits": self.fits,
+        }
+
+
+def _exposed(cost: float, window: float, overlap: bool) -> float:
+    """What of `cost` is left after overlapping it with `window` seconds of compute."""
+    return max(cost - window, 0.0) if overlap else cost
+
+
+@dataclass(frozen=True)
+class _Microbatch:
+    """Seconds one microbatch spends on the bottleneck stage, by component."""
+
+    compute: float
+    recompute: float
+    tensor: float
+    context: float
+    backward: float  # backward compute, the window that hides the gradient reduction
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.recompute + self.tensor + self.context
+
+
+def _microbatch(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int) -> _Microbatch:
+    e = c.dtype_bytes
+    x, y, z = plan.tp_col, plan.tp_row, plan.tp_depth
+    tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
+    layers = m.n_layers // plan.pp
+    linears = comm.block_linears(m)
+    smallest = min(tokens, m.d_model / max(x, y))
+    rate = c.peak_flops * c.compute_efficiency * smallest / (smallest + c.gemm_half_dim)
+    gemm = 2 * tokens * sum(lin.k * lin.n for lin in linears) / (x * y) / rate  # forward GEMMs of a block
+    attn = 2 * tokens * seq * m.d_model / (x * y) / rate  # causal attention core, forward
+    head = 2 * tokens * m.vocab_size * m.d_model / (x * y) / rate
+    fwd = gemm + attn
+    redo = {"none": 0.0, "selective": attn, "full": fwd}[plan.recompute]
+    redo_layers = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
+
+    vol = comm.tensor_volumes(m, plan, tokens, e)
+    col, row = comm.link_for(plan, ("tp_col",), c), comm.link_for(plan, ("tp_row",), c)
+    forward_ar = 2 * (comm.all_reduce(vol.fwd_over_col / 2, x, col) + comm.all_reduce(vol.fwd_over_row / 2, y, row))
+    backward_ar = 2 * (comm.all_reduce(vol.bwd_over_col / 2, x, col) + comm.all_reduce(vol.bwd_over_row / 2, y, row))
+    tensor = forward_ar + _exposed(backward_ar, gemm, plan.overlap_tp_input_grad)
+    if plan.recompute == "full":
+        tensor += forward_ar * redo_layers / layers
+    if z > 1:
+        depth = comm.link_for(plan, ("tp_depth",), c)
+        gather = len(linears) * comm.all_gather(vol.weights / len(linears), z, depth)
+        scatter = len(linears) * comm.reduce_scatter(vol.weights / len(linears), z, depth)
+        if plan.cache_tp_weights:  # gathered once per step, kept for backward and later microbatches
+            tensor += gather / micro
+        else:
+            tensor += _exposed(gather, fwd, plan.prefetch_tp_weights) + _exposed(gather, 2 * fwd, plan.prefetch_tp_weights)
+        tensor += _exposed(scatter, 2 * fwd, plan.overlap_tp_depth_reduce)
+
+    context = 0.0
+    if plan.cp > 1:
+        link = comm.link_for(plan, ("cp",), c)
+        if plan.cp_mode == "ring":  # K, V blocks hop around the ring, hidden behind the attention blocks
+            step = comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1)
+            hop = comm.p2p(step, link) * (plan.cp - 1)
+            context = _exposed(hop, attn, True) + _exposed(2 * hop, 2 * attn, True)
+        else:  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
+            context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
+
+    compute = layers * 3 * fwd + 3 * head
+    return _Microbatch(compute=compute, recompute=redo_layers * redo, tensor=layers * tensor,
+                       context=layers * context, backward=2 * (layers * fwd + head))
+
+
+def _p2p(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
+    """Blocking activation / gradient sends of one microbatch across the stage's boundaries."""
+    if plan.pp == 1:
+        return 0.0
+    tokens = plan.micro_batch_size * seq / plan.cp
+    sends = pipeline.p2p_per_microbatch(plan.schedule, plan.virtual_stages)
+    return 2 * sends * comm.p2p(comm.p2p_bytes(m, plan, tokens, c.dtype_bytes), comm.link_for(plan, ("pp",), c))
+
+
+def _offload(m: ModelSpec, plan: Plan, c: Cluster, seq: int, compute: float) -> float:
+    """PipeOffload: D2H after F and H2D before B of the offloaded fraction, hidden behind compute."""
+    if plan.offload.activations <= 0 or plan.pp == 1:
+        return 0.0
+    moved = 2 * plan.offload.activations * stage_activation_bytes(m, plan, seq, c.dtype_bytes)
+    return _exposed(moved / c.host_bw, compute, True)
+
+
+def _gradient_sync(plan: Plan, c: Cluster, psi: float, mb: _Microbatch, micro: int) -> float:
+    """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step."""
+    d = plan.dp * plan.cp
+    if d == 1:
+        return 0.0
+    link = comm.link_for(plan, ("cp", "dp"), c)
+    grads, weights = psi * c.dtype_bytes, psi * c.dtype_bytes
+    last_bucket = comm.all_reduce(min(plan.bucket_mb * 2**20, grads), d, link)
+    if plan.zero == 0:
+        reduce = comm.all_reduce(grads, d, link)
+        return max(_exposed(reduce, mb.backward, plan.overlap_grad_reduce), last_bucket)
+    scatter = comm.reduce_scatter(grads, d, link)
+    hidden = max(_exposed(scatter, mb.backward, plan.overlap_grad_reduce), last_bucket / 2)
+    gather = comm.all_gather(weights, d, link)
+    if plan.zero < 3:  # updated shards gathered after the step
+        return hidden + gather
+    # ZeRO-3: parameters gathered for forward and again for backward of every microbatch, prefetched
+    return hidden + micro * (_exposed(gather, mb.backward / 2, True) + _exposed(gather, mb.backward, True))
+
+
+def _optimizer(plan: Plan, c: Cluster, psi: float) -> float:
+    """Adam over this rank's shard: memory-bound on the device, or on the host when offloaded
+    (gradients down, weights up, and the host update at host_bw)."""
+    shard = psi / (plan.dp * plan.cp if plan.zero >= 1 else 1)
+    e, k = c.dtype_bytes, optimizer_bytes_per_param(c.dtype_bytes)
+    if plan.offload.optimizer:
+        return shard * (2 * e + 2 * k + 2 * e) / c.host_bw
+    return shard * (2 * e + e + 2 * k) / c.mem_bw
+
+
+def check_schedule(plan: Plan) -> None:
+    reason = pipeline.valid_virtual_stages(plan.schedule, plan.virtual_stages) if plan.pp > 1 else None
+    if reason:
+        raise PlanError(reason)
+
+
+def step_time(busy: float, bubble_fraction: float, sync: float, opt: float) -> tuple[float, float]:
+    """(bubble seconds, step seconds): `busy` pipeline work stretched by the bubble, then the
+    exposed gradient synchronisation and the optimizer step."""
+    bubble = busy * bubble_fraction / (1 - bubble_fraction)
+    return bubble, busy + bubble + sync + opt
+
+
+def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_len: int) -> Estimate:
+    """`estimate` without the validity checks (the search has already made them)."""
+    micro = plan.microbatches(global_batch_size)
+    mb = _microbatch(m, plan, c, seq_len, micro)
+    p2p = _p2p(m, plan, c, seq_len)
+    offload = _offload(m, plan, c, seq_len, mb.compute)
+    sched = pipeline.schedule_cost(plan.schedule, plan.pp, micro, plan.virtual_stages)
+    psi = stage_params(m, plan.pp) / plan.tp
+    sync = _gradient_sync(plan, c, psi, mb, micro)
+    opt = _optimizer(plan, c, psi)
+    bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt)
+    tokens_per_s = global_batch_size * seq_len / step
+    mem = memory(m, plan, c, seq_len, sched.peak_activations)
+    breakdown = {"compute_s": micro * mb.compute, "recompute_s": micro * mb.recompute,
+                 "tensor_comm_s": micro * mb.tensor, "context_comm_s": micro * mb.context,
+                 "pipeline_p2p_s": micro * p2p, "offload_s": micro * offload, "bubble_s": bubble,
+                 "grad_sync_s": sync, "optimizer_s": opt}
+    return Estimate(plan, n_params(m), step, tokens_per_s, mfu(m, seq_len, tokens_per_s, plan.world_size, c.peak_flops),
+                    mem, breakdown, sched, fits(mem, c))
+
+
+def fits(mem: Memory, c: Cluster) -> bool:
+    """Device bytes within HBM and every device's offloaded bytes within the node's host memory."""
+    return mem.total <= c.hbm_bytes and mem.host * c.gpus_per_node <= c.host_bytes
+
+
+def estimate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_len: int) -> Estimate:
+    """Check `plan` (raising PlanError naming the setting to change) and predict its step."""
+    plan.check(m, plan.world_size, global_batch_size, seq_len)
+    check_schedule(plan)
+    return evaluate(m, plan, c, global_batch_size, seq_len)

@@ -1,0 +1,215 @@
+"""The autotuner: enumerate every valid layout, keep those that fit, rank them by step time.
+
+Searched: dp, pp, cp, tp_col, tp_row, tp_depth (every factorisation of the world size that the
+model's shape allows), ZeRO stage, schedule with its virtual stages, micro-batch size, cp_mode,
+recomputation, optimizer offload and the activation-offload fraction. Anything in
+`constraints` (the `parallel.*` settings the user fixed) is held.
+
+Pruning keeps it fast (405B on 4,096 GPUs: a few seconds) without losing the optimum:
+- the expensive per-microbatch costs are computed once per (layout, micro-batch, cp_mode,
+  recompute) and reused across schedules, offload and ZeRO choices;
+- recompute (none < selective < full), activation offload (0 < 0.5 < 1) and optimizer offload
+  (off < on) only ever add time and save memory, so a choice is skipped when a cheaper
+  neighbour on one of those chains already fits (the fitting set is closed upwards);
+- sequence parallelism is on whenever the tensor group splits activations: same traffic, less
+  memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
+
+from perfmodel import estimate as est
+from perfmodel import pipeline
+from perfmodel.memory import activation_bytes, state_bytes
+from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
+
+RECOMPUTE_ORDER = ("none", "selective", "full")
+ACT_OFFLOAD = (0.0, 0.5, 1.0)
+MAX_MICRO_BATCH = 16
+MAX_INTERLEAVE = 8
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    estimates: list[est.Estimate]  # best first, one per distinct layout (degrees)
+    candidates: int  # plans whose time was evaluated
+    layouts: int  # degree tuples that passed the model-shape checks
+    seconds: float
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def constraint_key(name: str) -> str:
+    """Validate a constraint name (a Plan field, or offload.optimizer / offload.activations)."""
+    known = {f.name for f in fields(Plan)} - {"offload"} | {"offload.optimizer", "offload.activations"}
+    if name not in known:
+        raise PlanError(f"parallel.{name} is not a parallel setting; known: {sorted(known)}")
+    return name
+
+
+def parse_constraints(overrides: list[str]) -> dict[str, Any]:
+    """The `parallel.*=value` Hydra overrides the user gave, as {field: value}; `parallel.auto`
+    and group selections (`parallel=auto`) are not constraints."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.lstrip("+").partition("=")
+        if not sep or not key.startswith("parallel.") or key == "parallel.auto":
+            continue
+        out[constraint_key(key[len("parallel."):])] = _parse_value(raw)
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw.strip().strip("'\"")
+
+
+def _choices(constraints: dict[str, Any], name: str, default: tuple) -> tuple:
+    return (constraints[name],) if name in constraints else default
+
+
+def _layouts(m: ModelSpec, world: int, cons: dict[str, Any], gbs: int, seq: int) -> Iterator[dict[str, int]]:
+    """Degree tuples whose product is `world` and that the model's shape and the batch allow."""
+    def options(axis: str, rest: int) -> list[int]:
+        return [cons[axis]] if axis in cons and rest % cons[axis] == 0 else ([] if axis in cons else divisors(rest))
+
+    for pp in options("pp", world):
+        if m.n_layers % pp:
+            continue
+        for cp in options("cp", world // pp):
+            if cp > 1 and seq % (2 * cp):
+                continue
+            for x in options("tp_col", world // (pp * cp)):
+                for y in options("tp_row", world // (pp * cp * x)):
+                    if m.n_heads % (x * y) or m.n_kv_heads % (x * y):
+                        continue
+                    for z in options("tp_depth", world // (pp * cp * x * y)):
+                        tp = x * y * z
+                        if tp > 1 and (m.d_model % tp or m.d_ff % tp or m.vocab_size % tp):
+                            continue
+                        dp = world // (pp * cp * tp)
+                        if "dp" in cons and cons["dp"] != dp:
+                            continue
+                        if gbs % (dp * z):
+                            continue
+                        yield {"dp": dp, "pp": pp, "cp": cp, "tp_col": x, "tp_row": y, "tp_depth": z}
+
+
+def _schedules(m: ModelSpec, pp: int, cons: dict[str, Any]) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [(cons.get("schedule", "1f1b"), cons.get("virtual_stages", 1))]
+    per_stage = m.n_layers // pp
+    out = []
+    for sched in _choices(cons, "schedule", ("1f1b", "gpipe", "zbh1", "interleaved", "zbv", "vhalf", "vmin")):
+        vs = [v for v in range(2, MAX_INTERLEAVE + 1) if per_stage % v == 0] if sched == "interleaved" else \
+            [2] if sched in pipeline.V_SHAPED else [1]
+        for v in _choices(cons, "virtual_stages", tuple(vs)):
+            if per_stage % v == 0 and pipeline.valid_virtual_stages(sched, v) is None:
+                out.append((sched, v))
+    return out
+
+
+def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
+           seq_len: int, top: int = 10) -> SearchResult:
+    """Every valid plan that fits, ranked by predicted step time (best per distinct layout)."""
+    t0 = time.perf_counter()
+    cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
+    base = Plan(**{k: v for k, v in cons.items() if "." not in k and k not in AXES})
+    if "offload.optimizer" in cons or "offload.activations" in cons:
+        base = base.replace(offload=Offload(bool(cons.get("offload.optimizer", False)),
+                                            float(cons.get("offload.activations", 0.0))))
+    best: dict[tuple[int, ...], tuple[float, Plan]] = {}
+    n_layouts = n_cands = 0
+    for deg in _layouts(m, world, cons, global_batch_size, seq_len):
+        n_layouts += 1
+        key = tuple(deg[a] for a in AXES)
+        for step, plan in _best_for_layout(m, c, base, deg, cons, global_batch_size, seq_len):
+            n_cands += 1
+            if key not in best or step < best[key][0]:
+                best[key] = (step, plan)
+    ranked = sorted(best.values(), key=lambda sp: sp[0])[:top]
+    estimates = []
+    for _, plan in ranked:
+        plan.check(m, world, global_batch_size, seq_len)
+        estimates.append(est.evaluate(m, plan, c, global_batch_size, seq_len))
+    return SearchResult(estimates, n_cands, n_layouts, time.perf_counter() - t0)
+
+
+def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], cons: dict[str, Any],
+                     gbs: int, seq: int) -> Iterator[tuple[float, Plan]]:
+    """(step time, plan) of every fitting plan of this layout not dominated on a cost chain."""
+    x, y, z = deg["tp_col"], deg["tp_row"], deg["tp_depth"]
+    shards = deg["dp"] * z
+    sp = _choices(cons, "sequence_parallel", (x * y > 1,))[0]
+    layout = base.replace(sequence_parallel=sp, **deg)
+    zeros = _choices(cons, "zero", (0, 1, 2, 3) if deg["dp"] * deg["cp"] > 1 else (0,))
+    opts = _choices(cons, "offload.optimizer", (False, True))
+    facts = _choices(cons, "offload.activations", ACT_OFFLOAD if deg["pp"] > 1 else (0.0,))
+    states = {}
+    for zero in zeros:
+        for opt in opts:
+            plan = layout.replace(zero=zero, offload=Offload(opt, 0.0))
+            params, grads, optimizer, buffers, host = state_bytes(m, plan, c)
+            states[zero, opt] = (params + grads + optimizer + buffers + c.overhead_bytes, host,
+                                 est._optimizer(plan, c, est.stage_params(m, plan.pp) / plan.tp))
+    scheds = _schedules(m, deg["pp"], cons)
+    mbs_options = _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length())))
+    cp_modes = _choices(cons, "cp_mode", ("ring", "ulysses") if deg["cp"] > 1 else ("ring",))
+    for mbs in mbs_options:
+        if gbs % (shards * mbs):
+            continue
+        micro = gbs // (shards * mbs)
+        for cp_mode in cp_modes:
+            if cp_mode == "ulysses" and deg["cp"] > 1 and m.n_heads % (deg["cp"] * x * y):
+                continue
+            fit: dict[tuple, bool] = {}
+            for r, recompute in enumerate(_choices(cons, "recompute", RECOMPUTE_ORDER)):
+                plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
+                mb = est._microbatch(m, plan_r, c, seq, micro)
+                for sched, v in scheds:
+                    plan_s = plan_r.replace(schedule=sched, virtual_stages=v)
+                    cost = pipeline.schedule_cost(sched, deg["pp"], micro, v)
+                    p2p = est._p2p(m, plan_s, c, seq)
+                    for f_i, frac in enumerate(facts):
+                        plan_f = plan_s.replace(offload=Offload(False, frac))
+                        acts, host_acts = activation_bytes(m, plan_f, seq, cost.peak_activations, c.dtype_bytes)
+                        busy = micro * (mb.total + p2p + est._offload(m, plan_f, c, seq, mb.compute))
+                        for zero in zeros:
+                            for o_i, opt in enumerate(opts):
+                                k = (r, f_i, o_i, zero, sched, v)
+                                dominated = (r and fit.get((r - 1, f_i, o_i, zero, sched, v))) or \
+                                    (f_i and fit.get((r, f_i - 1, o_i, zero, sched, v))) or \
+                                    (o_i and fit.get((r, f_i, o_i - 1, zero, sched, v)))
+                                state, host, opt_time = states[zero, opt]
+                                fit[k] = bool(dominated) or (
+                                    state + acts <= c.hbm_bytes and (host + host_acts) * c.gpus_per_node <= c.host_bytes)
+                                if dominated or not fit[k]:
+                                    continue
+                                plan = plan_f.replace(zero=zero, offload=Offload(opt, frac))
+                                sync = est._gradient_sync(plan, c, est.stage_params(m, plan.pp) / plan.tp, mb, micro)
+                                yield est.step_time(busy, cost.bubble_fraction, sync, opt_time)[1], plan
+
+
+def best_plan(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
+              seq_len: int) -> tuple[Plan, est.Estimate]:
+    """The fastest plan that fits (what `axon train parallel=auto` runs); PlanError when none does."""
+    result = search(m, c, world, constraints, global_batch_size, seq_len, top=1)
+    if not result.estimates:
+        fixed = ", ".join(f"parallel.{k}={v}" for k, v in (constraints or {}).items()) or "no constraints"
+        raise PlanError(
+            f"no layout of {world} ranks fits {c.hbm_bytes / 2**30:.1f} GiB per device for this model "
+            f"(train.global_batch_size={global_batch_size}, train.seq_len={seq_len}, {fixed}); lower "
+            f"train.seq_len or the batch, relax the parallel.* constraints, or use more devices")
+    best = result.estimates[0]
+    return best.plan, best
