@@ -1,0 +1,185 @@
+"""Exact causal ring attention over the context-parallel (cp) ring, zig-zag layout.
+
+Each of the cp ranks holds two of the sequence's 2*cp equal chunks: rank r holds chunks r and
+2cp-1-r (its "front" and "back" halves), so under the causal mask every rank does the same work.
+K/V travel around the ring (rank r sends to r+1, receives from r-1); while the next block is in
+flight, this rank attends to the block in hand. At ring step j the block in hand came from
+rank src = r - j (mod cp), and only these block pairs are unmasked:
+
+    j == 0       own K/V: a causal mask on the local concatenation [front, back] is exact
+    src < r      all local queries vs the source's front half (fully visible)
+    src > r      the local back-half queries vs all of the source's K/V (fully visible)
+
+Partial results are merged with the log-sum-exp rule; softmax statistics are fp32. Backward
+recomputes the probabilities from the saved log-sum-exp (flash-attention style): K/V go around
+the ring again, and each K/V block's gradient accumulator travels with it, picking up every
+rank's contribution, and arrives home after cp hops. Plain PyTorch, no fused kernel.
+
+Internal layout: queries grouped per kv head, q [B, Hkv, rep, S, hd] (rep = Hq / Hkv, so GQA
+never copies K/V), and K/V stacked into one ring message kv [2, B, Hkv, S, hd].
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class Ring:
+    """This rank's place on the cp ring and the non-blocking exchange with its neighbours."""
+
+    def __init__(self, size: int, coord: int, ranks: tuple[int, ...], group: Any):
+        self.size, self.coord, self.group = size, coord, group
+        self.next = ranks[(coord + 1) % size]  # global ranks (what P2POp expects)
+        self.prev = ranks[(coord - 1) % size]
+
+    def exchange(self, send: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Start sending `send` to the next rank and receiving the previous rank's tensor of the
+        same shape; returns (receive buffer, requests to wait on)."""
+        recv = torch.empty_like(send)
+        ops = [dist.P2POp(dist.isend, send, self.next, self.group),
+               dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+        return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(reqs: Optional[list]) -> None:
+    for req in reqs or ():
+        req.wait()
+
+
+def _scores(q: torch.Tensor, kv: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """q [B, Hkv, rep, Sq, hd], kv [2, B, Hkv, Sk, hd] -> fp32 scaled scores [B, Hkv, rep, Sq, Sk]."""
+    B, Hkv, rep, Sq, hd = q.shape
+    k = kv[0]  # [B, Hkv, Sk, hd]
+    s = torch.matmul(q.reshape(B, Hkv, rep * Sq, hd), k.transpose(-1, -2)).float() * scale
+    s = s.view(B, Hkv, rep, Sq, k.shape[2])
+    if causal:  # square diagonal block: key j visible to query i iff j <= i
+        mask = torch.ones(Sq, Sq, dtype=torch.bool, device=q.device).triu_(1)
+        s.masked_fill_(mask, float("-inf"))
+    return s
+
+
+def _attend(q: torch.Tensor, kv: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block pair: out fp32 [B, Hkv, rep, Sq, hd] (normalized within the block) and its
+    log-sum-exp fp32 [B, Hkv, rep, Sq]."""
+    B, Hkv, rep, Sq, hd = q.shape
+    s = _scores(q, kv, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).to(kv.dtype)  # [B, Hkv, rep, Sq, Sk]
+    out = torch.matmul(p.view(B, Hkv, rep * Sq, -1), kv[1]).float().view(B, Hkv, rep, Sq, hd)
+    return out, lse
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Fold block result (out_b, lse_b) into the running (out, lse) on query rows `rows`, in place."""
+    o, l = out[..., rows, :], lse[..., rows]
+    new = torch.logaddexp(l, lse_b)
+    o.mul_(torch.exp(l - new)[..., None]).add_(out_b * torch.exp(lse_b - new)[..., None])
+    l.copy_(new)
+
+
+def _attend_backward(q: torch.Tensor, kv: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                     delta: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one block pair given the final lse and delta = rowsum(dout * out).
+
+    q, dout [B, Hkv, rep, Sq, hd]; lse, delta [B, Hkv, rep, Sq] -> dq fp32 [B, Hkv, rep, Sq, hd],
+    dkv fp32 [2, B, Hkv, Sk, hd] (summed over the rep query heads sharing each kv head)."""
+    B, Hkv, rep, Sq, hd = q.shape
+    Sk = kv.shape[3]
+    p = torch.exp(_scores(q, kv, causal, scale) - lse[..., None])  # [B, Hkv, rep, Sq, Sk]
+    p2 = p.view(B, Hkv, rep * Sq, Sk)
+    dout2 = dout.reshape(B, Hkv, rep * Sq, hd)
+    dv = torch.matmul(p2.transpose(-1, -2).to(dout.dtype), dout2)  # [B, Hkv, Sk, hd]
+    dp = torch.matmul(dout2, kv[1].transpose(-1, -2)).float().view(B, Hkv, rep, Sq, Sk)
+    ds = (p * (dp - delta[..., None]) * scale).to(q.dtype).view(B, Hkv, rep * Sq, Sk)
+    dq = torch.matmul(ds, kv[0]).float().view(B, Hkv, rep, Sq, hd)
+    dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, rep * Sq, hd))  # [B, Hkv, Sk, hd]
+    return dq, torch.stack((dk, dv)).float()
+
+
+def _pair(step: int, ring: Ring, half: int) -> tuple[slice, slice, bool]:
+    """(query rows, key rows, causal) of the unmasked part at ring `step` (see module doc)."""
+    src = (ring.coord - step) % ring.size
+    if step == 0:
+        return slice(None), slice(None), True
+    if src < ring.coord:
+        return slice(None), slice(0, half), False
+    return slice(half, None), slice(None), False
+
+
+def ring_forward(q: torch.Tensor, kv: torch.Tensor, ring: Ring, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hkv, rep, S, hd], kv [2, B, Hkv, S, hd] (local zig-zag shard, S = 2 chunks) ->
+    out fp32 [B, Hkv, rep, S, hd], lse fp32 [B, Hkv, rep, S]."""
+    half = q.shape[3] // 2
+    out = lse = None
+    for step in range(ring.size):
+        nxt, reqs = ring.exchange(kv) if step + 1 < ring.size else (None, None)  # overlaps the math below
+        rows, keys, causal = _pair(step, ring, half)
+        o, l = _attend(q[..., rows, :], kv[..., keys, :], causal, scale)
+        if out is None:
+            out, lse = o, l  # step 0 covers every query row
+        else:
+            _merge(out, lse, rows, o, l)
+        _wait(reqs)
+        kv = nxt
+    return out, lse
+
+
+def ring_backward(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  dout: torch.Tensor, ring: Ring, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients for ring_forward's inputs: dq fp32 [B, Hkv, rep, S, hd], dkv fp32 [2, B, Hkv, S, hd]."""
+    half = q.shape[3] // 2
+    delta = (dout.float() * out.float()).sum(-1)  # [B, Hkv, rep, S]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc_in = acc_reqs = None  # the accumulator for the K/V block in hand, arriving from rank r-1
+    for step in range(ring.size):
+        nxt, reqs = ring.exchange(kv) if step + 1 < ring.size else (None, None)
+        rows, keys, causal = _pair(step, ring, half)
+        dq_b, dkv_b = _attend_backward(q[..., rows, :], kv[..., keys, :], dout[..., rows, :],
+                                       lse[..., rows], delta[..., rows], causal, scale)
+        dq[..., rows, :] += dq_b
+        acc = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+        acc[..., keys, :] = dkv_b
+        _wait(acc_reqs)
+        if acc_in is not None:
+            acc += acc_in
+        if ring.size > 1:  # pass the accumulator on; after the last step it reaches its owner
+            acc_in, acc_reqs = ring.exchange(acc)
+        else:
+            acc_in = acc
+        _wait(reqs)
+        kv = nxt
+    _wait(acc_reqs)
+    return dq, acc_in
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention of the local zig-zag shard. q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd]."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring) -> torch.Tensor:
+        B, S, Hq, hd = q.shape
+        Hkv = k.shape[2]
+        if S % 2:
+            raise ValueError(f"ring attention needs the local sequence to hold two zig-zag chunks, got {S} tokens; "
+                             f"train.seq_len must be divisible by 2 * parallel.cp")
+        qg = q.view(B, S, Hkv, Hq // Hkv, hd).permute(0, 2, 3, 1, 4).contiguous()  # [B, Hkv, rep, S, hd]
+        kv = torch.stack((k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3))).contiguous()  # [2, B, Hkv, S, hd]
+        scale = 1.0 / math.sqrt(hd)
+        out, lse = ring_forward(qg, kv, ring, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(qg, kv, out, lse)
+        ctx.ring, ctx.scale = ring, scale
+        return out.permute(0, 3, 1, 2, 4).reshape(B, S, Hq, hd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        qg, kv, out, lse = ctx.saved_tensors
+        B, Hkv, rep, S, hd = qg.shape
+        dout = grad.reshape(B, S, Hkv, rep, hd).permute(0, 2, 3, 1, 4).contiguous()  # [B, Hkv, rep, S, hd]
+        dq, dkv = ring_backward(qg, kv, out, lse, dout, ctx.ring, ctx.scale)
+        dq = dq.to(grad.dtype).permute(0, 3, 1, 2, 4).reshape(B, S, Hkv * rep, hd)
+        dk, dv = (d.to(grad.dtype).permute(0, 2, 1, 3) for d in dkv)  # [B, S, Hkv, hd]
+        return dq, dk, dv, None
