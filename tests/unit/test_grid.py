@@ -1,0 +1,53 @@
+"""Grid coordinates and group membership, without processes (pure functions)."""
+import itertools
+
+import pytest
+
+from launch.grid import COMBOS, Grid, all_groups, coords_of, group_ranks, rank_of
+from perfmodel.specs import Plan
+
+SHAPES = [Plan(dp=8), Plan(dp=2, tp_col=4), Plan(pp=2, dp=2, tp_col=2), Plan(tp_col=2, tp_row=2, tp_depth=2),
+          Plan(pp=2, dp=3, cp=2, tp_col=2), Plan(pp=3, dp=1, cp=2, tp_depth=2, tp_row=2)]
+
+
+@pytest.mark.parametrize("plan", SHAPES, ids=str)
+def test_coords_round_trip_and_innermost_order(plan):
+    for r in range(plan.world_size):
+        assert rank_of(plan, coords_of(plan, r)) == r
+    # tp_col is innermost: neighbouring ranks differ in tp_col first
+    if plan.tp_col > 1:
+        assert coords_of(plan, 1)["tp_col"] == 1
+
+
+@pytest.mark.parametrize("plan", SHAPES, ids=str)
+def test_groups_partition_the_world(plan):
+    for axes in [(a,) for a in ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")] + list(COMBOS):
+        groups = all_groups(plan, axes)
+        flat = sorted(itertools.chain.from_iterable(groups))
+        assert flat == list(range(plan.world_size))
+        size = 1
+        for a in axes:
+            size *= getattr(plan, a)
+        assert all(len(g) == size for g in groups)
+        for g in groups:  # members agree on every other axis
+            others = [{k: v for k, v in coords_of(plan, r).items() if k not in axes} for r in g]
+            assert all(o == others[0] for o in others)
+
+
+def test_axis_coordinate_is_position_in_group():
+    plan = Plan(pp=2, dp=2, tp_col=2)
+    for r in range(plan.world_size):
+        grid = Grid.build(plan, r, plan.world_size, create_groups=False)
+        for name in ("pp", "dp", "tp_col"):
+            ax = grid.axis(name)
+            assert ax.ranks[ax.coord] == r
+            assert ax.coord == coords_of(plan, r)[name]
+    assert group_ranks(plan, 5, ("dp",)) == [5, 7]
+    assert Grid.build(plan, 0, 8, create_groups=False).is_first_stage()
+    assert Grid.build(plan, 7, 8, create_groups=False).is_last_stage()
+
+
+def test_unknown_combo_names_the_fix():
+    grid = Grid.build(Plan(), 0, 1, create_groups=False)
+    with pytest.raises(KeyError, match="COMBOS"):
+        grid.group("pp", "tp_col")
