@@ -1,6 +1,7 @@
 """A tiny worker for the launcher tests: detect the launcher, init torch.distributed, all-reduce.
 
 usage: python -m tests.integration.launch_worker OUT_DIR MODE [TIMEOUT_S]
+(always gloo, with CPU tensors, so the tests mean the same on a GPU machine)
   MODE sum:  all-reduce rank+1 once, write OUT_DIR/rank<r>.json with what it saw, print a line.
   MODE die:  loop of all-reduces; the last rank SIGKILLs itself at iteration 3.
   MODE hang: rank 0 all-reduces, the others sleep without joining (the timeout must fire).
@@ -29,7 +30,7 @@ def main() -> None:
     timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 60.0
     env = detect(os.environ)
     (out / f"pid{env.rank}").write_text(str(os.getpid()))
-    backend = launch_dist.init(env, "auto", timeout_s)
+    backend = launch_dist.init(env, "gloo", timeout_s)
     if mode == "sum":
         x = torch.tensor([float(env.rank + 1)])  # [1]
         dist.all_reduce(x)
