@@ -112,7 +112,9 @@ def validate(actions: list[list[Action]], pp: int, microbatches: int, chunks: in
                 raise ScheduleError(f"chunk {c} microbatch {i} lacks {[k for k, x in zip(kinds, at) if x is None]}")
             if at != sorted(at):
                 raise ScheduleError(f"rank {place[c]}: chunk {c} microbatch {i} runs {kinds} out of order")
-            _check_memory(where, place[c], c, i, at[0], at[1])
+    for c in range(chunks):
+        for i in range(microbatches):
+            _check_memory(where, place[c], c, i, where[Action(F, i, c)][1], where[Action(B, i, c)][1])
             _check_edges(where, place, chunks, c, i)
     found = sum(1 for a in where if a.kind in COMM)
     needed = sum(1 for c in range(chunks - 1) if place[c] != place[c + 1]) * 4 * microbatches
@@ -209,3 +211,61 @@ def _check_deadlock(actions: list[list[Action]]) -> None:
                  if done_batches[r] < len(batches[r])]
         raise ScheduleError(f"the p2p batches deadlock: {', '.join(stuck)}")
 
+
+
+def table_entries() -> list[dict]:
+    """Simulated bubble and per-rank peak activations for every schedule the table covers;
+    combinations a schedule does not allow (see parallel.schedules) are left out."""
+    entries = []
+    for schedule in SCHEDULES:
+        for pp in TABLE_PP:
+            for m in TABLE_MICROBATCHES:
+                for v in (TABLE_VIRTUAL if schedule == "interleaved" else (chunks_per_rank(schedule),)):
+                    try:
+                        actions = build(schedule, pp, m, v)
+                    except ScheduleError:
+                        continue
+                    entries.append(table_entry(schedule, pp, m, v, actions))
+    return entries
+
+
+def table_entry(schedule: str, pp: int, microbatches: int, virtual_stages: int,
+                actions: list[list[Action]] | None = None) -> dict:
+    actions = actions if actions is not None else build(schedule, pp, microbatches, virtual_stages)
+    validate(actions, pp, microbatches, pp * chunks_per_rank(schedule, virtual_stages))
+    result = simulate(actions)
+    return {"schedule": schedule, "pp": pp, "microbatches": microbatches, "virtual_stages": virtual_stages,
+            "bubble_fraction": round(result.bubble_fraction, 6), "peak_activations": list(result.peak_activations)}
+
+
+def _show(args: argparse.Namespace) -> None:
+    actions = build(args.show, args.pp, args.microbatches, args.virtual_stages, args.offload)
+    validate(actions, args.pp, args.microbatches, args.pp * chunks_per_rank(args.show, args.virtual_stages))
+    result = simulate(actions)
+    for r, acts in enumerate(actions):
+        print(f"rank {r}: {' '.join(map(str, acts))}")
+    print(f"bubble {result.bubble_fraction:.4f}  step {result.step_time:g}  peak activations "
+          f"{list(result.peak_activations)}  offloaded {list(result.peak_offloaded)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write-table", metavar="PATH", help="write the schedule table (JSON) here")
+    parser.add_argument("--show", choices=SCHEDULES, help="print one schedule and its simulation")
+    parser.add_argument("--pp", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--virtual-stages", type=int, default=1)
+    parser.add_argument("--offload", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if args.show:
+        _show(args)
+    if args.write_table:
+        with open(args.write_table, "w") as f:
+            json.dump({"version": 1, "entries": table_entries()}, f, separators=(",", ":"))
+            f.write("\n")
+    if not (args.show or args.write_table):
+        parser.error("give --show SCHEDULE or --write-table PATH")
+
+
+if __name__ == "__main__":
+    main()
