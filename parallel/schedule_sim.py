@@ -63,10 +63,10 @@ def simulate(actions: list[list[Action]], cost: dict[str, float] | None = None, 
                      timeline=tuple(tuple(tl) for tl in lines))
 
 
-def _peaks(timeline: list[tuple[float, float, Action]], split: bool, unit: float) -> tuple[float, float]:
+def _peaks(line: list[tuple[float, float, Action]], split: bool, unit: float) -> tuple[float, float]:
     freed_by = W if split else B
     events: list[tuple[float, float, float]] = []  # (time, device delta, host delta)
-    for start, stop, a in timeline:
+    for start, stop, a in line:
         if a.kind == F:
             events.append((start, unit, 0.0))
         elif a.kind == freed_by:
