@@ -9,6 +9,7 @@ All sizes are bytes; times are seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from perfmodel.specs import Cluster, ModelSpec, Plan
 
@@ -92,6 +93,7 @@ class Linear:
     first: bool
 
 
+@lru_cache(maxsize=64)
 def block_linears(m: ModelSpec) -> tuple[Linear, ...]:
     """The four Linears of a transformer block, in the column-then-row pairing Megatron uses,
     so 1D TP (tp_col=t) costs exactly Megatron's 2 forward + 2 backward all-reduces."""

@@ -51,7 +51,7 @@ def _exposed(cost: float, window: float, overlap: bool) -> float:
 
 
 @dataclass(frozen=True)
-class _Microbatch:
+class MicrobatchCosts:
     """Seconds one microbatch spends on the bottleneck stage, by component."""
 
     compute: float
@@ -65,7 +65,7 @@ class _Microbatch:
         return self.compute + self.recompute + self.tensor + self.context
 
 
-def _microbatch(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int) -> _Microbatch:
+def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int) -> MicrobatchCosts:
     e = c.dtype_bytes
     x, y, z = plan.tp_col, plan.tp_row, plan.tp_depth
     tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
@@ -108,28 +108,25 @@ def _microbatch(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int) -> _
             context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
 
     compute = layers * 3 * fwd + 3 * head
-    return _Microbatch(compute=compute, recompute=redo_layers * redo, tensor=layers * tensor,
+    return MicrobatchCosts(compute=compute, recompute=redo_layers * redo, tensor=layers * tensor,
                        context=layers * context, backward=2 * (layers * fwd + head))
 
 
-def _p2p(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
-    """Blocking activation / gradient sends of one microbatch across the stage's boundaries."""
+def p2p_send(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
+    """One blocking activation (or gradient) send of a microbatch across a stage boundary."""
     if plan.pp == 1:
         return 0.0
     tokens = plan.micro_batch_size * seq / plan.cp
-    sends = pipeline.p2p_per_microbatch(plan.schedule, plan.virtual_stages)
-    return 2 * sends * comm.p2p(comm.p2p_bytes(m, plan, tokens, c.dtype_bytes), comm.link_for(plan, ("pp",), c))
+    return comm.p2p(comm.p2p_bytes(m, plan, tokens, c.dtype_bytes), comm.link_for(plan, ("pp",), c))
 
 
-def _offload(m: ModelSpec, plan: Plan, c: Cluster, seq: int, compute: float) -> float:
-    """PipeOffload: D2H after F and H2D before B of the offloaded fraction, hidden behind compute."""
-    if plan.offload.activations <= 0 or plan.pp == 1:
-        return 0.0
-    moved = 2 * plan.offload.activations * stage_activation_bytes(m, plan, seq, c.dtype_bytes)
-    return _exposed(moved / c.host_bw, compute, True)
+def offload_time(fraction: float, unit_bytes: float, c: Cluster, compute: float) -> float:
+    """PipeOffload: D2H after F and H2D before B of `fraction` of a microbatch-stage's
+    activations, hidden behind the microbatch's compute."""
+    return _exposed(2 * fraction * unit_bytes / c.host_bw, compute, True) if fraction > 0 else 0.0
 
 
-def _gradient_sync(plan: Plan, c: Cluster, psi: float, mb: _Microbatch, micro: int) -> float:
+def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro: int) -> float:
     """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step."""
     d = plan.dp * plan.cp
     if d == 1:
@@ -149,7 +146,7 @@ def _gradient_sync(plan: Plan, c: Cluster, psi: float, mb: _Microbatch, micro: i
     return hidden + micro * (_exposed(gather, mb.backward / 2, True) + _exposed(gather, mb.backward, True))
 
 
-def _optimizer(plan: Plan, c: Cluster, psi: float) -> float:
+def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:
     """Adam over this rank's shard: memory-bound on the device, or on the host when offloaded
     (gradients down, weights up, and the host update at host_bw)."""
     shard = psi / (plan.dp * plan.cp if plan.zero >= 1 else 1)
@@ -175,13 +172,14 @@ def step_time(busy: float, bubble_fraction: float, sync: float, opt: float) -> t
 def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_len: int) -> Estimate:
     """`estimate` without the validity checks (the search has already made them)."""
     micro = plan.microbatches(global_batch_size)
-    mb = _microbatch(m, plan, c, seq_len, micro)
-    p2p = _p2p(m, plan, c, seq_len)
-    offload = _offload(m, plan, c, seq_len, mb.compute)
+    mb = microbatch_costs(m, plan, c, seq_len, micro)
+    p2p = 2 * pipeline.p2p_per_microbatch(plan.schedule, plan.virtual_stages) * p2p_send(m, plan, c, seq_len)
+    unit = stage_activation_bytes(m, plan, seq_len, c.dtype_bytes)
+    offload = offload_time(plan.offload.activations if plan.pp > 1 else 0.0, unit, c, mb.compute)
     sched = pipeline.schedule_cost(plan.schedule, plan.pp, micro, plan.virtual_stages)
     psi = stage_params(m, plan.pp) / plan.tp
-    sync = _gradient_sync(plan, c, psi, mb, micro)
-    opt = _optimizer(plan, c, psi)
+    sync = gradient_sync(plan, c, psi, mb, micro)
+    opt = optimizer_time(plan, c, psi)
     bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt)
     tokens_per_s = global_batch_size * seq_len / step
     mem = memory(m, plan, c, seq_len, sched.peak_activations)

@@ -113,25 +113,37 @@ def logits_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int) -> float:
     return tokens * m.vocab_size / (plan.tp_col * plan.tp_row) * (dtype_bytes + 4)
 
 
-def activation_bytes(m: ModelSpec, plan: Plan, seq: int, peak_units: float, dtype_bytes: int,
-                     flash: bool = True) -> tuple[float, float]:
-    """(device, host) activation bytes on the most loaded rank.
+@dataclass(frozen=True)
+class ActivationParts:
+    """The pieces the schedule combines: one microbatch-stage (`unit`), the block rematerialized
+    during backward under full recompute (`working`), the last stage's logits."""
 
-    `peak_units` microbatch-stages are in flight (pipeline.py); a fraction `offload.activations`
-    of all but the running one lives on the host. Full recompute adds one block's full working
-    set, rematerialized during its backward."""
-    unit = stage_activation_bytes(m, plan, seq, dtype_bytes, flash)
-    f = plan.offload.activations
-    waiting = max(peak_units - 1.0, 0.0) * unit
+    unit: float
+    working: float
+    logits: float
+
+
+def activation_parts(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash: bool = True) -> ActivationParts:
     working = 0.0
     if plan.recompute == "full":
         working = layer_activation_bytes(m, seq, plan.micro_batch_size, tp_col=plan.tp_col, tp_row=plan.tp_row,
                                          sequence_parallel=plan.sequence_parallel, cp=plan.cp, flash=flash,
                                          dtype_bytes=dtype_bytes)
-    first = unit + waiting * (1 - f) + working
-    logits = logits_bytes(m, plan, seq, dtype_bytes)
-    device = first + logits if plan.pp == 1 else max(first, unit + working + logits)
-    return device, waiting * f
+    return ActivationParts(stage_activation_bytes(m, plan, seq, dtype_bytes, flash), working,
+                           logits_bytes(m, plan, seq, dtype_bytes))
+
+
+def combine_activations(parts: ActivationParts, pp: int, peak_units: float, offload: float) -> tuple[float, float]:
+    """(device, host) activation bytes on the most loaded rank.
+
+    `peak_units` microbatch-stages are in flight (pipeline.py); a fraction `offload` of all but
+    the running one lives on the host. With pp > 1 the first stage holds the in-flight
+    microbatches and the last one the logits; with pp = 1 one rank holds both."""
+    waiting = max(peak_units - 1.0, 0.0) * parts.unit
+    first = parts.unit + waiting * (1 - offload) + parts.working
+    if pp == 1:
+        return first + parts.logits, waiting * offload
+    return max(first, parts.unit + parts.working + parts.logits), waiting * offload
 
 
 def state_bytes(m: ModelSpec, plan: Plan, c: Cluster) -> tuple[float, float, float, float, float]:
@@ -156,5 +168,6 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster) -> tuple[float, float, flo
 def memory(m: ModelSpec, plan: Plan, c: Cluster, seq: int, peak_units: float) -> Memory:
     """Everything a rank holds at its peak; `peak_units` from the pipeline schedule."""
     params, grads, optimizer, buffers, host = state_bytes(m, plan, c)
-    acts, host_acts = activation_bytes(m, plan, seq, peak_units, c.dtype_bytes)
+    parts = activation_parts(m, plan, seq, c.dtype_bytes)
+    acts, host_acts = combine_activations(parts, plan.pp, peak_units, plan.offload.activations)
     return Memory(params, grads, optimizer, acts, buffers, c.overhead_bytes, host + host_acts)

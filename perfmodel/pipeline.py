@@ -77,9 +77,10 @@ def tables(path: Path = TABLES) -> dict[tuple[str, int, int, int], ScheduleCost]
     return _load_tables(str(path), path.stat().st_mtime)
 
 
-def schedule_cost(schedule: str, pp: int, m: int, v: int = 1, path: Path = TABLES) -> ScheduleCost:
-    """The table entry when there is one, else the closed form."""
-    hit = tables(path).get((schedule, pp, m, v))
+def schedule_cost(schedule: str, pp: int, m: int, v: int = 1,
+                  table: dict[tuple[str, int, int, int], ScheduleCost] | None = None) -> ScheduleCost:
+    """The table entry when there is one (`table` defaults to the simulator's file), else the closed form."""
+    hit = (tables() if table is None else table).get((schedule, pp, m, v))
     return hit if hit is not None else closed_form(schedule, pp, m, v)
 
 

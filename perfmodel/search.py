@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from perfmodel import estimate as est
 from perfmodel import pipeline
-from perfmodel.memory import activation_bytes, state_bytes
+from perfmodel.memory import activation_parts, combine_activations, state_bytes
 from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
@@ -129,76 +129,91 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     if "offload.optimizer" in cons or "offload.activations" in cons:
         base = base.replace(offload=Offload(bool(cons.get("offload.optimizer", False)),
                                             float(cons.get("offload.activations", 0.0))))
-    best: dict[tuple[int, ...], tuple[float, Plan]] = {}
+    best: dict[tuple[int, ...], tuple[float, tuple]] = {}
     n_layouts = n_cands = 0
+    table = pipeline.tables()
     for deg in _layouts(m, world, cons, global_batch_size, seq_len):
         n_layouts += 1
         key = tuple(deg[a] for a in AXES)
-        for step, plan in _best_for_layout(m, c, base, deg, cons, global_batch_size, seq_len):
-            n_cands += 1
-            if key not in best or step < best[key][0]:
-                best[key] = (step, plan)
-    ranked = sorted(best.values(), key=lambda sp: sp[0])[:top]
+        timed, found = _best_for_layout(m, c, base, deg, cons, global_batch_size, seq_len, table)
+        n_cands += timed
+        if found is not None:
+            best[key] = found
+    ranked = sorted(best.values(), key=lambda sk: sk[0] * (1 + 1e-4 * _complexity(sk[1])))[:top]
     estimates = []
-    for _, plan in ranked:
+    for _, (plan_r, sched, v, zero, opt, frac) in ranked:
+        plan = plan_r.replace(schedule=sched, virtual_stages=v, zero=zero, offload=Offload(opt, frac))
         plan.check(m, world, global_batch_size, seq_len)
         estimates.append(est.evaluate(m, plan, c, global_batch_size, seq_len))
     return SearchResult(estimates, n_cands, n_layouts, time.perf_counter() - t0)
 
 
+def _complexity(knobs: tuple) -> float:
+    """How many mechanisms a plan turns on: breaks near-ties (within 0.01% per mechanism) in favour
+    of the simpler plan."""
+    plan_r, sched, v, zero, opt, frac = knobs
+    used = (plan_r.pp > 1, plan_r.cp > 1, plan_r.tp_col > 1, plan_r.tp_row > 1, plan_r.tp_depth > 1,
+            plan_r.recompute != "none", opt, frac > 0, v > 1)
+    return sum(used) + zero / 3
+
+
 def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], cons: dict[str, Any],
-                     gbs: int, seq: int) -> Iterator[tuple[float, Plan]]:
-    """(step time, plan) of every fitting plan of this layout not dominated on a cost chain."""
+                     gbs: int, seq: int, table: dict) -> tuple[int, tuple[float, tuple] | None]:
+    """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None)."""
     x, y, z = deg["tp_col"], deg["tp_row"], deg["tp_depth"]
-    shards = deg["dp"] * z
+    shards, pp = deg["dp"] * z, deg["pp"]
     sp = _choices(cons, "sequence_parallel", (x * y > 1,))[0]
     layout = base.replace(sequence_parallel=sp, **deg)
+    psi = est.stage_params(m, pp) / layout.tp
     zeros = _choices(cons, "zero", (0, 1, 2, 3) if deg["dp"] * deg["cp"] > 1 else (0,))
-    opts = _choices(cons, "offload.optimizer", (False, True))
-    facts = _choices(cons, "offload.activations", ACT_OFFLOAD if deg["pp"] > 1 else (0.0,))
-    states = {}
+    by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
+    states = []  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
     for zero in zeros:
-        for opt in opts:
-            plan = layout.replace(zero=zero, offload=Offload(opt, 0.0))
+        for opt in _choices(cons, "offload.optimizer", (False, True)):
+            plan = by_zero[zero].replace(offload=Offload(opt, 0.0))
             params, grads, optimizer, buffers, host = state_bytes(m, plan, c)
-            states[zero, opt] = (params + grads + optimizer + buffers + c.overhead_bytes, host,
-                                 est._optimizer(plan, c, est.stage_params(m, plan.pp) / plan.tp))
-    scheds = _schedules(m, deg["pp"], cons)
-    mbs_options = _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length())))
+            states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
+                           est.optimizer_time(plan, c, psi)))
+    facts = _choices(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
+    scheds = _schedules(m, pp, cons)
     cp_modes = _choices(cons, "cp_mode", ("ring", "ulysses") if deg["cp"] > 1 else ("ring",))
-    for mbs in mbs_options:
+    recomputes = _choices(cons, "recompute", RECOMPUTE_ORDER)
+    best, timed = None, 0
+    for mbs in _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))):
         if gbs % (shards * mbs):
             continue
         micro = gbs // (shards * mbs)
         for cp_mode in cp_modes:
             if cp_mode == "ulysses" and deg["cp"] > 1 and m.n_heads % (deg["cp"] * x * y):
                 continue
-            fit: dict[tuple, bool] = {}
-            for r, recompute in enumerate(_choices(cons, "recompute", RECOMPUTE_ORDER)):
+            options = None  # the ZeRO / optimizer-offload choices, fastest first
+            for recompute in recomputes:
                 plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-                mb = est._microbatch(m, plan_r, c, seq, micro)
+                mb = est.microbatch_costs(m, plan_r, c, seq, micro)
+                if options is None:  # the gradient sync hides behind backward, which recompute does not change
+                    options = sorted(((est.gradient_sync(by_zero[zero], c, psi, mb, micro), opt_s, state, host, zero, opt)
+                                      for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
+                parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
+                send = est.p2p_send(m, plan_r, c, seq)
                 for sched, v in scheds:
-                    plan_s = plan_r.replace(schedule=sched, virtual_stages=v)
-                    cost = pipeline.schedule_cost(sched, deg["pp"], micro, v)
-                    p2p = est._p2p(m, plan_s, c, seq)
-                    for f_i, frac in enumerate(facts):
-                        plan_f = plan_s.replace(offload=Offload(False, frac))
-                        acts, host_acts = activation_bytes(m, plan_f, seq, cost.peak_activations, c.dtype_bytes)
-                        busy = micro * (mb.total + p2p + est._offload(m, plan_f, c, seq, mb.compute))
-                        for zero in zeros:
-                            for o_i, opt in enumerate(opts):
-                                k = (r, f_i, o_i, zero, sched, v)
-                                dominated = (r and fit.get((r - 1, f_i, o_i, zero, sched, v))) or \
-                                    (f_i and fit.get((r, f_i - 1, o_i, zero, sched, v))) or \
-                                    (o_i and fit.get((r, f_i, o_i - 1, zero, sched, v)))
-                                state, host, opt_time = states[zero, opt]
-                                fit[k] = bool(dominated) or (
-                                    state + acts <= c.hbm_bytes and (host + host_acts) * c.gpus_per_node <= c.host_bytes)
-                                if dominated or not fit[k]:
-                                    continue
-                                plan = plan_f.replace(zero=zero, offload=Offload(opt, frac))
-                                sync = est._gradient_sync(plan, c, est.stage_params(m, plan.pp) / plan.tp, mb, micro)
-                                yield est.step_time(busy, cost.bubble_fraction, sync, opt_time)[1], plan
+                    cost = pipeline.schedule_cost(sched, pp, micro, v, table)
+                    p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
+                    for frac in facts:  # more offload only adds time: stop once the fastest states fit
+                        acts, host_acts = combine_activations(parts, pp, cost.peak_activations, frac)
+                        busy = micro * (mb.total + p2p + est.offload_time(frac, parts.unit, c, mb.compute))
+                        for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
+                            if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
+                                continue
+                            timed += 1
+                            step = est.step_time(busy, cost.bubble_fraction, sync, opt_s)[1]
+                            if best is None or step < best[0]:
+                                best = (step, (plan_r, sched, v, zero, opt, frac))
+                            break
+                        else:
+                            continue
+                        if i == 0:
+                            break
+    return timed, best
 
 
 def best_plan(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,

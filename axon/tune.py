@@ -1,0 +1,190 @@
+"""`axon tune`: predict and rank parallel layouts with the performance model.
+
+Usage:
+    axon tune model=llama3.1-405b cluster=perlmutter cluster.nodes=256 [parallel.pp=8 ...]
+              [--top N] [--json] [--out FILE.yaml] [--plot FILE.png]
+    axon tune --calibrate [cluster.gpus_per_node=8]
+
+Hydra overrides pick the model, the cluster (world = cluster.nodes x cluster.gpus_per_node),
+the batch (train.global_batch_size, train.seq_len) and any `parallel.*` settings to hold fixed;
+with all six degrees fixed it evaluates just that plan. `--out` writes the winner as a parallel
+config group file: save it as configs/parallel/<name>.yaml and run `axon train parallel=<name>`
+(the file's first line also lists the same plan as `parallel.*=` overrides). `--calibrate`
+measures this machine and writes configs/cluster/local-cpu.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from axon.config import freeze, load
+from perfmodel.estimate import Estimate, estimate
+from perfmodel.search import parse_constraints, search
+from perfmodel.specs import AXES, Plan, PlanError
+
+GiB = 2**30
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="axon tune", description="rank parallel layouts with the performance model")
+    ap.add_argument("--top", type=int, default=10, help="how many plans to show (default 10)")
+    ap.add_argument("--json", action="store_true", help="print the ranked plans as JSON")
+    ap.add_argument("--out", type=Path, help="write the winning plan as a parallel config YAML")
+    ap.add_argument("--plot", type=Path, help="draw the top plans' time breakdown to this PNG")
+    ap.add_argument("--calibrate", action="store_true", help="measure this machine, write configs/cluster/local-cpu.yaml")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        print(f"axon tune: unknown option(s) {bad}; see axon tune --help", file=sys.stderr)
+        return 2
+    try:
+        if args.calibrate:
+            from axon.calibrate import calibrate
+
+            ranks = freeze(load(overrides)).cluster.gpus_per_node
+            print(f"wrote {calibrate(ranks)}")
+            return 0
+        return _tune(args, overrides)
+    except PlanError as e:
+        print(f"axon tune: {e}", file=sys.stderr)
+        return 2
+
+
+def _tune(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = freeze(load(overrides))
+    cluster, model = cfg.cluster, cfg.model
+    world = cluster.world_size
+    gbs, seq = cfg.train.global_batch_size, cfg.train.seq_len
+    constraints = parse_constraints(overrides)
+    searched = None
+    if all(axis in constraints for axis in AXES):
+        estimates = [estimate(model, cfg.plan, cluster, gbs, seq)]
+    else:
+        result = search(model, cluster, world, constraints, gbs, seq, top=args.top)
+        estimates, searched = result.estimates, result
+    if not estimates:
+        raise PlanError(f"no layout of {world} devices fits {cluster.hbm_bytes / GiB:.1f} GiB per device for "
+                        f"model={cfg.raw['model']['name']}; add devices (cluster.nodes), lower train.seq_len or "
+                        f"train.global_batch_size, or relax the parallel.* constraints")
+    header = {"model": cfg.raw["model"]["name"], "cluster": cluster.name, "world": world,
+              "global_batch_size": gbs, "seq_len": seq, "constraints": constraints}
+    if searched is not None:
+        header.update(layouts=searched.layouts, plans_timed=searched.candidates, search_s=searched.seconds)
+    if args.json:
+        print(json.dumps({**header, "candidates": [e.to_dict() for e in estimates]}, indent=2))
+    else:
+        print(report(header, estimates))
+    if args.out:
+        args.out.write_text(plan_yaml(estimates[0].plan, header))
+        print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
+    if args.plot:
+        plot(estimates, args.plot, f"{header['model']} on {world} x {cluster.name}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def layout_name(p: Plan) -> str:
+    tp = f"tp={p.tp_col}x{p.tp_row}x{p.tp_depth}" if p.tp > 1 else "tp=1"
+    sched = f" {p.schedule}" + (f"/v{p.virtual_stages}" if p.virtual_stages > 1 else "") if p.pp > 1 else ""
+    cp = f" cp={p.cp}({p.cp_mode})" if p.cp > 1 else ""
+    return f"dp={p.dp} pp={p.pp}{cp} {tp}{sched}"
+
+
+def knobs(p: Plan) -> str:
+    out = [f"zero={p.zero}", f"mbs={p.micro_batch_size}"]
+    if p.recompute != "none":
+        out.append(f"recompute={p.recompute}")
+    if p.sequence_parallel:
+        out.append("sp")
+    if p.offload.optimizer:
+        out.append("offload-opt")
+    if p.offload.activations:
+        out.append(f"offload-act={p.offload.activations:g}")
+    return " ".join(out)
+
+
+def report(header: dict[str, Any], estimates: list[Estimate]) -> str:
+    """The ranked table, the winner's time and memory breakdown, and why it beats the runner-up."""
+    lines = [f"{header['model']} on {header['world']} devices of {header['cluster']}: global batch "
+             f"{header['global_batch_size']} x {header['seq_len']} tokens"]
+    if "layouts" in header:
+        lines.append(f"searched {header['layouts']} layouts, timed {header['plans_timed']} fitting plans in "
+                     f"{header['search_s']:.2f} s; best plan per layout:")
+    lines.append(f"{'#':>3} {'step s':>8} {'tok/s/dev':>10} {'MFU':>6} {'mem GiB':>8}  layout / knobs")
+    for i, e in enumerate(estimates, 1):
+        per_dev = e.tokens_per_s / e.plan.world_size
+        lines.append(f"{i:>3} {e.step_time_s:>8.3f} {per_dev:>10.1f} {e.mfu:>6.1%} {e.memory.total / GiB:>8.1f}  "
+                     f"{layout_name(e.plan)} | {knobs(e.plan)}")
+    win = estimates[0]
+    lines.append("")
+    lines.append("winner, time per step: " + ", ".join(f"{k[:-2]} {v:.3f}s" for k, v in win.breakdown.items() if v > 0))
+    mem = win.memory
+    lines.append(f"winner, memory per device (GiB): params {mem.params / GiB:.2f}, grads {mem.grads / GiB:.2f}, "
+                 f"optimizer {mem.optimizer / GiB:.2f}, activations {mem.activations / GiB:.2f}, buffers "
+                 f"{mem.buffers / GiB:.2f}, overhead {mem.overhead / GiB:.2f}; total {mem.total / GiB:.2f}"
+                 + (f"; host {mem.host / GiB:.2f}" if mem.host else ""))
+    if len(estimates) > 1:
+        lines.append(why(win, estimates[1]))
+    return "\n".join(lines)
+
+
+def why(win: Estimate, other: Estimate) -> str:
+    """The components where the winner saves the most over the runner-up."""
+    diffs = sorted(((other.breakdown[k] - v, k[:-2]) for k, v in win.breakdown.items()), reverse=True)
+    gains = [f"{name} -{d:.3f}s" for d, name in diffs if d > 1e-4][:3]
+    losses = [f"{name} +{-d:.3f}s" for d, name in diffs if d < -1e-4][:2]
+    text = (f"why: {(other.step_time_s / win.step_time_s - 1):.1%} faster than #2 ({layout_name(other.plan)} | "
+            f"{knobs(other.plan)}): " + (", ".join(gains) or "equal components"))
+    return text + (f"; it pays {', '.join(losses)}" if losses else "")
+
+
+def plan_yaml(plan: Plan, header: dict[str, Any]) -> str:
+    """The plan as a `parallel` group file (configs/parallel/<name>.yaml -> `axon train parallel=<name>`)."""
+    d = plan.to_dict()
+    off = d.pop("offload")
+    flat = {**d, "offload.optimizer": off["optimizer"], "offload.activations": off["activations"]}
+    overrides = " ".join(f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flat.items())
+    lines = [f"# axon tune's pick for {header['model']} on {header['world']} devices of {header['cluster']} "
+             f"(global batch {header['global_batch_size']}, seq {header['seq_len']}).",
+             "# Save as configs/parallel/<name>.yaml and run `axon train parallel=<name>`, or pass as overrides:",
+             f"# {overrides}",
+             "defaults: [parallel_schema]"]
+    for k, v in d.items():
+        lines.append(f"{k}: {json.dumps(v)}")
+    lines.append(f"offload: {{optimizer: {json.dumps(off['optimizer'])}, activations: {off['activations']}}}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(estimates: list[Estimate], path: Path, title: str) -> None:
+    """Stacked bars of each plan's step-time components."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise PlanError(f"--plot needs matplotlib ({err}); pip install matplotlib or drop --plot") from None
+    keys = list(estimates[0].breakdown)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(estimates) + 3), 4.5))
+    bottoms = [0.0] * len(estimates)
+    xs = range(len(estimates))
+    for k in keys:
+        vals = [e.breakdown[k] for e in estimates]
+        if any(vals):
+            ax.bar(xs, vals, bottom=bottoms, label=k[:-2].replace("_", " "))
+            bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_xticks(list(xs), [f"#{i + 1}\n{layout_name(e.plan)}".replace(" ", "\n") for i, e in enumerate(estimates)],
+                  fontsize=7)
+    ax.set_ylabel("seconds per step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
