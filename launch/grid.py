@@ -20,6 +20,7 @@ COMBOS: tuple[tuple[str, ...], ...] = (
     ("dp", "cp", "tp_depth"),  # reduction of parameters replicated over depth as well
     ("tp_col", "tp_row", "tp_depth"),  # the whole tensor-parallel group
     ("tp_col", "tp_row"),
+    ("dp", "cp", "tp_depth", "tp_col"),  # sequence-parallel residual parameters (norms) under TP
 )
 
 
