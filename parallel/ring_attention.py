@@ -49,27 +49,41 @@ def _wait(reqs: Optional[list]) -> None:
         req.wait()
 
 
-def _scores(q: torch.Tensor, kv: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """q [B, Hkv, rep, Sq, hd], kv [2, B, Hkv, Sk, hd] -> fp32 scaled scores [B, Hkv, rep, Sq, Sk]."""
+Q_TILE = 256  # query rows per score tile: bounds the fp32 score transient to Q_TILE x S/cp per head
+
+
+def _tiles(n: int) -> list[slice]:
+    return [slice(i, min(n, i + Q_TILE)) for i in range(0, n, Q_TILE)]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, row0: int, causal: bool, scale: float) -> torch.Tensor:
+    """q [B, Hkv, rep, Sq, hd], k [B, Hkv, Sk, hd] -> fp32 scaled scores [B, Hkv, rep, Sq, Sk].
+    When `causal`, q holds rows row0.. of a diagonal block and key j is visible to row i iff j <= i."""
     B, Hkv, rep, Sq, hd = q.shape
-    k = kv[0]  # [B, Hkv, Sk, hd]
+    Sk = k.shape[2]
     s = torch.matmul(q.reshape(B, Hkv, rep * Sq, hd), k.transpose(-1, -2)).float() * scale
-    s = s.view(B, Hkv, rep, Sq, k.shape[2])
-    if causal:  # square diagonal block: key j visible to query i iff j <= i
-        mask = torch.ones(Sq, Sq, dtype=torch.bool, device=q.device).triu_(1)
-        s.masked_fill_(mask, float("-inf"))
+    s = s.view(B, Hkv, rep, Sq, Sk)
+    if causal:
+        rows = torch.arange(row0, row0 + Sq, device=q.device)
+        s.masked_fill_(torch.arange(Sk, device=q.device)[None, :] > rows[:, None], float("-inf"))
     return s
 
 
 def _attend(q: torch.Tensor, kv: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One block pair: out fp32 [B, Hkv, rep, Sq, hd] (normalized within the block) and its
-    log-sum-exp fp32 [B, Hkv, rep, Sq]."""
+    log-sum-exp fp32 [B, Hkv, rep, Sq]. Query rows go in tiles; a causal tile skips the keys
+    after its last row."""
     B, Hkv, rep, Sq, hd = q.shape
-    s = _scores(q, kv, causal, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).to(kv.dtype)  # [B, Hkv, rep, Sq, Sk]
-    out = torch.matmul(p.view(B, Hkv, rep * Sq, -1), kv[1]).float().view(B, Hkv, rep, Sq, hd)
-    return out, lse
+    outs, lses = [], []
+    for t in _tiles(Sq):
+        kv_t = kv[..., :t.stop, :] if causal else kv  # [2, B, Hkv, Sk_t, hd]
+        s = _scores(q[..., t, :], kv_t[0], t.start, causal, scale)  # [B, Hkv, rep, tile, Sk_t]
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None]).to(kv.dtype)
+        n = t.stop - t.start
+        outs.append(torch.matmul(p.view(B, Hkv, rep * n, -1), kv_t[1]).float().view(B, Hkv, rep, n, hd))
+        lses.append(lse)
+    return torch.cat(outs, dim=3), torch.cat(lses, dim=3)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
@@ -87,16 +101,21 @@ def _attend_backward(q: torch.Tensor, kv: torch.Tensor, dout: torch.Tensor, lse:
     q, dout [B, Hkv, rep, Sq, hd]; lse, delta [B, Hkv, rep, Sq] -> dq fp32 [B, Hkv, rep, Sq, hd],
     dkv fp32 [2, B, Hkv, Sk, hd] (summed over the rep query heads sharing each kv head)."""
     B, Hkv, rep, Sq, hd = q.shape
-    Sk = kv.shape[3]
-    p = torch.exp(_scores(q, kv, causal, scale) - lse[..., None])  # [B, Hkv, rep, Sq, Sk]
-    p2 = p.view(B, Hkv, rep * Sq, Sk)
-    dout2 = dout.reshape(B, Hkv, rep * Sq, hd)
-    dv = torch.matmul(p2.transpose(-1, -2).to(dout.dtype), dout2)  # [B, Hkv, Sk, hd]
-    dp = torch.matmul(dout2, kv[1].transpose(-1, -2)).float().view(B, Hkv, rep, Sq, Sk)
-    ds = (p * (dp - delta[..., None]) * scale).to(q.dtype).view(B, Hkv, rep * Sq, Sk)
-    dq = torch.matmul(ds, kv[0]).float().view(B, Hkv, rep, Sq, hd)
-    dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, rep * Sq, hd))  # [B, Hkv, Sk, hd]
-    return dq, torch.stack((dk, dv)).float()
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    for t in _tiles(Sq):
+        kv_t = kv[..., :t.stop, :] if causal else kv  # [2, B, Hkv, Sk_t, hd]
+        Sk, n = kv_t.shape[3], t.stop - t.start
+        q_t = q[..., t, :].reshape(B, Hkv, rep * n, hd)
+        dout_t = dout[..., t, :].reshape(B, Hkv, rep * n, hd)
+        p = torch.exp(_scores(q[..., t, :], kv_t[0], t.start, causal, scale) - lse[..., t, None])
+        dv = torch.matmul(p.view(B, Hkv, rep * n, Sk).transpose(-1, -2).to(dout.dtype), dout_t)  # [B, Hkv, Sk_t, hd]
+        dp = torch.matmul(dout_t, kv_t[1].transpose(-1, -2)).float().view(B, Hkv, rep, n, Sk)
+        ds = (p * (dp - delta[..., t, None]) * scale).to(q.dtype).view(B, Hkv, rep * n, Sk)
+        dq[..., t, :] = torch.matmul(ds, kv_t[0]).float().view(B, Hkv, rep, n, hd)
+        dk = torch.matmul(ds.transpose(-1, -2), q_t)  # [B, Hkv, Sk_t, hd]
+        dkv[..., :Sk, :] += torch.stack((dk, dv)).float()
+    return dq, dkv
 
 
 def _pair(step: int, ring: Ring, half: int) -> tuple[slice, slice, bool]:

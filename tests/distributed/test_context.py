@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from axon.model import attention_core
 from launch.grid import Grid
+from parallel import ring_attention
 from parallel.context import RingCore, UlyssesCore, zigzag_positions
 from parallel.ring_attention import Ring
 from perfmodel.specs import Plan
@@ -15,8 +16,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _attention_parity(mode: str, n_heads: int, n_kv_heads: int, chunk: int) -> dict[str, float]:
+def _attention_parity(mode: str, n_heads: int, n_kv_heads: int, chunk: int, q_tile: int) -> dict[str, float]:
     """On every cp rank: the local shard's output and gradients vs the full reference's slice."""
+    default_tile, ring_attention.Q_TILE = ring_attention.Q_TILE, q_tile  # this worker only, restored below
+    try:
+        return _attention_errors(mode, n_heads, n_kv_heads, chunk)
+    finally:
+        ring_attention.Q_TILE = default_tile
+
+
+def _attention_errors(mode: str, n_heads: int, n_kv_heads: int, chunk: int) -> dict[str, float]:
     cp, rank = dist.get_world_size(), dist.get_rank()
     grid = Grid.build(Plan(cp=cp, cp_mode=mode), rank, cp)
     axis = grid.axis("cp")
@@ -41,17 +50,18 @@ def _attention_parity(mode: str, n_heads: int, n_kv_heads: int, chunk: int) -> d
     return errs
 
 
-CASES = [  # (mode, cp, n_heads, n_kv_heads)
-    ("ring", 2, 3, 3), ("ring", 2, 6, 2), ("ring", 4, 3, 3), ("ring", 4, 6, 2), ("ring", 4, 4, 1),
-    ("ring", 3, 3, 3),
-    ("ulysses", 2, 6, 2), ("ulysses", 2, 4, 4), ("ulysses", 2, 2, 1),  # 1 kv head: repeated to 2
-    ("ulysses", 4, 8, 2), ("ulysses", 4, 4, 4), ("ulysses", 3, 3, 3), ("ulysses", 3, 6, 2),
+CASES = [  # (mode, cp, n_heads, n_kv_heads, query rows per score tile)
+    ("ring", 2, 3, 3, 256), ("ring", 2, 6, 2, 256), ("ring", 4, 3, 3, 256), ("ring", 4, 6, 2, 256),
+    ("ring", 4, 4, 1, 256), ("ring", 3, 3, 3, 256),
+    ("ring", 2, 6, 2, 4), ("ring", 4, 3, 3, 4),  # 6 local rows in tiles of 4 + 2
+    ("ulysses", 2, 6, 2, 256), ("ulysses", 2, 4, 4, 256), ("ulysses", 2, 2, 1, 256),  # 1 kv head: repeated to 2
+    ("ulysses", 4, 8, 2, 256), ("ulysses", 4, 4, 4, 256), ("ulysses", 3, 3, 3, 256), ("ulysses", 3, 6, 2, 256),
 ]
 
 
-@pytest.mark.parametrize("mode,cp,n_heads,n_kv_heads", CASES)
-def test_attention_matches_full_sequence(dist_pools, mode, cp, n_heads, n_kv_heads):
-    for errs in dist_pools.run(cp, _attention_parity, mode, n_heads, n_kv_heads, chunk=3):
+@pytest.mark.parametrize("mode,cp,n_heads,n_kv_heads,q_tile", CASES)
+def test_attention_matches_full_sequence(dist_pools, mode, cp, n_heads, n_kv_heads, q_tile):
+    for errs in dist_pools.run(cp, _attention_parity, mode, n_heads, n_kv_heads, chunk=3, q_tile=q_tile):
         assert max(errs.values()) < 1e-5, errs
 
 
