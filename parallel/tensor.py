@@ -88,7 +88,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, succ, op: "TPLinear"):
-        w = op.store.weight(op.dw)  # [out_l, in_l]
+        w = op.store.weight(op.dw, "fwd")  # [out_l, in_l]
         y = F.linear(x, w)  # [B, S, out_l] partial over the in-axis
         if op.reduce_out:
             op.comm.all_reduce(y, op.in_axis)
@@ -100,7 +100,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         op: TPLinear = ctx.op
-        w = op.store.weight(op.dw)  # gathered again unless cached
+        w = op.store.weight(op.dw, "bwd")  # gathered again unless cached
         dx = dy @ w  # [B, S, in_l]
         handle = None
         if op.reduce_in_grad:
@@ -119,7 +119,7 @@ class _Gathered(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, succ, op: "TPEmbedding"):
         ctx.op, ctx.has_succ = op, succ is not None
-        return op.store.weight(op.dw).clone()
+        return op.store.weight(op.dw, "fwd").clone()
 
     @staticmethod
     def backward(ctx, dw):

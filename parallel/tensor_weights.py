@@ -1,12 +1,14 @@
 """Depth-sharded tensor-parallel weights: gather, prefetch, cache, deferred gradient reduce.
 
 Each 3D tensor-parallel weight is stored as a flat 1/tp_depth slice of its [rows, cols] piece.
-`DepthStore.weight(w)` returns the whole piece, all-gathered over `tp_depth`, taking it from a
+`DepthStore.weight(w, phase)` returns the whole piece, all-gathered over `tp_depth`, taking it from a
 prefetched or cached copy when one is valid (same parameter `_version`, so an optimizer step
 or a checkpoint load invalidates it). The store learns the order in which weights are used
-(the last weight used after each one) and, with `prefetch`, launches the next gather as soon as
-a weight is used: forward order in forward, reverse in backward, and recomputed forwards or
-pipeline schedules included, because the order is observed rather than assumed.
+(which use followed each (weight, forward|backward) use last time) and, with `prefetch`,
+launches the next gather as soon as a weight is used: forward order in forward, reverse in
+backward, recomputed forwards and pipeline schedules included, because the order is observed
+rather than assumed. The one misprediction per step is the first weight of the next step,
+gathered at the end of backward and discarded after the optimizer changes it.
 `reduce_grad` reduce-scatters a weight gradient over `tp_depth`; with `defer` it only launches
 it and queues the handle, and the tensor-parallel op that runs next in backward (the weight's
 forward predecessor, which takes this weight as an extra autograd input) collects it with
@@ -58,8 +60,8 @@ class DepthStore:
         self.cache = cache
         self.weights: list[DepthWeight] = []
         self._slots: dict[int, _Slot] = {}
-        self._next_after: dict[int, int] = {}
-        self._last: Optional[int] = None
+        self._next_after: dict[tuple[int, str], tuple[int, str]] = {}  # (key, phase) -> next use
+        self._last: Optional[tuple[int, str]] = None
 
     def add(self, owner: torch.nn.Module, rows: int, cols: int) -> DepthWeight:
         w = DepthWeight(len(self.weights), owner, rows, cols)
@@ -71,14 +73,15 @@ class DepthStore:
         src = w.param.detach().clone()  # the optimizer may update the parameter while this runs
         return _Slot(self.comm.all_gather(buf, src, AXIS, async_op=True), buf, w.param._version)
 
-    def weight(self, w: DepthWeight) -> torch.Tensor:
-        """The whole [rows, cols] piece of `w` (gathered over depth)."""
+    def weight(self, w: DepthWeight, phase: str) -> torch.Tensor:
+        """The whole [rows, cols] piece of `w` (gathered over depth); `phase` is "fwd" or "bwd"."""
         if self.depth == 1:
             return w.param.detach()
         slot = self._slots.pop(w.key, None)
         if slot is not None:
-            slot.handle.wait()
-            slot.handle = None
+            if slot.handle is not None:
+                slot.handle.wait()
+                slot.handle = None
             if slot.version != w.param._version:
                 slot = None
         if slot is None:
@@ -87,16 +90,16 @@ class DepthStore:
             slot = _Slot(None, buf, w.param._version)
         if self.cache:
             self._slots[w.key] = slot
-        self._used(w)
+        self._used((w.key, phase))
         return slot.buf.view(w.rows, w.cols)
 
-    def _used(self, w: DepthWeight) -> None:
+    def _used(self, use: tuple[int, str]) -> None:
         if self._last is not None:
-            self._next_after[self._last] = w.key
-        self._last = w.key
-        nxt = self._next_after.get(w.key)
-        if not self.prefetch or nxt is None:
+            self._next_after[self._last] = use
+        self._last = use
+        if not self.prefetch or use not in self._next_after:
             return
+        nxt = self._next_after[use][0]
         slot = self._slots.get(nxt)
         if slot is None or (slot.handle is None and slot.version != self.weights[nxt].param._version):
             self._slots[nxt] = self._launch(self.weights[nxt])
