@@ -10,4 +10,4 @@ train: setup
 	$(PY) -m axon.train launch.nproc_per_node=8 model=tiny run.name=dry-run $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest -q tests $(ARGS)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from perfmodel.specs import ModelSpec, Plan
 
@@ -124,7 +125,7 @@ def load(path: Path, model_state: dict[str, Any], optim_state: dict[str, Any]) -
     """Collective: fills `model_state` / `optim_state` tensors in place from `path`."""
     try:
         dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
-    except Exception as e:  # noqa: BLE001 - DCP raises many kinds; all mean "unusable"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException; all mean unusable
         raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {str(e)[:500]}; it is "
                               f"corrupted or does not match this model: delete it or set checkpoint.resume") from e
     rng = path / "rng" / f"rank{dist.get_rank()}.pt"
