@@ -19,11 +19,16 @@ Variants see the same batch at the same step, so their losses move in lockstep. 
 gradients (loss / global tokens); DDP averages them (loss / local tokens): the same update.
 
 Reported, as medians over trials after warm-up, with the 25th-75th percentile of the per-trial
-values in brackets: tokens/s of each variant; ours/ddp, the ratio of tokens/s in the same
-trial (paired, so machine noise common to both cancels); and the hidden fraction of gradient
-communication, 1 - exposed / total, where exposed is the time ours spends in `finish()` and
-total is `comm` of the same buckets in the same trial. Only ratios within one run are meant to
-be compared; absolute times move with the machine's load.
+values in brackets:
+  tok/s            global tokens / step time (the slowest rank's, each step starts at a barrier)
+  tok/s ours/ddp   the ratio within one trial (paired: the two ran seconds apart)
+  CPU ours/ddp     CPU seconds per step (process time, all threads, mean over ranks): the cost
+                   of the step that scheduler noise from other processes hardly touches
+  exposed comm     ours: from the moment the last rank enters finish() until all ranks leave it,
+                   i.e. the reduction left after every rank's backward is done
+  total comm       `comm` of the same buckets in the same trial, measured the same way
+  hidden           1 - exposed / total (the overlap-off control should read about 0)
+Only ratios within one run are meant to be compared; absolute times move with the load.
 """
 from __future__ import annotations
 
@@ -89,6 +94,7 @@ class Timing:
     loss_sum: float = 0.0
     wait_from: float = 0.0  # CLOCK_MONOTONIC (one clock for all processes) around `wait`
     wait_to: float = 0.0
+    cpu: float = 0.0  # CPU seconds of this process (all threads, gloo's included) over the step
 
 
 def _clock() -> float:
@@ -206,7 +212,9 @@ def run_rank(rank: int, b: Bench) -> dict[str, Any]:
         shift = trial % len(names)
         for name in names[shift:] + names[:shift]:
             dist.barrier()
+            cpu0 = time.process_time()
             t = variants[name].step(batch)
+            t.cpu = time.process_time() - cpu0
             if trial >= b.warmup:
                 timings[name].append(asdict(t))
             elif name.startswith(("ours", "ddp")):
@@ -304,22 +312,23 @@ def _row(b: Bench, result: dict[str, Any], label: str, ours: str, ddp: str, comm
     ours_tps = [tokens / s for s in _per_trial(result, ours, "total", max)]
     ddp_tps = [tokens / s for s in _per_trial(result, ddp, "total", max)]
     ratio = [o / d for o, d in zip(ours_tps, ddp_tps)]  # same trial, seconds apart
+    cpu = [o / d for o, d in zip(_per_trial(result, ours, "cpu", _mean), _per_trial(result, ddp, "cpu", _mean))]
     exposed, total = _critical_wait(result, ours), _critical_wait(result, comm)
     hidden = [1 - e / t for e, t in zip(exposed, total)]
     return (f"| {b.world} | {label} | {result['buckets'][ours]} / {result['ddp_buckets'][ddp]} "
-            f"| {_fmt(_q(ours_tps), 0)} | {_fmt(_q(ddp_tps), 0)} | {_fmt(_q(ratio))} "
+            f"| {_fmt(_q(ours_tps), 0)} | {_fmt(_q(ddp_tps), 0)} | {_fmt(_q(ratio))} | {_fmt(_q(cpu))} "
             f"| {_fmt(_q([e * 1e3 for e in exposed]), 0)} | {_fmt(_q([t * 1e3 for t in total]), 0)} "
             f"| {_fmt(_q(hidden))} |")
 
 
 def phases(b: Bench, result: dict[str, Any]) -> list[str]:
-    """Median per-phase milliseconds (mean over ranks) of every training variant."""
+    """Median per-phase milliseconds (mean over ranks) of every variant."""
     out = []
     for name in result["timings"][0]:
-        if name.startswith("comm") or name.endswith("loss"):
+        if name.endswith("loss"):
             continue
         cells = [_q(_per_trial(result, name, key, _mean))[0] * 1e3 for key in ("forward", "backward", "wait",
-                                                                               "optimizer", "total")]
+                                                                               "optimizer", "total", "cpu")]
         out.append(f"| {b.world} | {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
     return out
 
@@ -345,10 +354,11 @@ def sanity(b: Bench, result: dict[str, Any]) -> list[str]:
     return lines
 
 
-TABLE_HEAD = ["| ranks | bucket MiB | buckets ours / ddp | ours tok/s | ddp tok/s | ours/ddp | ours exposed comm ms "
-              "| total comm ms | ours hidden |", "|---|---|---|---|---|---|---|---|---|"]
-PHASE_HEAD = ["| ranks | variant | forward | backward | finish() (incl. rank skew) | AdamW | step |",
-              "|---|---|---|---|---|---|---|"]
+TABLE_HEAD = ["| ranks | bucket MiB | buckets ours / ddp | ours tok/s | ddp tok/s | tok/s ours/ddp "
+              "| CPU per step ours/ddp | ours exposed comm ms | total comm ms | ours hidden |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+PHASE_HEAD = ["| ranks | variant | forward | backward | finish() (incl. rank skew) | AdamW | step | CPU ms |",
+              "|---|---|---|---|---|---|---|---|"]
 
 
 def main() -> None:
@@ -384,7 +394,8 @@ def main() -> None:
         raw[world] = result
     print("\nTokens/s and communication (median [25th-75th percentile] over trials):")
     print("\n".join(TABLE_HEAD + rows))
-    print("\nPhases (median ms, mean over ranks; ddp's backward includes its reduction wait):")
+    print("\nPhases (median ms, mean over ranks; ddp's backward includes its reduction wait; CPU ms: the rank's "
+          "process CPU time over the step, all threads):")
     print("\n".join(PHASE_HEAD + phase_rows))
     print("\nSanity (ours vs DDP, same init and data):")
     print("\n".join(checks))
