@@ -43,10 +43,11 @@ def stage_params(m: ModelSpec, pp: int) -> int:
     """Parameters of the largest pipeline stage (embedding on the first, head on the last)."""
     emb = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.pos == "learned" else 0)
     head = m.vocab_size * m.d_model  # a tied head is a copy of the embedding on the last stage
+    final_norm = (2 if m.norm == "layernorm" else 1) * m.d_model
     blocks = m.n_layers // pp * layer_params(m)
     if pp == 1:
-        return blocks + emb + (0 if m.tied_embeddings else head) + m.d_model
-    return blocks + max(emb, head + m.d_model)
+        return blocks + emb + (0 if m.tied_embeddings else head) + final_norm
+    return blocks + max(emb, head + final_norm)
 
 
 def model_states(psi: float, shards: int, zero: int, dtype_bytes: int, offload_optimizer: bool = False

@@ -40,8 +40,9 @@ def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
         return ScheduleCost(_fraction(p - 1, m), float(m), "closed-form")
     if schedule == "1f1b":
         return ScheduleCost(_fraction(p - 1, m), float(min(m, p)), "closed-form")
-    if schedule == "interleaved":  # (p-1)/(vm+p-1); memory x (1 + (p-1)/(pv)) of 1F1B's
-        return ScheduleCost(_fraction((p - 1) / v, m), min(m, p) * (1 + (p - 1) / (p * v)), "closed-form")
+    if schedule == "interleaved":  # (p-1)/(vm+p-1); the first rank warms up 2(p-1) + (v-1)p chunks,
+        # so p(1 + (p-1)/(pv)) stages of activations (Korthikanti), capped by the m*v chunks there are
+        return ScheduleCost(_fraction((p - 1) / v, m), min(m * v, 2 * (p - 1) + (v - 1) * p + 1) / v, "closed-form")
     if schedule == "zbh1":  # B and W split: bubble (p-1)(F+B-W) = a third of 1F1B's
         return ScheduleCost(_fraction((p - 1) / 3, m), float(min(m, p)), "closed-form")
     if schedule == "zbv":  # near-zero bubble once the V is full, 1F1B memory

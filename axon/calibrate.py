@@ -1,0 +1,166 @@
+"""Calibrate the performance model on this machine (`axon tune --calibrate`).
+
+Starts `ranks` local processes on gloo (127.0.0.1) and measures, while all ranks run at once:
+the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim), the memory copy
+rate, and the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ...
+ranks over a few message sizes. alpha and beta are fitted by least squares to the ring formulas
+(DESIGN.md section 4), per collective and group size (recorded as comments) and jointly (the
+values the model uses). Writes configs/cluster/local-cpu.yaml. Takes seconds on an idle machine
+(mostly process start-up); much longer when the cores are busy.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+OUT = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "local-cpu.yaml"
+SIZES = (4 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes per collective (fp32 elements x 4)
+GEMM_DIMS = (128, 512)
+REPEATS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(fn, repeats: int = REPEATS, group=None) -> float:
+    """Median seconds of fn() after one warm-up, the group synchronised by a barrier before each."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gemm_rate(n: int) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    reps = max(1, int(2e8 // (2 * n**3)))
+    return 2 * n**3 * reps / _timed(lambda: [a @ b for _ in range(reps)])
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # *_into_tensor names are being renamed
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out: dict = {"gemm": {n: _gemm_rate(n) for n in GEMM_DIMS}}
+    buf = torch.empty(8 * 2**20 // 4)
+    out["copy"] = 2 * buf.numel() * 4 / _timed(lambda: buf.clone())
+    out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    groups, g = {}, 2
+    while g <= world:
+        groups[g] = dist.new_group(list(range(g)))  # every rank creates every group, same order
+        g *= 2
+    coll = []
+    for g, group in groups.items():
+        for size in SIZES:
+            n = size // 4
+            if rank < g:
+                x, full = torch.ones(n), torch.empty(n)
+                shard = torch.empty(n // g)
+                ops = {"all_reduce": lambda: dist.all_reduce(x, group=group),
+                       "all_gather": lambda: dist.all_gather_into_tensor(full, x[: n // g], group=group),
+                       "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, x, group=group)}
+            for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+                if rank < g:
+                    try:
+                        t = _timed(ops[kind], group=group)
+                    except (RuntimeError, NotImplementedError):
+                        t = float("nan")  # this backend lacks the collective
+                    coll.append((kind, g, size, t))
+                dist.barrier()
+    out["collectives"] = coll
+    queue.put((rank, out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fit(samples: list[tuple[str, int, int, float]]) -> tuple[float, float]:
+    """Least-squares (alpha, beta) for t = a_coef * alpha + b_coef * S / beta over the samples."""
+    rows = []
+    for kind, g, size, t in samples:
+        if t != t:  # nan: not measured
+            continue
+        scale = 2 if kind == "all_reduce" else 1
+        rows.append((scale * (g - 1), scale * (g - 1) / g * size, t))
+    saa = sum(a * a for a, _, _ in rows)
+    sab = sum(a * b for a, b, _ in rows)
+    sbb = sum(b * b for _, b, _ in rows)
+    sat = sum(a * t for a, _, t in rows)
+    sbt = sum(b * t for _, b, t in rows)
+    det = saa * sbb - sab * sab
+    alpha = (sat * sbb - sbt * sab) / det
+    inv_beta = (saa * sbt - sab * sat) / det
+    if inv_beta <= 0:  # timings too noisy to separate the terms: bandwidth from the largest message alone
+        a, b, t = max(rows, key=lambda r: r[1])
+        inv_beta = t / b
+    return max(alpha, 1e-7), 1.0 / inv_beta
+
+
+def measure(ranks: int) -> dict:
+    """Run the workers and gather rank 0's collective timings and every rank's GEMM rate."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = mp.spawn(_worker, args=(ranks, _free_port(), queue), nprocs=ranks, join=False)
+    results = dict(queue.get() for _ in range(ranks))
+    procs.join()
+    return {"gemm": {n: min(r["gemm"][n] for r in results.values()) for n in GEMM_DIMS},
+            "copy": min(r["copy"] for r in results.values()),
+            "rss": max(r["rss"] for r in results.values()),
+            "collectives": results[0]["collectives"]}
+
+
+def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
+    t0 = time.perf_counter()
+    m = measure(ranks)
+    (n1, n2), (r1, r2) = GEMM_DIMS, (m["gemm"][GEMM_DIMS[0]], m["gemm"][GEMM_DIMS[1]])
+    # rate(n) = peak * n / (n + half): two sizes give both unknowns
+    ratio = r1 / r2  # = (n1 / (n1 + half)) / (n2 / (n2 + half)), between n1/n2 and 1
+    if ratio >= 1:
+        half = 0.0
+    elif ratio <= n1 / n2:  # small GEMMs slower than the model can express: cap the penalty
+        half = float(n2)
+    else:
+        half = (n1 - ratio * n1) / (ratio - n1 / n2)
+    peak = r2 * (n2 + half) / n2
+    alpha, beta = _fit(m["collectives"])
+    lines = [f"# This machine, measured by `axon tune --calibrate` with {ranks} gloo ranks on 127.0.0.1 "
+             f"({time.perf_counter() - t0:.1f} s).",
+             f"# fp32 GEMM per rank while all ranks run: {r1 / 1e9:.2f} GFLOP/s at n={n1}, {r2 / 1e9:.2f} at n={n2};"
+             f" copy {m['copy'] / 1e9:.2f} GB/s; peak RSS {m['rss'] / 1e6:.0f} MB per rank.",
+             "# alpha (us) / beta (GB/s) fitted per collective and group size (ring formulas):"]
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        fits = []
+        for g in sorted({g for k, g, _, _ in m["collectives"] if k == kind}):
+            rows = [s for s in m["collectives"] if s[0] == kind and s[1] == g]
+            if all(t == t for *_, t in rows):
+                a, b = _fit(rows)
+                fits.append(f"G={g}: {a * 1e6:.0f}us/{b / 1e9:.2f}")
+            else:
+                fits.append(f"G={g}: unsupported")
+        lines.append(f"#   {kind}: " + ", ".join(fits))
+    for kind, g, size, t in m["collectives"]:
+        lines.append(f"#   raw {kind} G={g} {size} B: {t * 1e6:.0f} us")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    lines += ["defaults: [cluster_schema]", "name: local-cpu", "nodes: 1", f"gpus_per_node: {ranks}",
+              f"peak_flops: {peak:.4g}", f"hbm_bytes: {total / ranks:.4g}  # RAM shared by the ranks",
+              f"host_bytes: {total:.4g}", f"intra_bw: {beta:.4g}", f"inter_bw: {beta:.4g}",
+              f"intra_lat: {alpha:.4g}", f"inter_lat: {alpha:.4g}", f"host_bw: {m['copy']:.4g}",
+              f"mem_bw: {m['copy']:.4g}", "compute_efficiency: 1.0  # peak_flops is the measured GEMM rate",
+              f"gemm_half_dim: {half:.4g}", "dtype_bytes: 4  # fp32 on CPU",
+              f"overhead_bytes: {m['rss']:.4g}  # a rank's resident size after init and these tests"]
+    out.write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,72 @@
+"""Memory formulas against the ZeRO paper and Korthikanti et al. (hand-computed values)."""
+import pytest
+
+from perfmodel.memory import (activation_parts, combine_activations, layer_activation_bytes, model_states,
+                              stage_params)
+from perfmodel.flops import layer_params, n_params
+from perfmodel.specs import ModelSpec, Plan
+
+# GPT-style block (MHA, GELU MLP of 4h, LayerNorm): the shape the published formulas assume
+GPT = ModelSpec(n_layers=4, d_model=1024, n_heads=16, n_kv_heads=16, d_ff=4096, vocab_size=1000,
+                norm="layernorm", mlp="gelu", max_seq_len=2048)
+S, B, H, A = 2048, 2, 1024, 16
+
+
+@pytest.mark.parametrize("zero,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_model_states(zero, expected_gb):
+    # ZeRO paper, Figure 1: 7.5B parameters, N_d = 64, K = 12, mixed precision
+    total = sum(model_states(7.5e9, 64, zero, dtype_bytes=2))
+    assert total / 1e9 == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_optimizer_offload_and_fp32():
+    params, grads, opt = model_states(1e9, 4, 1, dtype_bytes=2, offload_optimizer=True)
+    assert (params, grads, opt) == (2e9, 2e9, 0.0)
+    # fp32 training: 4 (weights) + 4 (grads) + 8 (Adam m, v; no master copy) = 16 bytes per parameter
+    assert sum(model_states(1e9, 1, 0, dtype_bytes=4)) == 16e9
+
+
+def kor(**kw):
+    return layer_activation_bytes(GPT, S, B, flash=False, dropout=True, dtype_bytes=2, **kw)
+
+
+def test_korthikanti_no_parallelism():
+    assert kor() == pytest.approx(S * B * H * (34 + 5 * A * S / H))
+
+
+@pytest.mark.parametrize("t", [2, 4, 8])
+def test_korthikanti_tensor_parallel(t):
+    sbh = S * B * H
+    assert kor(tp_col=t) == pytest.approx(sbh * (10 + 24 / t + 5 * A * S / (H * t)))
+    assert kor(tp_col=t, sequence_parallel=True) == pytest.approx(sbh / t * (34 + 5 * A * S / H))
+    assert kor(tp_col=t, recompute="selective") == pytest.approx(sbh * (10 + 24 / t))
+    assert kor(tp_col=t, sequence_parallel=True, recompute="selective") == pytest.approx(34 * sbh / t)
+    assert kor(tp_col=t, recompute="full") == pytest.approx(2 * sbh)
+
+
+def test_flash_attention_drops_the_score_term_and_3d_splits():
+    sbh = S * B * H
+    no_dropout = layer_activation_bytes(GPT, S, B, dtype_bytes=2)  # flash, no dropout: 8 + 24
+    assert no_dropout == pytest.approx(32 * sbh)
+    # 3D: the norm region splits over tp_row only (over tp_col too with SP); the interior over both
+    assert layer_activation_bytes(GPT, S, B, tp_col=2, tp_row=4) == pytest.approx(sbh * (8 / 4 + 24 / 8))
+    assert layer_activation_bytes(GPT, S, B, tp_col=2, tp_row=4, sequence_parallel=True) == pytest.approx(32 * sbh / 8)
+    assert layer_activation_bytes(GPT, S, B, cp=4) == pytest.approx(32 * sbh / 4)
+
+
+def test_pipeline_in_flight_and_offload():
+    plan = Plan(pp=4, micro_batch_size=B)
+    parts = activation_parts(GPT, plan, S, 2)
+    per_layer = layer_activation_bytes(GPT, S, B, dtype_bytes=2)
+    assert parts.unit == pytest.approx(per_layer * GPT.n_layers / 4)  # one layer per stage
+    device, host = combine_activations(parts, 4, peak_units=4, offload=0.0)
+    assert device == pytest.approx(max(4 * parts.unit, parts.unit + parts.logits))
+    device_half, host_half = combine_activations(parts, 4, peak_units=4, offload=0.5)
+    assert device_half == pytest.approx(max(parts.unit + 1.5 * parts.unit, parts.unit + parts.logits))
+    assert host_half == pytest.approx(1.5 * parts.unit) and host == 0.0
+
+
+def test_stage_params_cover_the_model():
+    assert stage_params(GPT, 1) == n_params(GPT)
+    # pp=2: the bigger of (2 blocks + embedding) and (2 blocks + head + final LayerNorm)
+    assert stage_params(GPT, 2) == 2 * layer_params(GPT) + GPT.vocab_size * H + 2 * H
