@@ -1,0 +1,110 @@
+"""`axon train` end to end: a local multi-process run writes the run directory, bad layouts fail
+before anything starts, every documented override key is accepted, and a killed rank ends the
+job non-zero instead of hanging."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from axon.config import freeze, load
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["model.n_layers=2", "train.seq_len=32", "train.global_batch_size=8", "logger.wandb.mode=disabled",
+        "train.progress=false"]
+
+
+def axon(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "axon.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_local_run_writes_the_run_directory(tmp_path):
+    run = tmp_path / "run"
+    p = axon("train", "launch.nproc_per_node=2", "parallel.dp=2", "train.steps=4", f"run.dir={run}", *FAST)
+    assert p.returncode == 0, p.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "peak_mem_bytes"):
+        assert key in records[0]
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["plan"]["dp"] == 2 and plan["world_size"] == 2
+    assert "train:" in (run / "config.yaml").read_text()
+    assert (run / "checkpoints" / "step_00000004" / "axon.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["launch.nproc_per_node=4", "parallel.dp=3"], "parallel.dp"),
+    (["parallel.pp=2", "launch.nproc_per_node=2"], "not implemented yet: parallel.pp=2"),
+    (["launch.nproc_per_node=2", "parallel.dp=2", "train.global_batch_size=3"], "train.global_batch_size"),
+    (["model.n_heads=5"], "model.d_model=128 is not divisible by model.n_heads=5"),
+    (["parallel.bogus=1"], "bogus"),
+])
+def test_bad_layouts_fail_before_starting(args, message):
+    p = axon("train", *args, timeout=180)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "[rank" not in p.stderr  # no worker was started
+
+
+def test_documented_override_keys():
+    keys = ["model=gpt2-124m", "model.n_layers=4", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4",
+            "model.d_ff=512", "model.vocab_size=512", "parallel.dp=2", "parallel.pp=1", "parallel.cp=1",
+            "parallel.tp_col=1", "parallel.tp_row=1", "parallel.tp_depth=1", "parallel.zero=0",
+            "parallel.schedule=1f1b", "parallel.micro_batch_size=2", "train.global_batch_size=32",
+            "train.seq_len=64", "train.steps=7", "train.lr=0.001", "train.seed=3", "launch.nproc_per_node=2",
+            "launch.backend=gloo", "run.name=x", "run.dir=/tmp/x", "checkpoint.every=5", "checkpoint.keep=3",
+            "checkpoint.resume=never", "logger.wandb.mode=offline"]
+    cfg = freeze(load(keys))
+    assert cfg.model.n_layers == 4 and cfg.model.norm == "layernorm"  # preset then field override
+    assert cfg.plan.dp == 2 and cfg.plan.micro_batch_size == 2
+    assert cfg.train.steps == 7 and cfg.train.global_batch_size == 32 and cfg.launch.backend == "gloo"
+    assert cfg.run_dir == Path("/tmp/x") and cfg.checkpoint.resume == "never"
+    assert cfg.logging.wandb_mode == "offline"
+    for preset in ("tiny", "gpt2-124m", "llama3-8b", "llama3.1-70b", "llama3.1-405b"):
+        freeze(load([f"model={preset}"])).model.check()
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of the local workers started by `parent`."""
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in map(int, out):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    return ranks
+
+
+def test_killed_rank_fails_the_job_in_time(tmp_path):
+    run = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "axon.cli", "train", "launch.nproc_per_node=2", "parallel.dp=2",
+                            "train.steps=100000", "launch.timeout_s=30", f"run.dir={run}", *FAST],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+            assert job.poll() is None, job.stderr.read()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        ranks = _worker_pids(job.pid)
+        assert set(ranks) == {0, 1}
+        os.kill(ranks[1], signal.SIGKILL)
+        code = job.wait(timeout=120)  # bounded: a hang fails the test here
+        assert code != 0
+        for pid in ranks.values():  # no worker left behind
+            assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
