@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 train: setup
-	$(PY) -m axon.train launch.nproc_per_node=8 model=tiny run.name=dry-run $(ARGS)
+	$(PY) -m axon.train launch.nproc_per_node=8 parallel.dp=8 model=tiny run.name=dry-run train.steps=60 checkpoint.every=20 $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
