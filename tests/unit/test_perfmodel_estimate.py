@@ -1,0 +1,97 @@
+"""estimate(): the step-time composition against hand-computed values, and its JSON shape."""
+import itertools
+
+import pytest
+
+from perfmodel.estimate import estimate
+from perfmodel.flops import flops_per_token
+from perfmodel.search import best_plan, search
+from perfmodel.specs import Cluster, ModelSpec, Offload, Plan, PlanError
+
+TINY = ModelSpec()  # 8 layers, d_model 128, 4 heads, 2 kv heads, d_ff 344, vocab 256
+IDEAL = Cluster(gpus_per_node=8, peak_flops=1e12, hbm_bytes=1e12, compute_efficiency=1.0, gemm_half_dim=0.0,
+                intra_bw=1e10, inter_bw=1e9, intra_lat=1e-5, inter_lat=1e-4, mem_bw=1e11, dtype_bytes=4,
+                overhead_bytes=1e8)
+
+
+def test_single_device_step_is_model_flops_over_peak():
+    e = estimate(TINY, Plan(micro_batch_size=4), IDEAL, global_batch_size=16, seq_len=128)
+    compute = flops_per_token(TINY, 128) * 16 * 128 / IDEAL.peak_flops
+    assert e.breakdown["compute_s"] == pytest.approx(compute)
+    assert e.step_time_s == pytest.approx(sum(e.breakdown.values()))
+    assert e.mfu == pytest.approx(compute / e.step_time_s)
+    assert e.tokens_per_s == pytest.approx(16 * 128 / e.step_time_s)
+
+
+def test_recompute_costs_a_forward():
+    base = estimate(TINY, Plan(micro_batch_size=4), IDEAL, 16, 128)
+    full = estimate(TINY, Plan(micro_batch_size=4, recompute="full"), IDEAL, 16, 128)
+    head = 2 * 16 * 128 * TINY.vocab_size * TINY.d_model / IDEAL.peak_flops
+    assert full.breakdown["recompute_s"] == pytest.approx((base.breakdown["compute_s"] - 3 * head) / 3)
+    assert full.memory.activations < base.memory.activations
+
+
+def test_data_parallel_all_reduce_exposed_without_overlap():
+    plan = Plan(dp=8, micro_batch_size=2, overlap_grad_reduce=False)
+    e = estimate(TINY, plan, IDEAL, 16, 128)
+    from perfmodel.flops import n_params
+
+    grads = n_params(TINY) * 4  # fp32 gradients, all-reduced over 8 ranks inside the node
+    assert e.breakdown["grad_sync_s"] == pytest.approx(2 * 7 * 1e-5 + 2 * 7 / 8 * grads / 1e10)
+    hidden = estimate(TINY, plan.replace(overlap_grad_reduce=True), IDEAL, 16, 128)
+    assert hidden.breakdown["grad_sync_s"] < e.breakdown["grad_sync_s"]
+
+
+def test_pipeline_bubble_matches_schedule():
+    plan = Plan(pp=2, dp=4, micro_batch_size=1)  # m = 16 / 4 = 4 microbatches
+    e = estimate(TINY, plan, IDEAL, 16, 128)
+    busy = sum(e.breakdown[k] for k in ("compute_s", "recompute_s", "tensor_comm_s", "context_comm_s",
+                                         "pipeline_p2p_s", "offload_s"))
+    assert e.pipeline.bubble_fraction == pytest.approx(1 / 5, abs=0.02) or e.pipeline.source == "table"
+    assert e.breakdown["bubble_s"] == pytest.approx(busy * e.pipeline.bubble_fraction / (1 - e.pipeline.bubble_fraction))
+
+
+def test_to_dict_shape():
+    d = estimate(TINY, Plan(dp=2, tp_col=2, pp=2, zero=1), IDEAL, 16, 128).to_dict()
+    assert {"plan", "n_params", "step_time_s", "tokens_per_s", "mfu", "memory", "breakdown"} <= set(d)
+    assert {"params", "grads", "optimizer", "activations", "total"} <= set(d["memory"])
+    assert Plan.from_dict(d["plan"]) == Plan(dp=2, tp_col=2, pp=2, zero=1)
+
+
+def test_invalid_plans_name_the_setting():
+    with pytest.raises(PlanError, match="virtual_stages=2"):
+        estimate(TINY, Plan(pp=2, dp=4, schedule="zbv"), IDEAL, 16, 128)
+    with pytest.raises(PlanError, match="parallel.dp"):
+        estimate(TINY, Plan(dp=3), IDEAL, 16, 128)
+
+
+def test_search_finds_the_brute_force_optimum():
+    """The pruned search returns the fastest fitting plan of an exhaustive enumeration."""
+    tight = Cluster(**{**IDEAL.__dict__, "hbm_bytes": 2.2e8, "host_bytes": 1e9})  # forces trade-offs
+    cons = {"pp": 2, "cp": 1}
+    best = None
+    for dp, x, y, z in itertools.product((1, 2, 4), (1, 2), (1, 2), (1, 2)):
+        if dp * x * y * z * 2 != 8:
+            continue
+        for zero, mbs, rec, opt, frac, (sched, v) in itertools.product(
+                (0, 1, 2, 3), (1, 2, 4, 8, 16), ("none", "selective", "full"), (False, True), (0.0, 0.5, 1.0),
+                (("1f1b", 1), ("gpipe", 1), ("zbh1", 1), ("interleaved", 2), ("interleaved", 4), ("zbv", 2),
+                 ("vhalf", 2), ("vmin", 2))):
+            plan = Plan(dp=dp, pp=2, tp_col=x, tp_row=y, tp_depth=z, zero=zero, micro_batch_size=mbs,
+                        recompute=rec, offload=Offload(opt, frac), schedule=sched, virtual_stages=v,
+                        sequence_parallel=x * y > 1)
+            try:
+                e = estimate(TINY, plan, tight, 16, 128)
+            except PlanError:
+                continue
+            if e.fits and (best is None or e.step_time_s < best):
+                best = e.step_time_s
+    found = search(TINY, tight, 8, cons, 16, 128, top=3)
+    assert best is not None and found.estimates
+    assert found.estimates[0].step_time_s == pytest.approx(best, rel=1e-3)
+    assert all(e.fits and e.plan.pp == 2 for e in found.estimates)
+
+
+def test_best_plan_reports_when_nothing_fits():
+    with pytest.raises(PlanError, match="fits"):
+        best_plan(TINY, Cluster(**{**IDEAL.__dict__, "hbm_bytes": 1e6}), 8, {}, 16, 128)
