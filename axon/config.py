@@ -126,7 +126,7 @@ class CheckpointCfg:
 
 @dataclass
 class WandbCfg:
-    mode: str = "disabled"  # disabled | offline | online
+    mode: str = "offline"  # disabled | offline | online (offline: local files under the run dir, no network)
     project: str = "axon"
     entity: Optional[str] = None
 
