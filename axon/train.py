@@ -30,7 +30,7 @@ from perfmodel.specs import PlanError
 
 def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig, dict[str, Any]]:
     """The layout to run (the performance model's pick for `parallel=auto`), checked."""
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"auto": False}
     if cfg.auto_plan:
         from perfmodel.search import best_plan, parse_constraints
 
@@ -41,6 +41,11 @@ def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig
         info = {"auto": True, "estimate": estimate.to_dict()}
     cfg.plan.check(cfg.model, world, cfg.train.global_batch_size, cfg.train.seq_len)
     trainer.check_implemented(cfg.plan)
+    if not cfg.auto_plan:
+        from perfmodel.estimate import estimate
+
+        info["estimate"] = estimate(cfg.model, cfg.plan, cfg.cluster, cfg.train.global_batch_size,
+                                    cfg.train.seq_len).to_dict()
     return cfg, info
 
 

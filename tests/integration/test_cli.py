@@ -35,6 +35,7 @@ def test_local_run_writes_the_run_directory(tmp_path):
         assert key in records[0]
     plan = json.loads((run / "plan.json").read_text())
     assert plan["plan"]["dp"] == 2 and plan["world_size"] == 2
+    assert plan["estimate"]["memory"]["total"] > 0 and plan["estimate"]["step_time_s"] > 0
     assert "train:" in (run / "config.yaml").read_text()
     assert (run / "checkpoints" / "step_00000004" / "axon.json").is_file()
 
