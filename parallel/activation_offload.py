@@ -1,0 +1,155 @@
+"""PipeOffload: the activations autograd saves during a (chunk, microbatch)'s forward, tracked
+and optionally moved to host memory until its backward.
+
+    store = ActivationStore(device, params)
+    with store.saving((chunk, mb)): out = chunk(x)      # saved-tensor hooks record what is kept
+    store.offload((chunk, mb))   # after F: device -> host
+    store.reload((chunk, mb))    # a few actions before B: host -> device (asynchronous on GPU)
+    out.backward(g); store.release((chunk, mb))
+
+Every saved tensor other than a parameter is wrapped in a `_Saved` handle; its bytes count as
+device activation memory from F until `release` (after B, or after W when the backward is split,
+where `hold` adds the tensors W keeps). Offloaded bytes move to the host count; the peaks of both
+are the measured activation memory (`stats()`). On a GPU the copies run on a separate stream from
+pinned host buffers, ordered by events: an offload waits for the forward that produced the data;
+a reload is waited for (by the compute stream) only when backward unpacks the tensor. On the CPU
+the same logic runs with synchronous copies into separate host tensors.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+Key = tuple[int, int]  # (chunk, microbatch)
+
+
+class _Saved:
+    """One saved tensor: on the device, or its host copy while offloaded."""
+
+    __slots__ = ("tensor", "host", "event", "nbytes")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor: torch.Tensor | None = tensor
+        self.host: torch.Tensor | None = None
+        self.event: Any = None  # GPU: copy finished (offload or reload)
+        self.nbytes = tensor.numel() * tensor.element_size()
+
+
+@dataclass
+class MemoryStats:
+    peak_device_bytes: int = 0  # saved activations on the device (hooks + W stash)
+    peak_host_bytes: int = 0  # offloaded activations in host memory
+    offloaded_bytes: int = 0  # total moved to host this step
+
+
+class ActivationStore:
+    def __init__(self, device: torch.device, params: list[torch.Tensor]):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._param_ptrs = {p.data_ptr() for p in params}
+        self._entries: dict[Key, list[_Saved]] = {}
+        self._extra: dict[Key, int] = {}  # bytes kept for W (input, output grad) after B
+        self.device_bytes = self.host_bytes = 0
+        self.stats = MemoryStats()
+
+    def reset_stats(self) -> MemoryStats:
+        old, self.stats = self.stats, MemoryStats(self.device_bytes, self.host_bytes)
+        return old
+
+    def _note(self) -> None:
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_bytes)
+        self.stats.peak_host_bytes = max(self.stats.peak_host_bytes, self.host_bytes)
+
+    @contextmanager
+    def saving(self, key: Key) -> Iterator[None]:
+        """Track what autograd saves for `key` while the block runs (its forward)."""
+        entries = self._entries.setdefault(key, [])
+        seen: dict[tuple, _Saved] = {}
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.data_ptr() in self._param_ptrs or t.device.type != self.device.type:
+                return t  # weights are not activations; tensors already off the device stay as they are
+            sig = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
+            if sig in seen:  # the same tensor saved by two ops is held once
+                return seen[sig]
+            saved = seen[sig] = _Saved(t)
+            entries.append(saved)
+            self.device_bytes += saved.nbytes
+            self._note()
+            return saved
+
+        def unpack(s: Any) -> torch.Tensor:
+            if not isinstance(s, _Saved):
+                return s
+            if s.tensor is None:  # no RELOAD was scheduled in time: bring it back now
+                self._reload_one(s)
+            if s.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(s.event)
+                s.tensor.record_stream(torch.cuda.current_stream(self.device))
+                s.event = None
+            return s.tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    def offload(self, key: Key) -> None:
+        """Move `key`'s saved activations to host memory (after its forward)."""
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for s in self._entries.get(key, []):
+            if s.tensor is None:
+                continue
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    s.host = torch.empty(s.tensor.shape, dtype=s.tensor.dtype, pin_memory=True)
+                    s.host.copy_(s.tensor, non_blocking=True)
+                    s.tensor.record_stream(self.stream)  # the allocator reuses it after the copy
+            else:
+                s.host = s.tensor.clone()  # [same shape], a separate host buffer
+            s.tensor, s.event = None, None
+            self.device_bytes -= s.nbytes
+            self.host_bytes += s.nbytes
+            self.stats.offloaded_bytes += s.nbytes
+        self._note()
+
+    def _reload_one(self, s: _Saved) -> None:
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                s.tensor = s.host.to(self.device, non_blocking=True)
+                s.event = torch.cuda.Event()
+                s.event.record(self.stream)
+        else:
+            s.tensor = s.host.clone()
+        s.host = None
+        self.device_bytes += s.nbytes
+        self.host_bytes -= s.nbytes
+        self._note()
+
+    def reload(self, key: Key) -> None:
+        """Start bringing `key`'s activations back (ahead of its backward)."""
+        for s in self._entries.get(key, []):
+            if s.tensor is None:
+                self._reload_one(s)
+
+    def hold(self, key: Key, tensors: list[torch.Tensor]) -> None:
+        """Count tensors kept after B for the deferred weight gradients (W) of `key`."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self._extra[key] = self._extra.get(key, 0) + nbytes
+        self.device_bytes += nbytes
+        self._note()
+
+    def release(self, key: Key, saved: bool = True, held: bool = True) -> None:
+        """Forget `key`'s saved activations (after B) and/or the W stash (after W)."""
+        if saved:
+            for s in self._entries.pop(key, []):
+                if s.tensor is not None:
+                    self.device_bytes -= s.nbytes
+                else:
+                    self.host_bytes -= s.nbytes
+                s.tensor = s.host = None
+        if held:
+            self.device_bytes -= self._extra.pop(key, 0)

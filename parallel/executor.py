@@ -1,0 +1,237 @@
+"""One executor for every pipeline schedule: runs this rank's action list (parallel/schedules.py)
+on its model chunks.
+
+    ex = Executor(chunks, n_chunks, p2p, store, grad_sync)
+    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, autocast)
+
+F runs a chunk's forward (embedding on the first chunk; head and `loss_fn` on the last) under the
+activation store's saved-tensor hooks. B runs its backward; when the schedule splits the backward
+(a W appears), B computes only the input gradients and W the weight gradients:
+
+B/W split (zero-bubble style, no recomputation): every plain `nn.Linear` of a chunk becomes a
+`DeferredLinear` whose backward returns dX = dY W and, instead of computing dW, stashes (X, dY)
+for the (chunk, microbatch) being run. W computes dW = dY^T X (and db = sum dY) from the stash
+and accumulates them with one `torch.autograd.backward(weights, dWs)`, so the gradients land
+through autograd (the data-parallel post-accumulate hooks fire). Cost: no extra FLOPs; the
+stash keeps X (already saved by the forward) and dY (one output-sized tensor per Linear) from B
+to W. Parameters that are not plain Linear weights (norms, embeddings, tensor-parallel layers)
+get their gradients in B.
+
+`grad_sync.sync` (the DataParallel bucket trigger) is True exactly during the last backward
+action that produces each chunk's gradients: its last B and, when split, its last W.
+Messages: a maximal run of SEND/RECV actions is posted as one batch; a RECV is waited for just
+before the compute that consumes it; sends are waited for at the end of the step.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.activation_offload import ActivationStore
+from parallel.p2p import P2P
+from parallel.schedules import B, COMM, OFFLOAD, RECV_B, RECV_F, RELOAD, SEND_B, SEND_F, W, Action
+from parallel.schedules import F as FWD
+
+Microbatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [b, S], targets [b, S], positions [S]
+
+
+class WeightGradStash:
+    """(Linear, X, dY) triples deferred by B, collected per (chunk, microbatch) for W."""
+
+    def __init__(self) -> None:
+        self.active: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] | None = None
+
+    def flush(self, items: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
+        """Compute and accumulate the deferred weight (and bias) gradients."""
+        params, grads = [], []
+        for linear, x, dy in items:
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [tokens, in], [tokens, out]
+            params.append(linear.weight)
+            grads.append((dy2.t() @ x2.to(dy2.dtype)).to(linear.weight.dtype))  # [out, in]
+            if linear.bias is not None:
+                params.append(linear.bias)
+                grads.append(dy2.sum(0).to(linear.bias.dtype))  # [out]
+        if params:
+            torch.autograd.backward(params, grads)
+
+
+class _DeferredLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, linear, stash):
+        ctx.linear, ctx.stash = linear, stash
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = (dy @ weight.to(dy.dtype)).to(x.dtype)  # [..., in]
+        if ctx.stash.active is None:  # not deferring (a full backward): weight grads now
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
+            db = dy2.sum(0).to(weight.dtype) if ctx.linear.bias is not None else None
+            return dx, dw, db, None, None
+        ctx.stash.active.append((ctx.linear, x, dy))
+        return dx, None, None, None, None
+
+
+class DeferredLinear(nn.Linear):
+    """nn.Linear whose weight gradient can be deferred to W (see the module docstring)."""
+
+    stash: WeightGradStash
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DeferredLinearFn.apply(x, self.weight, self.bias, self, self.stash)
+
+
+def defer_weight_grads(chunk: nn.Module, stash: WeightGradStash) -> int:
+    """Turn the chunk's plain nn.Linear modules into DeferredLinear in place (parameters, names and
+    values unchanged, as torch's fully_shard does with its module classes). Returns how many."""
+    count = 0
+    for module in chunk.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DeferredLinear
+            module.stash = stash
+            count += 1
+    return count
+
+
+def _tag(kind: str, microbatch: int, chunk: int, n_chunks: int) -> int:
+    """Message tag naming (direction, microbatch, receiving chunk); both ends compute the same."""
+    forward = kind in (SEND_F, RECV_F)
+    receiver = chunk + 1 if kind == SEND_F else chunk - 1 if kind == SEND_B else chunk
+    return (microbatch * n_chunks + receiver) * 2 + (0 if forward else 1)
+
+
+class Executor:
+    def __init__(self, chunks: dict[int, nn.Module], n_chunks: int, p2p: P2P, store: ActivationStore,
+                 stash: WeightGradStash | None):
+        self.chunks, self.n_chunks, self.p2p, self.store, self.stash = chunks, n_chunks, p2p, store, stash
+
+    def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
+            grad_sync: Any, autocast: AbstractContextManager | None = None) -> torch.Tensor:
+        """Run one step's actions; returns the summed loss of the microbatches (0 unless this rank
+        holds the last chunk)."""
+        autocast = autocast if autocast is not None else nullcontext()
+        split = any(a.kind == W for a in actions)
+        last_grad = {(a.chunk, a.kind): k for k, a in enumerate(actions) if a.kind in (B, W)}
+        final = set(last_grad.values())
+        state = _StepState()
+        device = self.p2p.device
+        loss_sum = torch.zeros((), device=device)
+        k = 0
+        while k < len(actions):
+            a = actions[k]
+            if a.kind in COMM:
+                end = k
+                while end < len(actions) and actions[end].kind in COMM:
+                    end += 1
+                self._post(actions[k:end], state)
+                k = end
+                continue
+            if a.kind == FWD:
+                with autocast:
+                    loss = self._forward(a, microbatches[a.microbatch], loss_fn, state)
+                if loss is not None:
+                    loss_sum += loss.detach()
+            elif a.kind == B:
+                grad_sync.sync = k in final
+                self._backward(a, global_tokens, split, state)
+            elif a.kind == W:
+                grad_sync.sync = k in final
+                self.stash.flush(state.deferred.pop((a.chunk, a.microbatch)))
+                self.store.release((a.chunk, a.microbatch), saved=False)
+            elif a.kind == OFFLOAD:
+                self.store.offload((a.chunk, a.microbatch))
+            elif a.kind == RELOAD:
+                self.store.reload((a.chunk, a.microbatch))
+            k += 1
+        grad_sync.sync = True
+        self.p2p.wait_sends()
+        return loss_sum
+
+    def _post(self, batch: list[Action], state: "_StepState") -> None:
+        msgs = []
+        for a in batch:
+            tag = _tag(a.kind, a.microbatch, a.chunk, self.n_chunks)
+            what = f"{a.kind} microbatch {a.microbatch} chunk {a.chunk} {'to' if 'SEND' in a.kind else 'from'} pp rank {a.peer}"
+            if a.kind == SEND_F:
+                msgs.append(("send", a.peer, tag, state.outputs[(a.chunk, a.microbatch)], what))
+            elif a.kind == SEND_B:
+                msgs.append(("send", a.peer, tag, state.input_grads.pop((a.chunk, a.microbatch)), what))
+            else:
+                msgs.append(("recv", a.peer, tag, None, what))
+                state.pending[(a.kind, a.chunk, a.microbatch)] = tag
+        self.p2p.post(msgs)
+
+    def _take(self, kind: str, key: tuple[int, int], local: dict, state: "_StepState") -> torch.Tensor:
+        """The tensor a compute consumes: from the local handoff or the posted RECV."""
+        if key in local:
+            return local.pop(key)
+        tag = state.pending.pop((kind, *key))
+        return self.p2p.wait_recv(tag)
+
+    def _forward(self, a: Action, mb: Microbatch, loss_fn: Callable, state: "_StepState") -> torch.Tensor | None:
+        key = (a.chunk, a.microbatch)
+        chunk = self.chunks[a.chunk]
+        inputs, targets, positions = mb
+        with self.store.saving(key):
+            if a.chunk == 0:
+                x = chunk.embed(inputs, positions)  # [b, S, h]
+            else:
+                x = self._take(RECV_F, key, state.handoff_f, state).requires_grad_()  # [b, S, h]
+                state.inputs[key] = x
+            x = chunk.blocks(x, positions)  # [b, S, h]
+            if a.chunk == self.n_chunks - 1:
+                logits = chunk.logits(x)  # [b, S, V]
+                with torch.autocast(x.device.type, enabled=False):
+                    out = loss_fn(logits, targets)  # scalar: sum of token losses
+            else:
+                out = x
+        state.outputs[key] = out
+        if a.chunk + 1 in self.chunks and a.chunk + 1 < self.n_chunks:  # next chunk on this rank
+            state.handoff_f[(a.chunk + 1, a.microbatch)] = out.detach()
+        return out if a.chunk == self.n_chunks - 1 else None
+
+    def _backward(self, a: Action, global_tokens: int, split: bool, state: "_StepState") -> None:
+        key = (a.chunk, a.microbatch)
+        out = state.outputs.pop(key)
+        if a.chunk == self.n_chunks - 1:
+            root, grad = out / global_tokens, None
+        else:
+            root, grad = out, self._take(RECV_B, key, state.handoff_b, state)  # [b, S, h]
+        deferred: list = []
+        if split:
+            self.stash.active = deferred
+        try:
+            torch.autograd.backward(root, grad)
+        finally:
+            if self.stash is not None:
+                self.stash.active = None
+        self.store.release(key, held=False)
+        if split:
+            state.deferred[key] = deferred
+            self.store.hold(key, [t for _, x, dy in deferred for t in (x, dy)])
+        if a.chunk > 0:
+            dx = state.inputs.pop(key).grad  # [b, S, h]
+            if a.chunk - 1 in self.chunks:
+                state.handoff_b[(a.chunk - 1, a.microbatch)] = dx
+            else:
+                state.input_grads[key] = dx
+
+
+class _StepState:
+    """Tensors in flight within one step, keyed by (chunk, microbatch)."""
+
+    def __init__(self) -> None:
+        self.inputs: dict = {}  # chunk input leaves (their .grad is the input gradient)
+        self.outputs: dict = {}  # chunk outputs (or the loss on the last chunk), kept for B and SEND_F
+        self.input_grads: dict = {}  # dX waiting for SEND_B
+        self.handoff_f: dict = {}  # outputs passed to the next chunk on this rank
+        self.handoff_b: dict = {}  # input grads passed to the previous chunk on this rank
+        self.pending: dict = {}  # (RECV kind, chunk, microbatch) -> tag
+        self.deferred: dict = {}  # W stash per (chunk, microbatch)

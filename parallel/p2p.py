@@ -1,0 +1,87 @@
+"""Pipeline point-to-point: batched non-blocking send/recv between pipeline ranks.
+
+    p2p = P2P(grid.axis("pp"), shape=(mbs, S, d), dtype=torch.float32, device=device)
+    p2p.post([("send", peer, tag, tensor), ("recv", peer, tag, None)])  # one batch
+    x = p2p.wait_recv(tag)        # just before the compute that consumes it
+    p2p.wait_sends()              # at the end of the step
+
+Every message is one activation or activation gradient of the shape fixed ahead from the model
+spec and the microbatch (no shape handshake): receive buffers are allocated without asking the
+sender. A batch is posted with `batch_isend_irecv` (one coalesced launch on NCCL; on gloo a
+series of isend/irecv). Sends complete in the background while the rank computes and are waited
+for at the end of the step. Each message carries a tag naming (direction, microbatch, chunk), so
+gloo matches it exactly; NCCL ignores tags and matches in posting order, which the schedule
+builder guarantees (parallel/schedules.py). A wait that exceeds `timeout_s`, or a peer whose
+connection drops, raises P2PError naming the message and the peer instead of hanging.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launch.grid import Axis
+
+
+class P2PError(RuntimeError):
+    """A pipeline message that failed or did not arrive in time (a peer died or hangs)."""
+
+
+class P2P:
+    def __init__(self, axis: Axis, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 timeout_s: float = 300.0):
+        self.axis, self.shape, self.dtype, self.device = axis, tuple(shape), dtype, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self._recvs: dict[int, tuple[Any, torch.Tensor, str]] = {}  # tag -> (work, buffer, what)
+        self._sends: list[tuple[Any, torch.Tensor, str]] = []  # kept alive until waited
+        self.bytes_sent = 0
+
+    def post(self, batch: list[tuple[str, int, int, torch.Tensor | None, str]]) -> None:
+        """Post one batch of ("send"|"recv", peer coord on the pp axis, tag, tensor or None, what)."""
+        ops, kept = [], []
+        for kind, peer, tag, tensor, what in batch:
+            global_peer = self.axis.ranks[peer]
+            if kind == "send":
+                if tuple(tensor.shape) != self.shape:
+                    raise P2PError(f"{what}: sending shape {tuple(tensor.shape)} but the pipeline expects "
+                                   f"{self.shape} (every stage boundary carries [micro_batch, seq, d_model])")
+                tensor = tensor.detach().to(self.dtype).contiguous()
+                ops.append(dist.P2POp(dist.isend, tensor, global_peer, self.axis.group, tag))
+                kept.append(("send", tensor, what))
+                self.bytes_sent += tensor.numel() * tensor.element_size()
+            else:
+                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buf, global_peer, self.axis.group, tag))
+                kept.append((tag, buf, what))
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:
+            raise P2PError(f"posting {[k[2] for k in kept]} failed: {e}") from e
+        for work, (key, tensor, what) in zip(works, kept):
+            if key == "send":
+                self._sends.append((work, tensor, what))
+            else:
+                self._recvs[key] = (work, tensor, what)
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as e:
+            raise P2PError(f"{what} failed (is the peer alive?): {e}") from e
+        if ok is False:
+            raise P2PError(f"{what} did not complete within {self.timeout.total_seconds():g}s "
+                           f"(a peer died or hangs)")
+
+    def wait_recv(self, tag: int) -> torch.Tensor:
+        work, buf, what = self._recvs.pop(tag)
+        self._wait(work, what)
+        return buf
+
+    def wait_sends(self) -> None:
+        for work, _, what in self._sends:
+            self._wait(work, what)
+        self._sends.clear()
+        if self._recvs:
+            raise P2PError(f"received but never consumed: {[w for _, _, w in self._recvs.values()]}")

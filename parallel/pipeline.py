@@ -1,0 +1,167 @@
+"""Pipeline parallelism: the model cut into chunks, this rank's chunks built, schedules run.
+
+    pipe = apply(spec, plan, grid, build_chunk, seq_len)    # chunks on the meta device
+    for chunk in pipe.chunks.values(): materialize(chunk, spec, seed, device)
+    loss_sum = pipe.step(microbatches, loss_fn, global_tokens, grad_sync)   # one optimizer step
+
+`build_chunk(layer_ids, has_embedding, has_head) -> nn.Module` comes from the trainer (parallel/
+does not import the model); a chunk exposes `embed(tokens, positions)`, `blocks(x, positions)` and
+`logits(x)` and names its parameters by global layer index, so names do not depend on the split.
+
+The model is cut into pp * chunks-per-rank chunks of consecutive layers (chunk c on rank
+`schedules.placement(...)[c]`), balanced by cost: forward FLOPs per token of each layer, of the
+output head (2 h V) and of the embedding (its dense gradient, V h per microbatch, spread over the
+microbatch's tokens). The layer count must divide by the chunks unless an explicit `layout` (layers
+per chunk) is given. "No pipeline" is the schedule `none` (one chunk, F B per microbatch), so the
+trainer calls `step` for every run.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from launch.grid import Grid
+from parallel import schedules
+from parallel.activation_offload import ActivationStore, MemoryStats
+from parallel.executor import Executor, Microbatch, WeightGradStash, defer_weight_grads
+from parallel.p2p import P2P
+from perfmodel.specs import ModelSpec, Plan, PlanError
+
+BuildChunk = Callable[[range, bool, bool], nn.Module]
+
+
+def _costs(spec: ModelSpec, tokens_per_microbatch: int, seq_len: int) -> tuple[float, float, float]:
+    """Forward FLOPs per token of one layer, the embedding and the head."""
+    h, kv = spec.d_model, spec.n_kv_heads * spec.head_dim
+    mlp_mats = 3 if spec.mlp == "swiglu" else 2
+    layer = 2 * (2 * h * h + 2 * h * kv + mlp_mats * h * spec.d_ff) + 2 * h * seq_len  # GEMMs + causal attention
+    embedding = spec.vocab_size * h / tokens_per_microbatch
+    head = 2 * h * spec.vocab_size
+    return layer, embedding, head
+
+
+def split_layers(spec: ModelSpec, n_chunks: int, seq_len: int, micro_batch_size: int = 1,
+                 layout: Sequence[int] | None = None) -> list[range]:
+    """Consecutive layer ranges, one per chunk, minimizing the most expensive chunk."""
+    L = spec.n_layers
+    if layout is not None:
+        if len(layout) != n_chunks or sum(layout) != L or min(layout) < 0:
+            raise PlanError(f"pipeline layout {list(layout)} must give {n_chunks} non-negative layer counts "
+                            f"(parallel.pp * chunks per rank) summing to model.n_layers={L}")
+        starts = [sum(layout[:c]) for c in range(n_chunks)]
+        return [range(s, s + n) for s, n in zip(starts, layout)]
+    if L % n_chunks:
+        raise PlanError(f"model.n_layers={L} is not divisible by the {n_chunks} pipeline chunks (parallel.pp * "
+                        f"chunks per rank); change parallel.pp / parallel.virtual_stages or give an explicit layout")
+    layer, embedding, head = _costs(spec, micro_batch_size * seq_len, seq_len)
+    inf = float("inf")
+    # best[c][i]: the smallest max chunk cost placing layers [0, i) into chunks [0, c)
+    best = [[inf] * (L + 1) for _ in range(n_chunks + 1)]
+    cut = [[0] * (L + 1) for _ in range(n_chunks + 1)]
+    best[0][0] = 0.0
+    for c in range(1, n_chunks + 1):
+        extra = (embedding if c == 1 else 0.0) + (head if c == n_chunks else 0.0)
+        for i in range(L + 1):
+            for j in range(i + 1):
+                cost = max(best[c - 1][j], (i - j) * layer + extra)
+                if cost < best[c][i] - 1e-9 * layer:  # ties: keep the earliest cut (more layers later)
+                    best[c][i], cut[c][i] = cost, j
+    bounds, i = [], L
+    for c in range(n_chunks, 0, -1):
+        bounds.append(range(cut[c][i], i))
+        i = cut[c][i]
+    return bounds[::-1]
+
+
+class Pipeline:
+    """This rank's chunks and the schedule that runs them."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan, grid: Grid, chunks: dict[int, nn.Module],
+                 layers: list[range], timeout_s: float):
+        self.spec, self.plan, self.grid = spec, plan, grid
+        self.schedule = plan.schedule
+        self.chunks = chunks  # chunk index -> module (meta until the trainer materializes it)
+        self.layers = layers  # layer range of every chunk (all ranks)
+        self.n_chunks = len(layers)
+        self.timeout_s = timeout_s
+        self._actions: dict[int, list[schedules.Action]] = {}
+        self._executor: Executor | None = None
+        self.last_memory = MemoryStats()
+
+    @property
+    def holds_loss(self) -> bool:
+        """Whether this rank holds the last chunk (the one computing the loss)."""
+        return self.n_chunks - 1 in self.chunks
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters by their layout-independent names."""
+        return {name: p for chunk in self.chunks.values() for name, p in chunk.named_parameters()}
+
+    def actions(self, microbatches: int) -> list[schedules.Action]:
+        if microbatches not in self._actions:
+            plan = self.plan
+            lists = schedules.build(self.schedule, plan.pp, microbatches, _virtual(plan), plan.offload.activations)
+            self._actions[microbatches] = lists[self.grid.axis("pp").coord]
+        return self._actions[microbatches]
+
+    def _build_executor(self, mb: Microbatch) -> Executor:
+        inputs = mb[0]
+        device = inputs.device
+        params = list(self.named_parameters().values())
+        if any(p.is_meta for p in params):
+            raise RuntimeError("materialize every chunk in pipe.chunks before the first step")
+        plan = self.plan
+        seq = inputs.shape[1] // (plan.tp_col if plan.sequence_parallel else 1)
+        shape = (inputs.shape[0], seq, self.spec.d_model // plan.tp_row)  # [b, S local, h local]
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        p2p = P2P(self.grid.axis("pp"), shape, dtype, device, self.timeout_s)
+        stash = None
+        if self.schedule in schedules.SPLIT_BACKWARD:
+            stash = WeightGradStash()
+            for chunk in self.chunks.values():
+                defer_weight_grads(chunk, stash)
+        return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params), stash)
+
+    def step(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             global_tokens: int, grad_sync: Any, autocast: AbstractContextManager | None = None) -> torch.Tensor:
+        """Forward and backward of every microbatch (inputs [b, S], targets [b, S], positions [S])
+        under the schedule; gradients of (sum of loss_fn) / global_tokens accumulate into the
+        parameters, reduced by `grad_sync` (DataParallel) during the last backward of each chunk.
+        Returns the summed loss on the rank holding the last chunk, 0 elsewhere."""
+        if self._executor is None:
+            self._executor = self._build_executor(microbatches[0])
+        ex = self._executor
+        ex.store.reset_stats()
+        loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, grad_sync, autocast)
+        self.last_memory = ex.store.reset_stats()
+        return loss
+
+
+def _virtual(plan: Plan) -> int:
+    return plan.virtual_stages if plan.schedule == "interleaved" else schedules.chunks_per_rank(plan.schedule)
+
+
+def apply(spec: ModelSpec, plan: Plan, grid: Grid, build_chunk: BuildChunk, seq_len: int,
+          layout: Sequence[int] | None = None, timeout_s: float = 300.0) -> Pipeline:
+    """Split the model for `plan.pp` / `plan.schedule` and build this rank's chunks (meta device)."""
+    v = _virtual(plan)
+    try:
+        schedules._check(plan.schedule, plan.pp, plan.pp, v, plan.offload.activations)
+    except schedules.ScheduleError as e:
+        raise PlanError(str(e)) from None
+    if plan.schedule != "interleaved" and plan.virtual_stages != v:
+        raise PlanError(f"parallel.schedule={plan.schedule} places {v} chunk(s) per rank; set "
+                        f"parallel.virtual_stages={v}")
+    place = schedules.placement(plan.schedule, plan.pp, v)
+    layers = split_layers(spec, len(place), seq_len, plan.micro_batch_size, layout)
+    last = len(place) - 1
+    if spec.tied_embeddings and last > 0:
+        raise PlanError("model.tied_embeddings=true with several pipeline chunks is not supported yet; "
+                        "set model.tied_embeddings=false or parallel.pp=1 with a one-chunk schedule")
+    me = grid.axis("pp").coord
+    with torch.device("meta"):
+        chunks = {c: build_chunk(layers[c], c == 0, c == last) for c in range(len(place)) if place[c] == me}
+    return Pipeline(spec, plan, grid, chunks, layers, timeout_s)

@@ -1,0 +1,94 @@
+"""Rank-side functions for the pipeline tests (importable by the gloo worker pools).
+
+`parity(...)` runs one step of a pipelined model and, on the same rank, the same data through
+the whole model in one process; it returns the largest relative differences of the loss and of
+every gradient this rank holds, plus the measured activation memory.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from axon.init import materialize
+from axon.model import GPT, build
+from launch.grid import Grid
+from parallel.data import DataParallel
+from parallel.pipeline import apply
+from perfmodel.specs import ModelSpec, Offload, Plan
+
+SPEC = ModelSpec(n_layers=8, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=16)
+SEQ, SEED = 8, 3
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def make_plan(pp: int, schedule: str, dp: int = 1, virtual_stages: int | None = None, offload: float = 0.0,
+              mbs: int = 2) -> Plan:
+    v = virtual_stages if virtual_stages is not None else (2 if schedule in ("zbv", "vhalf", "vmin") else 1)
+    return Plan(dp=dp, pp=pp, schedule=schedule, virtual_stages=v, micro_batch_size=mbs,
+                offload=Offload(activations=offload))
+
+
+def batch(step: int, shard: int, samples: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + shard)
+    return torch.randint(0, SPEC.vocab_size, (samples, SEQ + 1), generator=g)  # [samples, S+1]
+
+
+def chunk_builder(spec: ModelSpec):
+    return lambda layer_ids, has_embedding, has_head: GPT(spec, layer_ids, has_embedding, has_head)
+
+
+def microbatches_of(local: torch.Tensor, mbs: int) -> list:
+    positions = torch.arange(SEQ)
+    return [(mb[:, :-1], mb[:, 1:], positions) for mb in local.split(mbs)]
+
+
+def parity_many(dp: int, pp: int, configs: list[dict], microbatches: int = 4) -> list[dict]:
+    """`parity` for each config (make_plan keyword arguments) on one grid of dp x pp ranks."""
+    grid = Grid.build(make_plan(pp, "1f1b", dp=dp), dist.get_rank(), dist.get_world_size())
+    return [parity(make_plan(pp, dp=dp, **cfg), microbatches, grid=grid) for cfg in configs]
+
+
+def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = None,
+           timeout_s: float = 60.0, grid: Grid | None = None) -> dict:
+    grid = grid if grid is not None else Grid.build(plan, dist.get_rank(), dist.get_world_size())
+    dp_axis = grid.group("dp", "cp")
+    pipe = apply(SPEC, plan, grid, chunk_builder(SPEC), SEQ, layout=layout, timeout_s=timeout_s)
+    for chunk in pipe.chunks.values():
+        materialize(chunk, SPEC, SEED, torch.device("cpu"))
+    named = pipe.named_parameters()
+    sync = DataParallel([(list(named.values()), dp_axis.group, dp_axis.size)], bucket_mb=0.001)
+    global_samples = microbatches * plan.micro_batch_size * plan.dp
+    global_tokens = global_samples * SEQ
+    local = batch(0, grid.axis("dp").coord, microbatches * plan.micro_batch_size)
+    killer = loss_fn
+    if kill_rank is not None and grid.rank == kill_rank:
+        def killer(logits, targets):  # the peer dies in the middle of the schedule
+            os._exit(3)
+    loss = pipe.step(microbatches_of(local, plan.micro_batch_size), killer, global_tokens, sync)
+    sync.finish()
+    sync.remove()
+    pp_group = grid.axis("pp").group
+    if plan.pp > 1:
+        dist.all_reduce(loss, group=pp_group)  # the loss lives on one pp rank
+    if dp_axis.size > 1:
+        dist.all_reduce(loss, group=dp_axis.group)
+    # the reference: the whole model, every dp shard's samples, one process
+    ref = build(SPEC)
+    materialize(ref, SPEC, SEED, torch.device("cpu"))
+    ref_loss = torch.zeros(())
+    for shard in range(plan.dp):
+        for inputs, targets, positions in microbatches_of(batch(0, shard, microbatches * plan.micro_batch_size),
+                                                          plan.micro_batch_size):
+            l = loss_fn(ref(inputs, positions), targets)
+            (l / global_tokens).backward()
+            ref_loss += l.detach()
+    ref_named = dict(ref.named_parameters())
+    grad_err = max(((named[n].grad - ref_named[n].grad).norm() / ref_named[n].grad.norm()).item() for n in named)
+    return {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err,
+            "names": sorted(named), "memory": pipe.last_memory, "layers": [list(r) for r in pipe.layers]}

@@ -1,0 +1,80 @@
+"""Pipeline parallelism: loss and every gradient equal a single-process run under every schedule
+(pp=2, pp=4, with and without PipeOffload, pp2 x dp2), and a peer dying mid-schedule raises."""
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from parallel.schedules import SCHEDULES
+from tests.distributed.harness import WorkerPool
+from tests.distributed.pipeline_driver import make_plan, parity, parity_many
+
+PIPELINED = [s for s in SCHEDULES if s != "none"]
+TOL = 1e-5
+
+
+def _configs(offloads: tuple[float, ...]) -> list[dict]:
+    return [{"schedule": s, "virtual_stages": 2 if s == "interleaved" else None, "offload": f}
+            for s in PIPELINED for f in offloads]
+
+
+def _check(configs: list[dict], per_rank: list[list[dict]], pp: int) -> None:
+    for i, cfg in enumerate(configs):
+        results = [rank[i] for rank in per_rank]
+        for rank, r in enumerate(results):
+            assert r["loss_err"] < TOL, (cfg, rank, r["loss_err"])
+            assert r["grad_err"] < TOL, (cfg, rank, r["grad_err"])
+        names = sorted(n for r in results[:pp] for n in r["names"])
+        assert len(names) == len(set(names)) and any("tok_emb" in n for n in names) and any("head" in n for n in names)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_matches_single_process(dist_pools, pp):
+    configs = _configs((0.0, 1.0))
+    per_rank = dist_pools.run(pp, parity_many, 1, pp, configs, 8)
+    _check(configs, per_rank, pp)
+    offloaded = [per_rank[0][i]["memory"] for i, c in enumerate(configs) if c["offload"] == 1.0]
+    assert all(m.peak_host_bytes > 0 for m in offloaded)  # the first stage moved activations out
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_half_offload_matches_single_process(dist_pools, pp):
+    configs = _configs((0.5,))
+    _check(configs, dist_pools.run(pp, parity_many, 1, pp, configs, 8), pp)
+
+
+def test_offload_lowers_device_activation_memory(dist_pools):
+    configs = [{"schedule": "1f1b", "offload": f} for f in (0.0, 1.0)]
+    first = dist_pools.run(4, parity_many, 1, 4, configs, 8)[0]
+    plain, offloaded = first[0]["memory"], first[1]["memory"]
+    assert offloaded.peak_device_bytes < plain.peak_device_bytes
+    assert offloaded.peak_host_bytes > 0 and plain.peak_host_bytes == 0
+
+
+def test_pp2_dp2_matches_single_process(dist_pools):
+    configs = [{"schedule": s, "offload": 0.0} for s in ("1f1b", "zbv")]
+    _check(configs, dist_pools.run(4, parity_many, 2, 2, configs, 4), 2)
+
+
+def test_uneven_explicit_layout_matches(dist_pools):
+    per_rank = dist_pools.run(2, parity, make_plan(2, "1f1b"), 4, [3, 5])
+    assert per_rank[0]["layers"] == [[0, 1, 2], [3, 4, 5, 6, 7]]
+    assert all(r["loss_err"] < TOL and r["grad_err"] < TOL for r in per_rank)
+
+
+def test_dead_peer_raises_within_timeout():
+    """Rank 1 exits in the middle of the schedule; rank 0 must fail with a p2p error, not hang."""
+    pool = WorkerPool(2, timeout_s=30.0)
+    try:
+        for rank, q in enumerate(pool.tasks):
+            q.put((parity, (make_plan(2, "1f1b"), 4), {"kill_rank": 1, "timeout_s": 20.0}))
+        try:
+            rank, ok, value = pool.results.get(timeout=120)
+        except queue.Empty:
+            pytest.fail("no rank reported within 120 s of the peer's death (hang)")
+        assert (rank, ok) == (0, False)
+        assert "P2PError" in value, value
+    finally:
+        pool.broken = True
+        pool.close()
