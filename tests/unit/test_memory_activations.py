@@ -1,0 +1,85 @@
+"""Measured activation bytes of one Block (axon.memory.ActivationMeter) against Korthikanti et al.
+(DESIGN.md section 4), adjusted to these runs, and the meter's bookkeeping.
+
+The paper's per-layer bytes, bf16 with dropout: sbh(34 + 5as/h). Adjusted:
+- no dropout: the two residual dropout masks (sbh each, 1 byte/element), the attention dropout
+  mask (as^2b) and the dropout output (2as^2b) are absent: sbh(32 + 2as/h); selective keeps 32sbh;
+- fp32 (4 bytes, not 2): every term doubles -> none sbh(64 + 4as/h), selective 64sbh, full 4sbh
+  (the layer input only);
+- a fused attention core (PyTorch's scaled_dot_product_attention, the model's default) keeps no
+  s^2 tensor, so without recomputation the layer also keeps 64sbh.
+The paper's layer is a GPT-2 block (LayerNorm, multi-head attention, GELU MLP of 4h, learned
+positions), so that is the block measured. The s^2 term is checked with an unfused attention core
+(explicit softmax(QK^T)V) installed through the model's replaceable `attn.core`.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from axon.init import materialize
+from axon.memory import ActivationMeter
+from axon.model import build
+from parallel import recompute
+from perfmodel.specs import ModelSpec, Plan
+
+GPT2 = ModelSpec(n_layers=2, d_model=128, n_heads=4, n_kv_heads=4, d_ff=512, mlp="gelu", norm="layernorm",
+                 pos="learned", vocab_size=64, max_seq_len=128)
+S, B = 128, 2
+
+
+def unfused_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention with the score matrix materialized. q, k, v [B, S, H, hd] -> [B, S, H, hd]."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+    scores = qt @ kt.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, S, S]
+    mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
+    return (scores.masked_fill(mask, float("-inf")).softmax(-1) @ vt).transpose(1, 2)
+
+
+def layer_bytes(mode: str, fused: bool) -> tuple[int, int]:
+    """(peak saved bytes of one Block's forward, live bytes after its backward)."""
+    model = build(GPT2)
+    if not fused:
+        for block in model.layers.values():
+            block.attn.core = unfused_core
+    recompute.apply(model, Plan(recompute=mode))
+    materialize(model, GPT2, 0, torch.device("cpu"))
+    x = torch.randn(B, S, GPT2.d_model, requires_grad=True)  # [B, S, h]
+    with ActivationMeter() as meter:
+        y = model.layers["0"](x, None)
+    y.sum().backward()
+    return meter.peak, meter.live
+
+
+def korthikanti_fp32_no_dropout(mode: str, fused: bool) -> float:
+    s, b, h, a = S, B, GPT2.d_model, GPT2.n_heads
+    if mode == "full":
+        return 4 * s * b * h
+    if mode == "selective" or fused:
+        return 64 * s * b * h
+    return s * b * h * (64 + 4 * a * s / h)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_layer_activation_bytes_match_formula(mode, fused):
+    peak, live_after = layer_bytes(mode, fused)
+    assert peak == pytest.approx(korthikanti_fp32_no_dropout(mode, fused), rel=0.15)
+    assert live_after == 0  # everything saved was released with the graph
+
+
+def test_meter_counts_shared_storage_once_and_tracks_peak_across_microbatches():
+    w = torch.randn(64, 64, requires_grad=True)
+    with ActivationMeter() as meter:
+        x = torch.randn(8, 64)
+        y1 = (x @ w).relu()  # saves x (2 KiB; w itself is not needed: x takes no gradient) and the relu output
+        first = meter.live
+        y2 = (x @ w).relu()  # x again: same storage, not counted twice
+    assert first == 2 * 8 * 64 * 4
+    assert meter.live == first + 8 * 64 * 4
+    y1.sum().backward()
+    assert meter.live == 2 * 8 * 64 * 4  # y2's graph still holds x and its relu output
+    y2.sum().backward()
+    assert meter.live == 0 and meter.peak == 3 * 8 * 64 * 4
