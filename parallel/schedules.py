@@ -221,24 +221,48 @@ def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Ac
 
 def _offload_plan(orders: list[list[Action]], fraction: float
                   ) -> tuple[list[dict[int, list[Action]]], list[dict[int, list[Action]]]]:
-    """PipeOffload: per rank, offload the `fraction` of (chunk, microbatch) activations that live
-    longest (most compute actions between F and B). Returns, per rank, RELOADs to put before and
-    OFFLOADs to put after the compute action at each index. Pairs whose F and B are within
-    RELOAD_LEAD + 1 actions are never offloaded (no time to move the data out and back)."""
+    """PipeOffload: per rank, offload `fraction` of the (chunk, microbatch) activations, picked
+    greedily to lower the peak: each pick is the pair that is off the device at the most instants
+    where the rank holds its peak (ties: the longest-lived), so the warm-up microbatches that set
+    1F1B's peak are taken first. An offloaded pair is on the device during its F and from its
+    RELOAD (RELOAD_LEAD compute actions before its B) until it is freed (B, or W when split).
+    Pairs whose F and B are within RELOAD_LEAD + 1 actions are never offloaded (no time to move
+    the data out and back). Returns, per rank, RELOADs to put before and OFFLOADs to put after
+    the compute action at each index."""
     reloads: list[dict[int, list[Action]]] = [{} for _ in orders]
     offloads: list[dict[int, list[Action]]] = [{} for _ in orders]
     if fraction <= 0.0:
         return reloads, offloads
     for r, order in enumerate(orders):
-        f_at = {(a.chunk, a.microbatch): k for k, a in enumerate(order) if a.kind == F}
-        b_at = {(a.chunk, a.microbatch): k for k, a in enumerate(order) if a.kind == B}
-        spans = sorted(((b_at[key] - f_at[key], key) for key in f_at), key=lambda x: (-x[0], x[1]))
-        count = int(fraction * len(spans) + 0.5)
-        for span, (c, i) in spans[:count]:
-            if span <= RELOAD_LEAD + 1:
+        at = {(a.kind, a.chunk, a.microbatch): k for k, a in enumerate(order)}
+        pairs = {(a.chunk, a.microbatch): (k, at[(B, a.chunk, a.microbatch)],
+                                           at.get((W, a.chunk, a.microbatch), at[(B, a.chunk, a.microbatch)]))
+                 for k, a in enumerate(order) if a.kind == F}  # (F index, B index, freed index)
+        count = int(fraction * len(pairs) + 0.5)
+        eligible = {key for key, (f, b, _) in pairs.items() if b - f > RELOAD_LEAD + 1}
+        chosen: set[tuple[int, int]] = set()
+        for _ in range(count):
+            occupancy = [0] * len(order)
+            for key, (f, b, free) in pairs.items():
+                for t in (range(f, free + 1) if key not in chosen else
+                          [f, *range(b - RELOAD_LEAD, free + 1)]):
+                    occupancy[t] += 1
+            peak = max(occupancy)
+            at_peak = [t for t, n in enumerate(occupancy) if n == peak]
+
+            def gain(key: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+                f, b, _ = pairs[key]
+                covered = sum(1 for t in at_peak if f < t < b - RELOAD_LEAD)
+                return covered, b - f, (-key[1], -key[0])
+
+            left = eligible - chosen
+            if not left:
                 break
-            offloads[r].setdefault(f_at[(c, i)], []).append(Action(OFFLOAD, i, c))
-            reloads[r].setdefault(b_at[(c, i)] - RELOAD_LEAD, []).append(Action(RELOAD, i, c))
+            chosen.add(max(left, key=gain))
+        for c, i in chosen:
+            f, b, _ = pairs[(c, i)]
+            offloads[r].setdefault(f, []).append(Action(OFFLOAD, i, c))
+            reloads[r].setdefault(b - RELOAD_LEAD, []).append(Action(RELOAD, i, c))
     return reloads, offloads
 
 

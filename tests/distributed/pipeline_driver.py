@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from axon.init import materialize
 from axon.model import GPT, build
 from launch.grid import Grid
+from tests.distributed.tp_driver import local_slice
 from parallel.data import DataParallel
+from parallel import tensor
 from parallel.pipeline import apply
 from perfmodel.specs import ModelSpec, Offload, Plan
 
@@ -28,9 +30,9 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def make_plan(pp: int, schedule: str, dp: int = 1, virtual_stages: int | None = None, offload: float = 0.0,
-              mbs: int = 2) -> Plan:
+              mbs: int = 2, tp_col: int = 1) -> Plan:
     v = virtual_stages if virtual_stages is not None else (2 if schedule in ("zbv", "vhalf", "vmin") else 1)
-    return Plan(dp=dp, pp=pp, schedule=schedule, virtual_stages=v, micro_batch_size=mbs,
+    return Plan(dp=dp, pp=pp, tp_col=tp_col, schedule=schedule, virtual_stages=v, micro_batch_size=mbs,
                 offload=Offload(activations=offload))
 
 
@@ -92,3 +94,46 @@ def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = N
     grad_err = max(((named[n].grad - ref_named[n].grad).norm() / ref_named[n].grad.norm()).item() for n in named)
     return {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err,
             "names": sorted(named), "memory": pipe.last_memory, "layers": [list(r) for r in pipe.layers]}
+
+
+class _NoSync:
+    sync = True
+
+
+def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
+    """pp2 x tp2 x dp2 (8 ranks): tensor parallelism applied to every chunk, gradients summed over
+    each parameter's grad_axes; compared with this rank's slices of the single-process gradients."""
+    grid = Grid.build(make_plan(2, "1f1b", dp=2, tp_col=2), dist.get_rank(), dist.get_world_size())
+    out = []
+    for schedule in schedules:
+        plan = make_plan(2, schedule, dp=2, tp_col=2, mbs=1)
+        pipe = apply(SPEC, plan, grid, chunk_builder(SPEC), SEQ)
+        tps = {c: tensor.apply(chunk, SPEC, plan, grid) for c, chunk in pipe.chunks.items()}
+        for c, chunk in pipe.chunks.items():
+            materialize(chunk, SPEC, SEED, torch.device("cpu"), shards=tps[c].shards, full_shapes=tps[c].full_shapes)
+        last = pipe.n_chunks - 1
+        global_tokens = microbatches * plan.dp * SEQ
+        local = batch(0, grid.axis("dp").coord, microbatches)
+        tp_loss = tps[last].loss_fn if last in tps else loss_fn
+        loss = pipe.step(microbatches_of(local, 1), tp_loss, global_tokens, _NoSync())
+        dist.all_reduce(loss, group=grid.axis("pp").group)
+        dist.all_reduce(loss, group=grid.group("dp", "cp").group)
+        ref = build(SPEC)
+        materialize(ref, SPEC, SEED, torch.device("cpu"))
+        ref_loss = torch.zeros(())
+        for shard in range(plan.dp):
+            for inputs, targets, positions in microbatches_of(batch(0, shard, microbatches), 1):
+                l = loss_fn(ref(inputs, positions), targets)
+                (l / global_tokens).backward()
+                ref_loss += l.detach()
+        ref_named = dict(ref.named_parameters())
+        grad_err = 0.0
+        for c, chunk in pipe.chunks.items():
+            for name, p in chunk.named_parameters():
+                dist.all_reduce(p.grad, group=grid.group(*tps[c].grad_axes.get(name, ("dp", "cp"))).group)
+                want = ref_named[name].grad
+                if name in tps[c].shards:
+                    want = local_slice(want, tps[c].shards[name]).reshape(p.shape)
+                grad_err = max(grad_err, ((p.grad - want).norm() / want.norm().clamp_min(1e-3)).item())
+        out.append({"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err})
+    return out

@@ -6,9 +6,10 @@ import queue
 
 import pytest
 
-from parallel.schedules import SCHEDULES
+from parallel.schedule_sim import simulate
+from parallel.schedules import SCHEDULES, V_SHAPED, build
 from tests.distributed.harness import WorkerPool
-from tests.distributed.pipeline_driver import make_plan, parity, parity_many
+from tests.distributed.pipeline_driver import make_plan, parity, parity_many, parity_tp
 
 PIPELINED = [s for s in SCHEDULES if s != "none"]
 TOL = 1e-5
@@ -34,8 +35,11 @@ def test_every_schedule_matches_single_process(dist_pools, pp):
     configs = _configs((0.0, 1.0))
     per_rank = dist_pools.run(pp, parity_many, 1, pp, configs, 8)
     _check(configs, per_rank, pp)
-    offloaded = [per_rank[0][i]["memory"] for i, c in enumerate(configs) if c["offload"] == 1.0]
-    assert all(m.peak_host_bytes > 0 for m in offloaded)  # the first stage moved activations out
+    for i, c in enumerate(configs):  # activations reach host memory where the schedule offloads any
+        sim = simulate(build(c["schedule"], pp, 8, c["virtual_stages"] or (2 if c["schedule"] in V_SHAPED else 1),
+                             c["offload"]))
+        for rank in range(pp):
+            assert (per_rank[rank][i]["memory"].peak_host_bytes > 0) == (sim.peak_offloaded[rank] > 0), (c, rank)
 
 
 @pytest.mark.parametrize("pp", [2, 4])
@@ -78,3 +82,9 @@ def test_dead_peer_raises_within_timeout():
     finally:
         pool.broken = True
         pool.close()
+
+
+def test_pp2_tp2_dp2_matches_single_process(dist_pools):
+    for per_schedule in zip(*dist_pools.run(8, parity_tp, ["1f1b", "zbv"])):
+        for r in per_schedule:
+            assert r["loss_err"] < TOL and r["grad_err"] < TOL, r
