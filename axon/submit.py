@@ -117,8 +117,7 @@ def build_job(cfg: DictConfig, overrides: list[str], python: str, workdir: Path)
     if s.signal_s >= time_limit_s(str(s.time)):
         raise SubmitError(f"slurm.signal_s={s.signal_s} must be shorter than slurm.time={s.time} "
                           "so the job can checkpoint before its time limit")
-    resume = [o for o in overrides if o.lstrip("+").startswith("checkpoint.resume=")]
-    if resume and cfg.checkpoint.resume != "auto":
+    if cfg.checkpoint.resume != "auto":
         raise SubmitError(f"checkpoint.resume={cfg.checkpoint.resume} cannot be used with axon submit: the job "
                           "always resumes from its own run.dir (checkpoint.resume=auto) so a requeue continues "
                           "it; copy the checkpoint into <run.dir>/checkpoints/ instead")

@@ -161,7 +161,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         return False
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=60)
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=180)
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ...); works without slurmdbd."""

@@ -12,20 +12,21 @@ import pytest
 
 from tests.integration.slurm_fixture import local_slurm  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.slow
+# Most of a job's time is 4 processes importing torch; on a busy 2-core machine that alone can
+# take minutes, hence the generous limit (the tests take ~2 minutes together on an idle one).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-# 4 ranks of a 2-layer tiny model on short sequences: ~0.2 s a step on 2 cores, most of the
-# job's time is 4 Python processes importing torch.
+# 4 ranks of a 2-layer tiny model on short sequences: ~0.2 s a step on 2 cores.
 SMALL = ["model=tiny", "model.n_layers=2", "slurm.tasks_per_node=4", "parallel.dp=4", "train.global_batch_size=8",
-         "train.seq_len=64", "train.lr=1e-2", "optim.warmup_steps=2", "train.progress=false", "slurm.time=00:10:00",
+         "train.seq_len=64", "train.lr=1e-2", "optim.warmup_steps=2", "train.progress=false", "logger.wandb.mode=disabled", "slurm.time=00:10:00",
          "slurm.signal_s=60"]
-JOB_TIMEOUT_S = 240.0
+JOB_TIMEOUT_S = 400.0
 
 
 def _submit(slurm, *overrides: str) -> str:
     done = subprocess.run([sys.executable, "-m", "axon.cli", "submit", *SMALL, *overrides], cwd=REPO,
-                          env=slurm.env, capture_output=True, text=True, timeout=120)
+                          env=slurm.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -59,13 +60,13 @@ def test_four_task_job_completes_and_learns(local_slurm, tmp_path):
 
 def test_preempted_job_requeues_and_resumes_every_step_once(local_slurm, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 60
+    steps = 40
     job_id = _submit(local_slurm, "run.name=preempt", f"run.dir={run_dir}", f"train.steps={steps}")
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while len(_metrics(run_dir)) < 3 and time.monotonic() < deadline:  # training, handler installed
+    while len(_metrics(run_dir)) < 2 and time.monotonic() < deadline:  # training, handler installed
         assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), _log(run_dir, job_id)
         time.sleep(0.5)
-    assert len(_metrics(run_dir)) >= 3, _log(run_dir, job_id)
+    assert len(_metrics(run_dir)) >= 2, _log(run_dir, job_id)
     local_slurm.run("scancel", "--signal=USR1", job_id)  # what --signal=USR1@N sends at the time limit
 
     info = local_slurm.wait_job(job_id, ("COMPLETED",), JOB_TIMEOUT_S)
@@ -74,7 +75,7 @@ def test_preempted_job_requeues_and_resumes_every_step_once(local_slurm, tmp_pat
     assert info["Restarts"] == "1", log
     assert "(restart 1)" in log
     preempted_at = int(log.split("preempted at step ")[1].split(";")[0])
-    assert 3 <= preempted_at < steps
+    assert 2 <= preempted_at < steps
     # The second run started from the preemption checkpoint: nothing lost, nothing repeated.
     assert json.loads((run_dir / "plan.json").read_text())["resumed_from_step"] == preempted_at
     records = _metrics(run_dir)
