@@ -13,11 +13,7 @@ from tests.distributed.pipeline_driver import make_plan, parity, parity_many, pa
 
 PIPELINED = [s for s in SCHEDULES if s != "none"]
 TOL = 1e-5
-
-
-def _configs(offloads: tuple[float, ...]) -> list[dict]:
-    return [{"schedule": s, "virtual_stages": 2 if s == "interleaved" else None, "offload": f}
-            for s in PIPELINED for f in offloads]
+MICROBATCHES = 4
 
 
 def _check(configs: list[dict], per_rank: list[list[dict]], pp: int) -> None:
@@ -31,26 +27,22 @@ def _check(configs: list[dict], per_rank: list[list[dict]], pp: int) -> None:
 
 
 @pytest.mark.parametrize("pp", [2, 4])
-def test_every_schedule_matches_single_process(dist_pools, pp):
-    configs = _configs((0.0, 1.0))
-    per_rank = dist_pools.run(pp, parity_many, 1, pp, configs, 8)
+@pytest.mark.parametrize("schedule", PIPELINED)
+def test_schedule_matches_single_process(dist_pools, schedule, pp):
+    """Without offload and with half and all of the activations offloaded."""
+    v = 2 if schedule in V_SHAPED or schedule == "interleaved" else 1
+    configs = [{"schedule": schedule, "virtual_stages": v, "offload": f} for f in (0.0, 0.5, 1.0)]
+    per_rank = dist_pools.run(pp, parity_many, 1, pp, configs, MICROBATCHES)
     _check(configs, per_rank, pp)
     for i, c in enumerate(configs):  # activations reach host memory where the schedule offloads any
-        sim = simulate(build(c["schedule"], pp, 8, c["virtual_stages"] or (2 if c["schedule"] in V_SHAPED else 1),
-                             c["offload"]))
+        sim = simulate(build(schedule, pp, MICROBATCHES, v, c["offload"]))
         for rank in range(pp):
             assert (per_rank[rank][i]["memory"].peak_host_bytes > 0) == (sim.peak_offloaded[rank] > 0), (c, rank)
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_half_offload_matches_single_process(dist_pools, pp):
-    configs = _configs((0.5,))
-    _check(configs, dist_pools.run(pp, parity_many, 1, pp, configs, 8), pp)
-
-
 def test_offload_lowers_device_activation_memory(dist_pools):
     configs = [{"schedule": "1f1b", "offload": f} for f in (0.0, 1.0)]
-    first = dist_pools.run(4, parity_many, 1, 4, configs, 8)[0]
+    first = dist_pools.run(4, parity_many, 1, 4, configs, MICROBATCHES)[0]
     plain, offloaded = first[0]["memory"], first[1]["memory"]
     assert offloaded.peak_device_bytes < plain.peak_device_bytes
     assert offloaded.peak_host_bytes > 0 and plain.peak_host_bytes == 0
