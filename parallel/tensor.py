@@ -20,20 +20,22 @@ The embedding is split [vocab/tp_col, d/tp_row] (like the head, so tying keeps o
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.grid import Grid
+from launch.grid import Grid, rank_of
 from parallel.collectives import Collectives
 from parallel.sequence import gather_seq, local_positions, scatter_seq
 from parallel.tensor_weights import DepthStore, DepthWeight
 from perfmodel.specs import ModelSpec, Plan, PlanError
 
 COL, ROW, DEPTH = "tp_col", "tp_row", "tp_depth"
+TP_AXES = (COL, ROW, DEPTH)
 QKV = (ROW, COL)  # (in-axis, out-axis)
 OUT = (COL, ROW)
 REPLICATED = ("dp", "cp", DEPTH)  # gradient sum of a parameter replicated over depth
@@ -157,7 +159,7 @@ class _DepthSharded(nn.Module):
 
     def _init_weight(self, env: _Env, full: tuple[int, int], row_axis: str, col_axis: str) -> None:
         self.env, self.comm, self.store = env, env.comm, env.store
-        self.full = full
+        self.full, self.row_axis, self.col_axis = full, row_axis, col_axis
         self.row_span, self.col_span = env.span(row_axis, full[0]), env.span(col_axis, full[1])
         rows, cols = full[0] // env.n(row_axis), full[1] // env.n(col_axis)
         z = env.n(DEPTH)
@@ -167,8 +169,8 @@ class _DepthSharded(nn.Module):
         self.succ: Optional[DepthWeight] = None  # set by `_chain`
         self.defer = False
 
-    def weight_shard(self) -> tuple[Shard, tuple[int, ...], tuple[str, ...]]:
-        return Shard(self.row_span, self.col_span, self.flat), self.full, SPLIT
+    def weight_shard(self) -> tuple:
+        return Shard(self.row_span, self.col_span, self.flat), self.full, SPLIT, (self.row_axis, self.col_axis)
 
     def succ_param(self) -> Optional[nn.Parameter]:
         return self.succ.param if self.succ is not None else None
@@ -196,7 +198,7 @@ class TPLinear(_DepthSharded):
         out = {"weight": self.weight_shard()}
         if self.bias is not None:  # replicated over the in-axis (and over tp_col's sequence chunks)
             axes = REPLICATED + ((COL,) if self.scatter else ())
-            out["bias"] = (Shard(rows=self.row_span), (self.full[0],), axes)
+            out["bias"] = (Shard(rows=self.row_span), (self.full[0],), axes, (self.out_axis, None))
         return out
 
 
@@ -236,7 +238,8 @@ class TPPositions(nn.Module):
         return F.embedding(positions, self.weight)  # [S(/tp_col), d/tp_row]
 
     def param_shards(self) -> dict:
-        return {"weight": (Shard(cols=self.cols), self.full, REPLICATED + ((COL,) if self.env.sp else ()))}
+        axes = REPLICATED + ((COL,) if self.env.sp else ())
+        return {"weight": (Shard(cols=self.cols), self.full, axes, (None, ROW))}
 
 
 class TPNorm(nn.Module):
@@ -269,9 +272,9 @@ class TPNorm(nn.Module):
 
     def param_shards(self) -> dict:
         axes = REPLICATED + ((COL,) if self.env.sp else ())
-        out = {"weight": (Shard(rows=self.span), (self.d,), axes)}
+        out = {"weight": (Shard(rows=self.span), (self.d,), axes, (ROW, None))}
         if self.bias is not None:
-            out["bias"] = (Shard(rows=self.span), (self.d,), axes)
+            out["bias"] = (Shard(rows=self.span), (self.d,), axes, (ROW, None))
         return out
 
 
@@ -310,7 +313,49 @@ class TensorParallel:
     shards: dict[str, Shard] = field(default_factory=dict)
     full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     grad_axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    splits: dict[str, tuple[Optional[str], Optional[str]]] = field(default_factory=dict)  # (rows, cols) axis
     vocab_start: int = 0
+    _mesh: Any = None
+
+    def mesh(self, device_type: str) -> Any:
+        """DeviceMesh (tp_col, tp_row, tp_depth) over the grid's existing groups (no new groups)."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            grid = self.comm.grid
+            sizes = [grid.plan.tp_col, grid.plan.tp_row, grid.plan.tp_depth]
+            ranks = torch.empty(sizes, dtype=torch.int)
+            for c, r, z in itertools.product(*map(range, sizes)):
+                ranks[c, r, z] = rank_of(grid.plan, dict(grid.coords(), tp_col=c, tp_row=r, tp_depth=z))
+            self._mesh = DeviceMesh.from_group([grid.axis(a).group for a in TP_AXES], device_type, mesh=ranks,
+                                               mesh_dim_names=TP_AXES)
+        return self._mesh
+
+    def to_checkpoint(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The local piece of `name` (a parameter or a same-shaped optimizer state) as a DTensor of
+        the full tensor, sharing `local`'s memory, so torch.distributed.checkpoint reshards it."""
+        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import Shard as DShard
+
+        if name not in self.splits:
+            return local
+        full, (row_axis, col_axis) = self.full_shapes[name], self.splits[name]
+        placements = [Replicate()] * 3
+        if row_axis is not None:
+            placements[TP_AXES.index(row_axis)] = DShard(0)
+        if col_axis is not None:
+            placements[TP_AXES.index(col_axis)] = DShard(1)
+        view = local
+        if self.shards[name].flat is not None:  # the depth slice is a row block of the piece (see check)
+            placements[2] = DShard(0)
+            view = local.view(-1, full[1] // self.comm.size(col_axis))
+        stride = torch.empty(full, device="meta").stride()
+        return DTensor.from_local(view, self.mesh(local.device.type), placements, run_check=False, shape=torch.Size(full), stride=stride)
+
+    def from_checkpoint(self, name: str, loaded: torch.Tensor) -> torch.Tensor:
+        """The local tensor of what `to_checkpoint` returned after a load (same memory)."""
+        local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
+        return local.reshape(-1) if self.shards.get(name, Shard()).flat is not None else local
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum of token cross-entropies of local logits [B, S, V/tp_col] against global targets."""
@@ -324,7 +369,13 @@ def check(spec: ModelSpec, plan: Plan) -> None:
              ("model.n_kv_heads", spec.n_kv_heads, x, "parallel.tp_col"),
              ("model.d_ff", spec.d_ff, x, "parallel.tp_col"),
              ("model.vocab_size", spec.vocab_size, x, "parallel.tp_col"),
-             ("model.d_model", spec.d_model, y * z, "parallel.tp_row * parallel.tp_depth"))
+             ("model.d_model", spec.d_model, y * z, "parallel.tp_row * parallel.tp_depth"),
+             # depth slices are row blocks of each piece (layout-independent checkpoints)
+             ("model.d_model", spec.d_model, x * z, "parallel.tp_col * parallel.tp_depth"),
+             ("model.n_kv_heads * head_dim", spec.n_kv_heads * spec.head_dim, x * z,
+              "parallel.tp_col * parallel.tp_depth"),
+             ("model.d_ff", spec.d_ff, x * z, "parallel.tp_col * parallel.tp_depth"),
+             ("model.vocab_size", spec.vocab_size, x * z, "parallel.tp_col * parallel.tp_depth"))
     for name, value, by, knob in rules:
         if value % by:
             raise PlanError(f"{name}={value} is not divisible by {knob} = {by}; change {name} or {knob}")
@@ -369,7 +420,8 @@ def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid) -> TensorPa
     tp = TensorParallel(comm, env.store, vocab_start=env.span(COL, spec.vocab_size).start)
     for prefix, module in model.named_modules():
         if hasattr(module, "param_shards"):
-            for leaf, (shard, full, axes) in module.param_shards().items():
+            for leaf, (shard, full, axes, split) in module.param_shards().items():
                 name = f"{prefix}.{leaf}"
                 tp.shards[name], tp.full_shapes[name], tp.grad_axes[name] = shard, tuple(full), axes
+                tp.splits[name] = split
     return tp
