@@ -387,21 +387,20 @@ def main() -> None:
         b = Bench(spec, world, tuple(args.bucket_mb), args.seq_len, args.micro_batch, args.warmup, args.trials)
         start = time.perf_counter()
         result = spawn(b)
-        print(f"{world} ranks done in {time.perf_counter() - start:.0f} s", flush=True)
         rows += report(b, result)
         phase_rows += phases(b, result)
         checks += [f"{world} ranks, {line}" for line in sanity(b, result)]
         raw[world] = result
-    print("\nTokens/s and communication (median [25th-75th percentile] over trials):")
-    print("\n".join(TABLE_HEAD + rows))
-    print("\nPhases (median ms, mean over ranks; ddp's backward includes its reduction wait; CPU ms: the rank's "
-          "process CPU time over the step, all threads):")
-    print("\n".join(PHASE_HEAD + phase_rows))
-    print("\nSanity (ours vs DDP, same init and data):")
-    print("\n".join(checks))
-    if args.json:
-        args.json.write_text(json.dumps(raw))
-
+        if args.json:  # after every world size, so a long run keeps what it has measured
+            args.json.write_text(json.dumps(raw))
+        print(f"\n{world} ranks done in {time.perf_counter() - start:.0f} s; results so far:", flush=True)
+        print("\nTokens/s and communication (median [25th-75th percentile] over trials):")
+        print("\n".join(TABLE_HEAD + rows))
+        print("\nPhases (median ms, mean over ranks; ddp's backward includes its reduction wait; CPU ms: the "
+              "rank's process CPU time over the step, all threads):")
+        print("\n".join(PHASE_HEAD + phase_rows))
+        print("\nSanity (ours vs DDP, same init and data):")
+        print("\n".join(checks), flush=True)
 
 if __name__ == "__main__":
     main()
