@@ -1,7 +1,7 @@
 """Context parallelism: activation memory per rank vs sequence length, the longest sequence that
 fits a per-rank budget, and how much ring communication hides behind the attention math.
 
-    .venv/bin/python benchmarks/cp_memory.py                  # both parts, a few minutes
+    .venv/bin/python benchmarks/cp_memory.py                  # both parts (minutes; the memory part is meta-device only)
     .venv/bin/python benchmarks/cp_memory.py --part memory    # memory only (no processes)
     .venv/bin/python benchmarks/cp_memory.py --part overlap --cp 2 --seq 4096
 
