@@ -31,6 +31,7 @@ from torch import nn
 from launch.grid import Grid, rank_of
 from parallel.collectives import Collectives
 from parallel.sequence import gather_seq, local_positions, scatter_seq
+from parallel.tensor_ops import ReduceFrom, SumAcross, VocabCrossEntropy
 from parallel.tensor_weights import DepthStore, DepthWeight
 from perfmodel.specs import ModelSpec, Plan, PlanError
 
@@ -51,37 +52,6 @@ class Shard:
     rows: slice = field(default_factory=lambda: slice(None))
     cols: slice = field(default_factory=lambda: slice(None))
     flat: Optional[slice] = None
-
-
-class _SumAcross(torch.autograd.Function):
-    """Forward all-reduce; backward all-reduce (the consumers are split over the axis)."""
-
-    @staticmethod
-    def forward(ctx, x, comm, axis):
-        ctx.comm, ctx.axis = comm, axis
-        out = x.clone()
-        comm.all_reduce(out, axis)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = dy.clone()
-        ctx.comm.all_reduce(dx, ctx.axis)
-        return dx, None, None
-
-
-class _ReduceFrom(torch.autograd.Function):
-    """Forward all-reduce of partial sums; backward identity (the consumers are replicated)."""
-
-    @staticmethod
-    def forward(ctx, x, comm, axis):
-        out = x.clone()
-        comm.all_reduce(out, axis)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, None, None
 
 
 class _Linear(torch.autograd.Function):
@@ -216,7 +186,7 @@ class TPEmbedding(_DepthSharded):
         out = F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[..., None]  # [B, S, d/tp_row], partial
         if self.env.sp:
             return scatter_seq(out, self.comm, COL)  # [B, S/tp_col, d/tp_row]
-        return _ReduceFrom.apply(out, self.comm, COL)
+        return ReduceFrom.apply(out, self.comm, COL)
 
     def param_shards(self) -> dict:
         return {"weight": self.weight_shard()}
@@ -256,7 +226,7 @@ class TPNorm(nn.Module):
         self.bias = _meta(self.d // env.n(ROW)) if getattr(norm, "bias", None) is not None else None
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        return _SumAcross.apply(t.sum(-1, keepdim=True), self.env.comm, ROW)  # [B, S, 1] over all of d
+        return SumAcross.apply(t.sum(-1, keepdim=True), self.env.comm, ROW)  # [B, S, 1] over all of d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # [B, S, d/tp_row]
@@ -276,31 +246,6 @@ class TPNorm(nn.Module):
         if self.bias is not None:
             out["bias"] = (Shard(rows=self.span), (self.d,), axes, (ROW, None))
         return out
-
-
-class _VocabCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, comm, v0):
-        lf = logits.float()  # [B, S, V/tp_col]
-        top = lf.max(-1).values  # [B, S]
-        comm.all_reduce(top, COL, op="max")
-        z = lf - top[..., None]
-        e = z.exp()
-        local = targets - v0
-        inside = (local >= 0) & (local < lf.shape[-1])
-        idx = local.clamp(0, lf.shape[-1] - 1)[..., None]  # [B, S, 1]
-        stats = torch.stack((e.sum(-1), z.gather(-1, idx)[..., 0] * inside))  # [2, B, S]
-        comm.all_reduce(stats, COL)
-        ctx.save_for_backward(e, stats[0], idx, inside)
-        ctx.dtype = logits.dtype
-        return (stats[0].log() - stats[1]).sum()
-
-    @staticmethod
-    def backward(ctx, g):
-        e, total, idx, inside = ctx.saved_tensors
-        p = e / total[..., None]  # softmax over the whole vocabulary, this rank's columns
-        p.scatter_add_(-1, idx, -inside[..., None].to(p.dtype))
-        return (p * g).to(ctx.dtype), None, None, None
 
 
 @dataclass
@@ -359,7 +304,7 @@ class TensorParallel:
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum of token cross-entropies of local logits [B, S, V/tp_col] against global targets."""
-        return _VocabCrossEntropy.apply(logits, targets, self.comm, self.vocab_start)
+        return VocabCrossEntropy.apply(logits, targets, self.comm, COL, self.vocab_start)
 
 
 def check(spec: ModelSpec, plan: Plan) -> None:
