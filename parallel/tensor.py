@@ -72,17 +72,17 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         op: TPLinear = ctx.op
-        w = op.store.weight(op.dw, "bwd")  # gathered again unless cached
+        w = op.store.weight(op.dw, "bwd").to(dy.dtype)  # gathered again unless cached (autocast: dy's dtype)
         dx = dy @ w  # [B, S, in_l]
         handle = None
         if op.reduce_in_grad:
             handle = op.comm.all_reduce(dx, op.out_axis, async_op=op.overlap_dx)
-        dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [out_l, in_l]
-        dweight = op.store.reduce_grad(op.dw, dw, defer=op.defer)
+        dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # [out_l, in_l]
+        dweight = op.store.reduce_grad(op.dw, dw.to(op.weight.dtype), defer=op.defer)
         dsucc = op.store.take_deferred(op.succ) if ctx.has_succ else None
         if handle is not None:
             handle.wait()
-        return dx, dweight, dsucc, None
+        return dx.to(x.dtype), dweight, dsucc, None
 
 
 class _Gathered(torch.autograd.Function):
