@@ -194,7 +194,7 @@ def _grad_rel_diff(a: list[torch.Tensor], c: list[torch.Tensor]) -> float:
 
 
 def run_rank(rank: int, b: Bench) -> dict[str, Any]:
-    """All trials on this rank; rank 0 returns every rank's timings and the sanity checks."""
+    """All trials on this rank; returns every rank's timings (gathered) and the sanity checks."""
     base = _model(b)  # materialized once; every variant trains its own copy of the same weights
     variants: dict[str, Any] = {}
     for mb in b.bucket_mb:
@@ -341,7 +341,7 @@ def sanity(b: Bench, result: dict[str, Any]) -> list[str]:
         ours, ddp = f"ours b={mb:g}", f"ddp b={mb:g}"
         losses = {}
         for name in (ours, ddp):
-            warm = [sum(r[f"{name} warmup loss"][t]["loss_sum"] for r in ranks) for t in range(b.warmup)]
+            warm = [sum(r.get(f"{name} warmup loss", [])[t]["loss_sum"] for r in ranks) for t in range(b.warmup)]
             timed = [sum(r[name][t]["loss_sum"] for r in ranks) for t in range(b.trials)]
             losses[name] = [x / (b.world * b.local_tokens) for x in warm + timed]
         d0 = abs(losses[ours][0] - losses[ddp][0])
