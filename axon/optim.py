@@ -11,6 +11,7 @@ from torch import nn
 
 from axon.config import Optim
 
+
 def build_optimizer(model: nn.Module, optim: Optim, lr: float) -> torch.optim.Optimizer:
     """AdamW; matrices decay, vectors (norms, biases) do not."""
     decay, no_decay = [], []
@@ -35,25 +36,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
 
-def global_grad_norm(params_by_shard_group: Mapping[Any, list[torch.Tensor]],
+def global_grad_norm(named: Mapping[str, torch.Tensor], weights: Mapping[str, float], tensor_group: Any = None,
                      stage_group: Any = None) -> torch.Tensor:
-    """L2 norm of the full gradient. `params_by_shard_group` maps the process group over which a
-    parameter is sharded (None = not sharded) to its local parameters; pipeline stages are summed
-    over `stage_group`."""
-    total = None
-    for group, params in params_by_shard_group.items():
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            continue
-        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    """L2 norm of the full gradient when parameters are sharded. A parameter split into n distinct
+    pieces over a tensor-parallel group of t ranks has each piece on t/n ranks, so weighting its
+    squares by n/t (`weights`) and summing over the group counts every element once; pipeline
+    stages hold different parameters and are summed over `stage_group`."""
+    device = next(iter(named.values())).device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for name, p in named.items():
+        if p.grad is not None:
+            sq += p.grad.detach().float().pow(2).sum() * weights[name]
+    for group in (tensor_group, stage_group):
         if group is not None:
             dist.all_reduce(sq, group=group)
-        total = sq if total is None else total + sq
-    if total is None:
-        total = torch.zeros(())
-    if stage_group is not None:
-        dist.all_reduce(total, group=stage_group)
-    return total.sqrt()
+    return sq.sqrt()
+
 
 def clip_(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients in place so their global norm is at most `max_norm` (0 disables)."""

@@ -41,6 +41,10 @@ def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig
         info = {"auto": True, "estimate": estimate.to_dict()}
     cfg.plan.check(cfg.model, world, cfg.train.global_batch_size, cfg.train.seq_len)
     trainer.check_implemented(cfg.plan)
+    if cfg.plan.tp > 1:
+        from parallel.tensor import check as check_tensor_split
+
+        check_tensor_split(cfg.model, cfg.plan)
     if not cfg.auto_plan:
         from perfmodel.estimate import estimate
 

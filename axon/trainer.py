@@ -28,6 +28,7 @@ from axon.metrics import Reporter, peak_memory_bytes, write_run_files
 from axon.model import build
 from axon.optim import build_optimizer, clip_, global_grad_norm, lr_at, set_lr
 from launch.grid import Grid
+from parallel import context, tensor
 from parallel.data import DataParallel
 from perfmodel.flops import mfu, n_params
 from perfmodel.specs import Plan, PlanError
@@ -37,11 +38,6 @@ NOT_YET: tuple[tuple[str, Any, str], ...] = (
     ("pp", 1, "#4 pipeline parallelism"),
     ("virtual_stages", 1, "#4 pipeline parallelism"),
     ("offload.activations", 0.0, "#4 PipeOffload"),
-    ("cp", 1, "#5 context parallelism"),
-    ("tp_col", 1, "#3 tensor parallelism"),
-    ("tp_row", 1, "#3 tensor parallelism"),
-    ("tp_depth", 1, "#3 tensor parallelism"),
-    ("sequence_parallel", False, "#3 tensor parallelism"),
     ("zero", 0, "#6 ZeRO"),
     ("offload.optimizer", False, "#6 optimizer offload"),
     ("recompute", "none", "#6 recomputation"),
@@ -86,19 +82,47 @@ class Trainer:
         plan, spec = cfg.plan, cfg.model
         torch.manual_seed(cfg.train.seed)
         self.model = build(spec)
-        materialize(self.model, spec, cfg.train.seed, device)
+        # parallelism applied from outside, by data; then only this rank's shards are materialized
+        self.tp = tensor.apply(self.model, spec, plan, grid) if plan.tp > 1 else None
+        self.cp = context.apply(self.model, spec, plan, grid)
+        shards = self.tp.shards if self.tp else {}
+        materialize(self.model, spec, cfg.train.seed, device, shards=shards,
+                    full_shapes=self.tp.full_shapes if self.tp else {})
         self.named = dict(self.model.named_parameters())
+        self.loss_fn = self.tp.loss_fn if self.tp else _cross_entropy_sum
         self.data_group = grid.group("dp", "cp", "tp_depth")
-        self.dp = DataParallel([(list(self.named.values()), grid.group("dp", "cp").group, grid.group("dp", "cp").size)],
-                               bucket_mb=plan.bucket_mb, overlap=plan.overlap_grad_reduce)
+        self.dp = DataParallel(self._reduction_groups(), bucket_mb=plan.bucket_mb, overlap=plan.overlap_grad_reduce)
+        self.norm_weights = {name: self._pieces(name) / plan.tp for name in self.named}
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.train.lr)
-        self.shard_groups: dict[Any, list[torch.Tensor]] = {None: list(self.named.values())}
         dataset = open_dataset(cfg.data, vocab_size=spec.vocab_size)
         self.train_data = dataset.split("train")
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size,
                                     cfg.train.seed)
         self.shard = grid.axis("dp").coord * plan.tp_depth + grid.axis("tp_depth").coord
         self.autocast = _autocast(cfg.train.dtype, device)
+
+    def _reduction_groups(self) -> list[tuple[list[torch.nn.Parameter], Any, int]]:
+        """Parameters grouped by the grid axes their gradients are summed over."""
+        by_axes: dict[tuple[str, ...], list[torch.nn.Parameter]] = {}
+        for name, p in self.named.items():
+            axes = self.tp.grad_axes.get(name, ("dp", "cp")) if self.tp else ("dp", "cp")
+            by_axes.setdefault(tuple(axes), []).append(p)
+        return [(params, self.grid.group(*axes).group, self.grid.group(*axes).size)
+                for axes, params in by_axes.items()]
+
+    def _pieces(self, name: str) -> int:
+        """How many distinct pieces of parameter `name` the tensor-parallel group holds."""
+        if self.tp is None or name not in self.tp.splits:
+            return 1
+        n = 1
+        for axis in self.tp.splits[name]:
+            n *= self.grid.axis(axis).size if axis else 1
+        if self.tp.shards[name].flat is not None:
+            n *= self.grid.axis("tp_depth").size
+        return n
+
+    def _wrap(self, name: str, local: torch.Tensor) -> Any:
+        return self.tp.to_checkpoint(name, local) if self.tp else local
 
     # ---- one optimizer step ----
     def step(self, step: int) -> dict[str, float]:
@@ -108,20 +132,20 @@ class Trainer:
         set_lr(self.optimizer, lr := lr_at(step, cfg.train.lr, cfg.optim, cfg.train.steps))
         local = self.sampler.local_batch(self.train_data, step, self.shard, plan.data_shards)  # [G/shards, S+1]
         micro = local.split(plan.micro_batch_size)  # m x [mbs, S+1]
-        positions = torch.arange(seq, device=self.device)  # [S]
         self.dp.zero_grad()
         loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro):
             self.dp.sync = i == len(micro) - 1  # reduce only on the last microbatch
-            mb = mb.to(self.device, non_blocking=True)
-            inputs, targets = mb[:, :-1], mb[:, 1:]  # [mbs, S] each
+            mb = mb.to(self.device, non_blocking=True)  # [mbs, S+1]
+            inputs, targets, positions = self.cp.shard(mb)  # [mbs, S/cp] x 2, global positions [S/cp]
             with self.autocast:
-                logits = self.model(inputs, positions)  # [mbs, S, V]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+                logits = self.model(inputs, positions)  # [mbs, S/cp, V (/tp_col)]
+            loss = self.loss_fn(logits.float(), targets)
             (loss / global_tokens).backward()
             loss_sum += loss.detach()
         self.dp.finish()
-        norm = global_grad_norm(self.shard_groups, _group_or_none(self.grid.axis("pp")))
+        norm = global_grad_norm(self.named, self.norm_weights, _group_or_none(self.grid.group("tp_col", "tp_row", "tp_depth")),
+                                _group_or_none(self.grid.axis("pp")))
         clip_(list(self.named.values()), norm, cfg.optim.grad_clip)
         self.optimizer.step()
         if self.data_group.size > 1:
@@ -130,8 +154,8 @@ class Trainer:
 
     # ---- checkpoints ----
     def _states(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        model_state = {name: p.data for name, p in self.named.items()}
-        return model_state, ckpt.optimizer_state(self.named, self.optimizer, lambda name, t: t)
+        model_state = {name: self._wrap(name, p.data) for name, p in self.named.items()}
+        return model_state, ckpt.optimizer_state(self.named, self.optimizer, self._wrap)
 
     def save(self, step: int) -> Path:
         model_state, optim_state = self._states()
@@ -205,6 +229,11 @@ def _truncate_metrics(path: Path, start: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies: logits [B, S, V], targets [B, S]."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def _group_or_none(axis: Any) -> Any:
