@@ -19,6 +19,9 @@ class Pools:
             pool = self._pools[world] = WorkerPool(world)
         try:
             return pool.run(fn, *args, **kwargs)
+        except BaseException:  # a failure, or pytest-timeout interrupting us mid-task: never reuse
+            pool.broken = True
+            raise
         finally:
             if pool.broken:
                 pool.close()
