@@ -16,13 +16,13 @@ TOL = 1e-5
 MICROBATCHES = 4
 
 
-def _check(configs: list[dict], per_rank: list[list[dict]], pp: int) -> None:
+def _check(configs: list[dict], per_rank: list[list[dict]], dp: int = 1) -> None:
     for i, cfg in enumerate(configs):
         results = [rank[i] for rank in per_rank]
         for rank, r in enumerate(results):
             assert r["loss_err"] < TOL, (cfg, rank, r["loss_err"])
             assert r["grad_err"] < TOL, (cfg, rank, r["grad_err"])
-        names = sorted(n for r in results[:pp] for n in r["names"])
+        names = sorted(n for r in results[::dp] for n in r["names"])  # one rank per stage (dp is inner)
         assert len(names) == len(set(names)) and any("tok_emb" in n for n in names) and any("head" in n for n in names)
 
 
@@ -33,7 +33,7 @@ def test_schedule_matches_single_process(dist_pools, schedule, pp):
     v = 2 if schedule in V_SHAPED or schedule == "interleaved" else 1
     configs = [{"schedule": schedule, "virtual_stages": v, "offload": f} for f in (0.0, 0.5, 1.0)]
     per_rank = dist_pools.run(pp, parity_many, 1, pp, configs, MICROBATCHES)
-    _check(configs, per_rank, pp)
+    _check(configs, per_rank)
     for i, c in enumerate(configs):  # activations reach host memory where the schedule offloads any
         sim = simulate(build(schedule, pp, MICROBATCHES, v, c["offload"]))
         for rank in range(pp):
@@ -50,7 +50,7 @@ def test_offload_lowers_device_activation_memory(dist_pools):
 
 def test_pp2_dp2_matches_single_process(dist_pools):
     configs = [{"schedule": s, "offload": 0.0} for s in ("1f1b", "zbv")]
-    _check(configs, dist_pools.run(4, parity_many, 2, 2, configs, 4), 2)
+    _check(configs, dist_pools.run(4, parity_many, 2, 2, configs, MICROBATCHES), dp=2)
 
 
 def test_uneven_explicit_layout_matches(dist_pools):
