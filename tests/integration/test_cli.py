@@ -109,3 +109,26 @@ def test_killed_rank_fails_the_job_in_time(tmp_path):
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_train_under_an_outside_launcher(launcher, tmp_path):
+    """The same entry under torchrun and under mpiexec (MPI env vars, mpi4py rendezvous)."""
+    run = tmp_path / "run"
+    args = ["-m", "axon.train", "parallel.dp=2", "train.steps=2", f"run.dir={run}", *FAST]
+    if launcher == "torchrun":
+        from launch.dist import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port("127.0.0.1")), *args]
+    else:
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        if not mpiexec.exists():
+            pytest.skip("mpiexec not installed in the environment (pip install mpich mpi4py)")
+        cmd = [str(mpiexec), "-n", "2", sys.executable, *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["world_size"] == 2
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
