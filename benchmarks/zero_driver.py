@@ -49,7 +49,8 @@ class Plain:
 
     def __init__(self, model: torch.nn.Module, grid: Grid, plan: Plan):
         dpc = grid.group("dp", "cp")
-        self.params = list(model.parameters())
+        self.named = dict(model.named_parameters())
+        self.params = list(self.named.values())
         self.dp = DataParallel([(self.params, dpc.group, dpc.size)], bucket_mb=plan.bucket_mb)
         self.opt = build_optimizer(model, OPTIM, LR)
 
@@ -68,7 +69,7 @@ class Plain:
         self.dp.finish()
 
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
-        return global_grad_norm({None: self.params}, stage_group)
+        return global_grad_norm(self.named, {n: 1.0 for n in self.named}, None, stage_group)
 
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
         clip_(self.params, norm, max_norm)
@@ -90,7 +91,7 @@ def make(plan: Plan, use_engine: bool, spec: ModelSpec = SPEC) -> tuple[torch.nn
 
 
 def train_step(model: torch.nn.Module, engine: Any, grid: Grid, plan: Plan, step: int,
-               spec: ModelSpec = SPEC, seq: int = SEQ, global_batch: int = BATCH) -> float:
+               spec: ModelSpec = SPEC, seq: int = SEQ, global_batch: int = BATCH, lr: float = LR) -> float:
     dpc = grid.group("dp", "cp")
     local = batch(step, grid.axis("dp").coord, plan.dp, spec, seq, global_batch)
     micro = local.split(plan.micro_batch_size)
@@ -104,7 +105,7 @@ def train_step(model: torch.nn.Module, engine: Any, grid: Grid, plan: Plan, step
         loss_sum += loss.detach()
     engine.finish()
     engine.clip(engine.grad_norm(), OPTIM.grad_clip)
-    engine.step(LR)
+    engine.step(lr)
     if dpc.size > 1:
         dist.all_reduce(loss_sum, group=dpc.group)
     return (loss_sum / (global_batch * seq)).item()

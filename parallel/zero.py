@@ -37,7 +37,7 @@ any stages and group sizes and loads in place. Call `after_load()` after loading
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

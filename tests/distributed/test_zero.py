@@ -4,7 +4,6 @@ recomputation; reductions really launch during backward."""
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
 from benchmarks import zero_driver as drv
 from perfmodel.specs import Offload, Plan
