@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
+from parallel.shard import Shard
 from perfmodel.specs import ModelSpec
 
 BLOCK_ELEMS = 1 << 22  # elements per generator block (16 MiB of fp32)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This rank's piece of a full parameter: rows x cols of the 2D view, then optionally a
-    slice of that piece flattened (for weights sharded again over tp_depth)."""
-
-    rows: slice = field(default_factory=lambda: slice(None))
-    cols: slice = field(default_factory=lambda: slice(None))
-    flat: Optional[slice] = None
 
 
 def _seed_for(seed: int, name: str, block: int) -> int:

@@ -25,6 +25,7 @@ from axon.config import RunConfig, freeze, load
 from launch import dist as launch_dist
 from launch.env import LaunchEnvError, detect
 from launch.grid import Grid
+from parallel import pipeline, tensor
 from perfmodel.specs import PlanError
 
 
@@ -41,10 +42,9 @@ def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig
         info = {"auto": True, "estimate": estimate.to_dict()}
     cfg.plan.check(cfg.model, world, cfg.train.global_batch_size, cfg.train.seq_len)
     trainer.check_implemented(cfg.plan)
+    pipeline.check(cfg.model, cfg.plan)
     if cfg.plan.tp > 1:
-        from parallel.tensor import check as check_tensor_split
-
-        check_tensor_split(cfg.model, cfg.plan)
+        tensor.check(cfg.model, cfg.plan)
     if not cfg.auto_plan:
         from perfmodel.estimate import estimate
 

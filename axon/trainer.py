@@ -25,19 +25,16 @@ from axon.config import RunConfig
 from axon.data import BatchSampler, open_dataset
 from axon.init import materialize
 from axon.metrics import Reporter, peak_memory_bytes, write_run_files
-from axon.model import build
+from axon.model import GPT
 from axon.optim import build_optimizer, clip_, global_grad_norm, lr_at, set_lr
 from launch.grid import Grid
-from parallel import context, tensor
+from parallel import context, pipeline, tensor
 from parallel.data import DataParallel
 from perfmodel.flops import mfu, n_params
 from perfmodel.specs import Plan, PlanError
 
 # Plan settings this build cannot run yet: (field, the only supported value, the issue).
 NOT_YET: tuple[tuple[str, Any, str], ...] = (
-    ("pp", 1, "#4 pipeline parallelism"),
-    ("virtual_stages", 1, "#4 pipeline parallelism"),
-    ("offload.activations", 0.0, "#4 PipeOffload"),
     ("zero", 0, "#6 ZeRO"),
     ("offload.optimizer", False, "#6 optimizer offload"),
     ("recompute", "none", "#6 recomputation"),
@@ -51,10 +48,17 @@ def _plan_value(plan: Plan, name: str) -> Any:
     return obj
 
 
+SPLIT_BACKWARD = ("zbh1", "zbv", "vhalf", "vmin")  # schedules whose W pass is deferred (B/W split)
+
+
 def check_implemented(plan: Plan) -> None:
     """Reject layouts this build cannot run yet (before any process group exists)."""
     missing = [f"parallel.{name}={_plan_value(plan, name)!r} ({issue})" for name, only, issue in NOT_YET
                if _plan_value(plan, name) != only]
+    if plan.schedule in SPLIT_BACKWARD and plan.pp > 1 and plan.dp * plan.cp > 1:
+        missing.append(f"parallel.schedule={plan.schedule} with parallel.dp * parallel.cp > 1 (#4: the deferred "
+                       "weight gradients are not yet reduced correctly across data-parallel ranks; use 1f1b, "
+                       "interleaved or gpipe, or dp = cp = 1)")
     if missing:
         raise PlanError("not implemented yet: " + ", ".join(missing) + "; set those back to their defaults "
                         "and use parallel.dp for the ranks")
@@ -81,19 +85,24 @@ class Trainer:
         self.cfg, self.grid, self.device = cfg, grid, device
         plan, spec = cfg.plan, cfg.model
         torch.manual_seed(cfg.train.seed)
-        self.model = build(spec)
-        # parallelism applied from outside, by data; then only this rank's shards are materialized
-        self.tp = tensor.apply(self.model, spec, plan, grid) if plan.tp > 1 else None
-        self.cp = context.apply(self.model, spec, plan, grid)
-        shards = self.tp.shards if self.tp else {}
-        materialize(self.model, spec, cfg.train.seed, device, shards=shards,
-                    full_shapes=self.tp.full_shapes if self.tp else {})
-        self.named = dict(self.model.named_parameters())
-        self.loss_fn = self.tp.loss_fn if self.tp else _cross_entropy_sum
+        # this rank's pipeline chunks on the meta device; parallelism applied from outside, by
+        # data (TP per chunk, CP swaps attention cores); then only this rank's shards materialize
+        self.pipe = pipeline.apply(spec, plan, grid, lambda ids, emb, head: GPT(spec, ids, emb, head),
+                                   cfg.train.seq_len, timeout_s=cfg.launch.timeout_s)
+        chunks = list(self.pipe.chunks.values())
+        self.tps = [tensor.apply(chunk, spec, plan, grid) for chunk in chunks] if plan.tp > 1 else []
+        self.cp = [context.apply(chunk, spec, plan, grid) for chunk in chunks][0]
+        for i, chunk in enumerate(chunks):
+            tp = self.tps[i] if self.tps else None
+            materialize(chunk, spec, cfg.train.seed, device, shards=tp.shards if tp else {},
+                        full_shapes=tp.full_shapes if tp else {})
+        self.named = self.pipe.named_parameters()
+        self.tp_of = {name: tp for tp in self.tps for name in tp.shards}
+        self.loss_fn = self.tps[-1].loss_fn if self.tps else _cross_entropy_sum
         self.data_group = grid.group("dp", "cp", "tp_depth")
         self.dp = DataParallel(self._reduction_groups(), bucket_mb=plan.bucket_mb, overlap=plan.overlap_grad_reduce)
         self.norm_weights = {name: self._pieces(name) / plan.tp for name in self.named}
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.train.lr)
+        self.optimizer = build_optimizer(torch.nn.ModuleList(chunks), cfg.optim, cfg.train.lr)
         dataset = open_dataset(cfg.data, vocab_size=spec.vocab_size)
         self.train_data = dataset.split("train")
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size,
@@ -105,24 +114,27 @@ class Trainer:
         """Parameters grouped by the grid axes their gradients are summed over."""
         by_axes: dict[tuple[str, ...], list[torch.nn.Parameter]] = {}
         for name, p in self.named.items():
-            axes = self.tp.grad_axes.get(name, ("dp", "cp")) if self.tp else ("dp", "cp")
+            tp = self.tp_of.get(name)
+            axes = tp.grad_axes[name] if tp else ("dp", "cp")
             by_axes.setdefault(tuple(axes), []).append(p)
         return [(params, self.grid.group(*axes).group, self.grid.group(*axes).size)
                 for axes, params in by_axes.items()]
 
     def _pieces(self, name: str) -> int:
         """How many distinct pieces of parameter `name` the tensor-parallel group holds."""
-        if self.tp is None or name not in self.tp.splits:
+        tp = self.tp_of.get(name)
+        if tp is None or name not in tp.splits:
             return 1
         n = 1
-        for axis in self.tp.splits[name]:
+        for axis in tp.splits[name]:
             n *= self.grid.axis(axis).size if axis else 1
-        if self.tp.shards[name].flat is not None:
+        if tp.shards[name].flat is not None:
             n *= self.grid.axis("tp_depth").size
         return n
 
     def _wrap(self, name: str, local: torch.Tensor) -> Any:
-        return self.tp.to_checkpoint(name, local) if self.tp else local
+        tp = self.tp_of.get(name)
+        return tp.to_checkpoint(name, local) if tp else local
 
     # ---- one optimizer step ----
     def step(self, step: int) -> dict[str, float]:
@@ -133,23 +145,17 @@ class Trainer:
         local = self.sampler.local_batch(self.train_data, step, self.shard, plan.data_shards)  # [G/shards, S+1]
         micro = local.split(plan.micro_batch_size)  # m x [mbs, S+1]
         self.dp.zero_grad()
-        loss_sum = torch.zeros((), device=self.device)
-        for i, mb in enumerate(micro):
-            self.dp.sync = i == len(micro) - 1  # reduce only on the last microbatch
-            mb = mb.to(self.device, non_blocking=True)  # [mbs, S+1]
-            inputs, targets, positions = self.cp.shard(mb)  # [mbs, S/cp] x 2, global positions [S/cp]
-            with self.autocast:
-                logits = self.model(inputs, positions)  # [mbs, S/cp, V (/tp_col)]
-            loss = self.loss_fn(logits.float(), targets)
-            (loss / global_tokens).backward()
-            loss_sum += loss.detach()
+        # [mbs, S/cp] inputs and targets, global positions [S/cp], per microbatch
+        batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
+        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.dp, self.autocast)
         self.dp.finish()
         norm = global_grad_norm(self.named, self.norm_weights, _group_or_none(self.grid.group("tp_col", "tp_row", "tp_depth")),
                                 _group_or_none(self.grid.axis("pp")))
         clip_(list(self.named.values()), norm, cfg.optim.grad_clip)
         self.optimizer.step()
-        if self.data_group.size > 1:
-            dist.all_reduce(loss_sum, group=self.data_group.group)
+        for group in (self.grid.axis("pp"), self.data_group):  # the last stage holds the loss
+            if group.size > 1:
+                dist.all_reduce(loss_sum, group=group.group)
         return {"loss": (loss_sum / global_tokens).item(), "lr": lr, "grad_norm": norm.item()}
 
     # ---- checkpoints ----
@@ -233,7 +239,7 @@ def _truncate_metrics(path: Path, start: int) -> None:
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies: logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def _group_or_none(axis: Any) -> Any:

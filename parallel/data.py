@@ -26,7 +26,7 @@ class Bucket:
     buffer: torch.Tensor  # flat [numel of all params], grads are views into it
     group: Any
     group_size: int
-    pending: int = 0  # params whose gradient is not yet final in this step
+    ready: set = field(default_factory=set)  # ids of params whose gradient is final in this step
     handle: Any = None
 
 
@@ -83,15 +83,15 @@ class DataParallel:
         """Zero the flat buffers (the .grad views stay attached) and re-arm the buckets."""
         for b in self.buckets:
             b.buffer.zero_()
-            b.pending = len(b.params)
+            b.ready.clear()
             b.handle = None
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self.sync:
             return
         b = self._bucket_of[p]
-        b.pending -= 1
-        if b.pending == 0 and self.overlap:
+        b.ready.add(id(p))  # a set: a parameter reported twice (B and W) still counts once
+        if len(b.ready) == len(b.params) and b.handle is None and self.overlap:
             self._launch(b)
             self.stats.launched_in_backward += 1
 

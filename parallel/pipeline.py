@@ -144,9 +144,9 @@ def _virtual(plan: Plan) -> int:
     return plan.virtual_stages if plan.schedule == "interleaved" else schedules.chunks_per_rank(plan.schedule)
 
 
-def apply(spec: ModelSpec, plan: Plan, grid: Grid, build_chunk: BuildChunk, seq_len: int,
-          layout: Sequence[int] | None = None, timeout_s: float = 300.0) -> Pipeline:
-    """Split the model for `plan.pp` / `plan.schedule` and build this rank's chunks (meta device)."""
+def check(spec: ModelSpec, plan: Plan) -> None:
+    """Raise PlanError (naming the setting) when the schedule cannot run this layout; pure, so
+    the launcher calls it before any process group exists."""
     v = _virtual(plan)
     try:
         schedules._check(plan.schedule, plan.pp, plan.pp, v, plan.offload.activations)
@@ -155,12 +155,18 @@ def apply(spec: ModelSpec, plan: Plan, grid: Grid, build_chunk: BuildChunk, seq_
     if plan.schedule != "interleaved" and plan.virtual_stages != v:
         raise PlanError(f"parallel.schedule={plan.schedule} places {v} chunk(s) per rank; set "
                         f"parallel.virtual_stages={v}")
-    place = schedules.placement(plan.schedule, plan.pp, v)
-    layers = split_layers(spec, len(place), seq_len, plan.micro_batch_size, layout)
-    last = len(place) - 1
-    if spec.tied_embeddings and last > 0:
+    if spec.tied_embeddings and plan.pp * v > 1:
         raise PlanError("model.tied_embeddings=true with several pipeline chunks is not supported yet; "
                         "set model.tied_embeddings=false or parallel.pp=1 with a one-chunk schedule")
+
+
+def apply(spec: ModelSpec, plan: Plan, grid: Grid, build_chunk: BuildChunk, seq_len: int,
+          layout: Sequence[int] | None = None, timeout_s: float = 300.0) -> Pipeline:
+    """Split the model for `plan.pp` / `plan.schedule` and build this rank's chunks (meta device)."""
+    check(spec, plan)
+    place = schedules.placement(plan.schedule, plan.pp, _virtual(plan))
+    layers = split_layers(spec, len(place), seq_len, plan.micro_batch_size, layout)
+    last = len(place) - 1
     me = grid.axis("pp").coord
     with torch.device("meta"):
         chunks = {c: build_chunk(layers[c], c == 0, c == last) for c in range(len(place)) if place[c] == me}

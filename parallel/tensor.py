@@ -30,6 +30,7 @@ from torch import nn
 
 from launch.grid import Grid, rank_of
 from parallel.collectives import Collectives
+from parallel.shard import Shard
 from parallel.sequence import gather_seq, local_positions, scatter_seq
 from parallel.tensor_ops import ReduceFrom, SumAcross, VocabCrossEntropy
 from parallel.tensor_weights import DepthStore, DepthWeight
@@ -41,17 +42,6 @@ QKV = (ROW, COL)  # (in-axis, out-axis)
 OUT = (COL, ROW)
 REPLICATED = ("dp", "cp", DEPTH)  # gradient sum of a parameter replicated over depth
 SPLIT = ("dp", "cp")  # a depth-sharded weight: the depth reduce-scatter already summed depth
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This rank's piece of a full parameter, as `axon.init.materialize` reads it: rows x cols
-    of the 2D view, then a `flat` slice of that piece flattened (the depth split). Same fields
-    as axon.init.Shard, defined here because parallel/ must not import axon/."""
-
-    rows: slice = field(default_factory=lambda: slice(None))
-    cols: slice = field(default_factory=lambda: slice(None))
-    flat: Optional[slice] = None
 
 
 class _Linear(torch.autograd.Function):

@@ -136,24 +136,31 @@ class Plan:
         self._check_batch(global_batch_size, seq_len, model)
 
     def _check_model_split(self, model: ModelSpec) -> None:
-        tp_heads = self.tp_col * self.tp_row
-        for name, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads)):
-            if value % tp_heads:
-                raise PlanError(f"{name}={value} is not divisible by parallel.tp_col * parallel.tp_row = "
-                                f"{tp_heads}; change the tensor-parallel degrees or {name}")
-        if self.tp > 1:
-            for name, value in (("model.d_model", model.d_model), ("model.d_ff", model.d_ff),
-                                ("model.vocab_size", model.vocab_size)):
-                if value % self.tp:
-                    raise PlanError(f"{name}={value} is not divisible by the tensor-parallel degree "
-                                    f"{self.tp} (tp_col*tp_row*tp_depth); change {name} or parallel.tp_*")
+        # 3D tensor parallelism: heads split over tp_col; every weight piece split again over
+        # tp_depth in whole rows (so checkpoints reshard as blocks)
+        x, y, z = self.tp_col, self.tp_row, self.tp_depth
+        for name, value, by, knob in (
+                ("model.n_heads", model.n_heads, x, "parallel.tp_col"),
+                ("model.n_kv_heads", model.n_kv_heads, x, "parallel.tp_col"),
+                ("model.d_ff", model.d_ff, x * z, "parallel.tp_col * parallel.tp_depth"),
+                ("model.vocab_size", model.vocab_size, x * z, "parallel.tp_col * parallel.tp_depth"),
+                ("model.d_model", model.d_model, y * z, "parallel.tp_row * parallel.tp_depth"),
+                ("model.d_model", model.d_model, x * z, "parallel.tp_col * parallel.tp_depth"),
+                ("model.n_kv_heads * head_dim", model.n_kv_heads * model.head_dim, x * z,
+                 "parallel.tp_col * parallel.tp_depth")):
+            if value % by:
+                raise PlanError(f"{name}={value} is not divisible by {knob} = {by}; change {name} or {knob}")
+        if model.tied_embeddings and self.tp > 1:
+            raise PlanError("model.tied_embeddings=true is not supported with tensor parallelism; set "
+                            "model.tied_embeddings=false or parallel.tp_col = tp_row = tp_depth = 1")
         chunks = self.pp * self.virtual_stages
         if model.n_layers % chunks:
             raise PlanError(f"model.n_layers={model.n_layers} is not divisible by parallel.pp * "
                             f"parallel.virtual_stages = {chunks}; change parallel.pp or parallel.virtual_stages")
-        if self.cp_mode == "ulysses" and self.cp > 1 and model.n_heads % (self.cp * tp_heads):
+        if self.cp_mode == "ulysses" and self.cp > 1 and model.n_heads % (self.cp * x):
             raise PlanError(f"Ulysses context parallelism needs model.n_heads={model.n_heads} divisible by "
-                            f"parallel.cp * tp = {self.cp * tp_heads}; change parallel.cp or set parallel.cp_mode=ring")
+                            f"parallel.cp * parallel.tp_col = {self.cp * x}; change parallel.cp or set "
+                            f"parallel.cp_mode=ring")
 
     def _check_batch(self, global_batch_size: int, seq_len: int, model: ModelSpec) -> None:
         per_step = self.data_shards * self.micro_batch_size
@@ -164,6 +171,10 @@ class Plan:
         if self.cp > 1 and seq_len % (2 * self.cp):
             raise PlanError(f"train.seq_len={seq_len} is not divisible by 2 * parallel.cp = {2 * self.cp} "
                             f"(zig-zag context split); change train.seq_len or parallel.cp")
+        if self.sequence_parallel and self.tp_col > 1 and (seq_len // self.cp) % self.tp_col:
+            raise PlanError(f"sequence parallelism splits each rank's train.seq_len / parallel.cp = "
+                            f"{seq_len // self.cp} tokens over parallel.tp_col={self.tp_col}; change train.seq_len "
+                            f"or parallel.tp_col")
         if seq_len > model.max_seq_len:
             raise PlanError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
                             f"raise model.max_seq_len or lower train.seq_len")

@@ -39,7 +39,19 @@ def _worker(rank: int, world: int, port: int, tasks: Any, results: Any, timeout_
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((rank, False, traceback.format_exc()))
+        _destroy_subgroups()
     dist.destroy_process_group()
+
+
+def _destroy_subgroups() -> None:
+    """Free the groups a task created (each gloo group holds threads; a long-lived pool would
+    otherwise pile up hundreds of them and load the machine)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in list(c10d._world.pg_map):
+        if pg is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(pg)
 
 
 class WorkerPool:

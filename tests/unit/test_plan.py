@@ -13,6 +13,7 @@ def check(plan: Plan, world: int = None, gbs: int = 16, seq: int = 128, model: M
 @pytest.mark.parametrize("plan,world,match", [
     (Plan(dp=3), 4, "parallel.dp"),
     (Plan(dp=2, tp_col=3), 6, "model.n_heads=4 is not divisible by parallel.tp_col"),
+    (Plan(tp_depth=16), None, "model.d_ff=344 is not divisible by parallel.tp_col \\* parallel.tp_depth"),
     (Plan(pp=3), None, "model.n_layers=8 is not divisible by parallel.pp"),
     (Plan(pp=2, virtual_stages=3), None, "parallel.virtual_stages"),
     (Plan(dp=3), None, "train.global_batch_size=16 is not divisible"),
@@ -35,6 +36,10 @@ def test_bad_model_shapes():
         check(Plan(), model=ModelSpec(d_model=130))
     with pytest.raises(PlanError, match="model.n_kv_heads"):
         check(Plan(), model=ModelSpec(n_kv_heads=3))
+    with pytest.raises(PlanError, match="train.seq_len / parallel.cp = 127 tokens over parallel.tp_col=2"):
+        check(Plan(tp_col=2, sequence_parallel=True), seq=127)
+    with pytest.raises(PlanError, match="model.tied_embeddings"):
+        check(Plan(tp_col=2), model=ModelSpec(tied_embeddings=True))
     with pytest.raises(PlanError, match="model.max_seq_len"):
         check(Plan(), seq=4096)
 
