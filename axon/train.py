@@ -74,7 +74,7 @@ def _run_rank(cfg: RunConfig, env: Any, plan_info: dict[str, Any]) -> int:
     preempt = None
     try:
         backend = launch_dist.init(env, cfg.launch.backend, cfg.launch.timeout_s)
-        device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         grid = Grid.build(cfg.plan, env.rank, env.world_size)
         from axon.preempt import PreemptionHandler
 

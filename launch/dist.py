@@ -38,11 +38,14 @@ def init(env: LaunchEnv, backend: str, timeout_s: float) -> str:
     chosen = resolve_backend(backend)
     if chosen == "nccl":
         count = torch.cuda.device_count()
-        if env.local_rank >= count:
+        if count == 1:  # one GPU visible per task (e.g. srun --gpus-per-task=1 --gpu-bind=closest)
+            torch.cuda.set_device(0)
+        elif env.local_rank >= count:
             raise RuntimeError(f"local rank {env.local_rank} has no GPU: this node shows {count}; "
                                f"start at most {count} processes per node (launch.nproc_per_node, "
                                "srun --ntasks-per-node, mpiexec -ppn)")
-        torch.cuda.set_device(env.local_rank)
+        else:
+            torch.cuda.set_device(env.local_rank)
     addr, port = env.master_addr, env.master_port
     if addr is None:
         addr, port = _mpi_rendezvous(env)
