@@ -29,17 +29,33 @@ from parallel import pipeline, tensor
 from perfmodel.specs import PlanError
 
 
+AUTO_CANDIDATES = 200  # the search's best plans considered by parallel=auto
+
+
+def _runnable(plan: Any) -> bool:
+    """Whether this build can run `plan` (the search also proposes combinations not built yet)."""
+    try:
+        trainer.check_implemented(plan)
+    except PlanError:
+        return False
+    return True
+
+
 def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig, dict[str, Any]]:
     """The layout to run (the performance model's pick for `parallel=auto`), checked."""
     info: dict[str, Any] = {"auto": False}
     if cfg.auto_plan:
-        from perfmodel.search import best_plan, parse_constraints
+        from perfmodel.search import parse_constraints, search
 
-        constraints = {**trainer.implemented_constraints(), **parse_constraints(argv)}
-        plan, estimate = best_plan(cfg.model, cfg.cluster, world, constraints, cfg.train.global_batch_size,
-                                   cfg.train.seq_len)
-        cfg = replace(cfg, plan=plan)
-        info = {"auto": True, "estimate": estimate.to_dict()}
+        ranked = search(cfg.model, cfg.cluster, world, parse_constraints(argv), cfg.train.global_batch_size,
+                        cfg.train.seq_len, top=AUTO_CANDIDATES).estimates
+        runnable = [e for e in ranked if _runnable(e.plan)]
+        if not runnable:
+            raise PlanError(f"parallel=auto found no runnable layout of {world} ranks that fits "
+                            f"(cluster={cfg.cluster.name}); relax the parallel.* constraints, lower "
+                            f"train.seq_len or the batch, or use more ranks")
+        cfg = replace(cfg, plan=runnable[0].plan)
+        info = {"auto": True, "estimate": runnable[0].to_dict()}
     cfg.plan.check(cfg.model, world, cfg.train.global_batch_size, cfg.train.seq_len)
     trainer.check_implemented(cfg.plan)
     pipeline.check(cfg.model, cfg.plan)

@@ -24,49 +24,34 @@ from axon import checkpoint as ckpt
 from axon.config import RunConfig
 from axon.data import BatchSampler, open_dataset
 from axon.init import materialize
-from axon.metrics import Reporter, peak_memory_bytes, write_run_files
+from axon import memory
+from axon.metrics import Reporter, peak_memory_bytes, write_json_atomic, write_run_files
 from axon.model import GPT
 from axon.optim import build_optimizer, clip_, global_grad_norm, lr_at, set_lr
 from launch.grid import Grid
-from parallel import context, pipeline, tensor
+from parallel import context, pipeline, recompute, tensor, zero
 from parallel.data import DataParallel
 from perfmodel.flops import mfu, n_params
 from perfmodel.specs import Plan, PlanError
-
-# Plan settings this build cannot run yet: (field, the only supported value, the issue).
-NOT_YET: tuple[tuple[str, Any, str], ...] = (
-    ("zero", 0, "#6 ZeRO"),
-    ("offload.optimizer", False, "#6 optimizer offload"),
-    ("recompute", "none", "#6 recomputation"),
-)
-
-
-def _plan_value(plan: Plan, name: str) -> Any:
-    obj: Any = plan
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 SPLIT_BACKWARD = ("zbh1", "zbv", "vhalf", "vmin")  # schedules whose W pass is deferred (B/W split)
 
 
 def check_implemented(plan: Plan) -> None:
     """Reject layouts this build cannot run yet (before any process group exists)."""
-    missing = [f"parallel.{name}={_plan_value(plan, name)!r} ({issue})" for name, only, issue in NOT_YET
-               if _plan_value(plan, name) != only]
+    missing = []
     if plan.schedule in SPLIT_BACKWARD and plan.pp > 1 and plan.dp * plan.cp > 1:
         missing.append(f"parallel.schedule={plan.schedule} with parallel.dp * parallel.cp > 1 (#4: the deferred "
                        "weight gradients are not yet reduced correctly across data-parallel ranks; use 1f1b, "
                        "interleaved or gpipe, or dp = cp = 1)")
+    if (plan.zero > 0 or plan.offload.optimizer) and (plan.tp > 1 or plan.schedule in SPLIT_BACKWARD
+                                                      or plan.schedule == "interleaved"):
+        missing.append("parallel.zero / parallel.offload.optimizer with tensor parallelism, a split-backward "
+                       "or an interleaved schedule (#6: the ZeRO engine shards one chunk per rank over dp x cp "
+                       "only); use parallel.tp_*=1 and parallel.schedule=1f1b or gpipe")
     if missing:
         raise PlanError("not implemented yet: " + ", ".join(missing) + "; set those back to their defaults "
                         "and use parallel.dp for the ranks")
-
-
-def implemented_constraints() -> dict[str, Any]:
-    """What `parallel=auto` must hold fixed so the search only proposes runnable layouts."""
-    return {name: only for name, only, _ in NOT_YET}
 
 
 @dataclass
@@ -93,6 +78,7 @@ class Trainer:
         self.tps = [tensor.apply(chunk, spec, plan, grid) for chunk in chunks] if plan.tp > 1 else []
         self.cp = [context.apply(chunk, spec, plan, grid) for chunk in chunks][0]
         for i, chunk in enumerate(chunks):
+            recompute.apply(chunk, plan)
             tp = self.tps[i] if self.tps else None
             materialize(chunk, spec, cfg.train.seed, device, shards=tp.shards if tp else {},
                         full_shapes=tp.full_shapes if tp else {})
@@ -100,9 +86,17 @@ class Trainer:
         self.tp_of = {name: tp for tp in self.tps for name in tp.shards}
         self.loss_fn = self.tps[-1].loss_fn if self.tps else _cross_entropy_sum
         self.data_group = grid.group("dp", "cp", "tp_depth")
-        self.dp = DataParallel(self._reduction_groups(), bucket_mb=plan.bucket_mb, overlap=plan.overlap_grad_reduce)
         self.norm_weights = {name: self._pieces(name) / plan.tp for name in self.named}
-        self.optimizer = build_optimizer(torch.nn.ModuleList(chunks), cfg.optim, cfg.train.lr)
+        # gradient reduction + optimizer: the ZeRO engine (stages 1-3, optimizer offload) or
+        # bucketed data parallelism + AdamW; both expose zero_grad / sync / finish / remove
+        self.engine = zero.apply(chunks[0], plan, grid, cfg.optim) if plan.zero > 0 or plan.offload.optimizer \
+            else None
+        if self.engine is not None:
+            self.dp, self.optimizer = self.engine, None
+        else:
+            self.dp = DataParallel(self._reduction_groups(), bucket_mb=plan.bucket_mb,
+                                   overlap=plan.overlap_grad_reduce)
+            self.optimizer = build_optimizer(torch.nn.ModuleList(chunks), cfg.optim, cfg.train.lr)
         dataset = open_dataset(cfg.data, vocab_size=spec.vocab_size)
         self.train_data = dataset.split("train")
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size,
@@ -141,7 +135,7 @@ class Trainer:
         cfg, plan = self.cfg, self.cfg.plan
         seq = cfg.train.seq_len
         global_tokens = cfg.train.global_batch_size * seq
-        set_lr(self.optimizer, lr := lr_at(step, cfg.train.lr, cfg.optim, cfg.train.steps))
+        lr = lr_at(step, cfg.train.lr, cfg.optim, cfg.train.steps)
         local = self.sampler.local_batch(self.train_data, step, self.shard, plan.data_shards)  # [G/shards, S+1]
         micro = local.split(plan.micro_batch_size)  # m x [mbs, S+1]
         self.dp.zero_grad()
@@ -149,17 +143,34 @@ class Trainer:
         batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
         loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.dp, self.autocast)
         self.dp.finish()
-        norm = global_grad_norm(self.named, self.norm_weights, _group_or_none(self.grid.group("tp_col", "tp_row", "tp_depth")),
-                                _group_or_none(self.grid.axis("pp")))
-        clip_(list(self.named.values()), norm, cfg.optim.grad_clip)
-        self.optimizer.step()
+        pp_group = _group_or_none(self.grid.axis("pp"))
+        if self.engine is not None:
+            norm = self.engine.grad_norm(pp_group)
+            self.engine.clip(norm, cfg.optim.grad_clip)
+            self.engine.step(lr)
+        else:
+            norm = global_grad_norm(self.named, self.norm_weights,
+                                    _group_or_none(self.grid.group("tp_col", "tp_row", "tp_depth")), pp_group)
+            clip_(list(self.named.values()), norm, cfg.optim.grad_clip)
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
         for group in (self.grid.axis("pp"), self.data_group):  # the last stage holds the loss
             if group.size > 1:
                 dist.all_reduce(loss_sum, group=group.group)
         return {"loss": (loss_sum / global_tokens).item(), "lr": lr, "grad_norm": norm.item()}
 
     # ---- checkpoints ----
+    def measured_memory(self) -> dict[str, int]:
+        """Bytes per rank of model states (by role) and the last step's peak saved activations."""
+        if self.engine is not None:
+            roles = self.engine.state_tensors()
+        else:
+            roles = memory.data_parallel_roles(torch.nn.ModuleList(self.pipe.chunks.values()), self.dp, self.optimizer)
+        return memory.measured(roles, self.pipe.last_memory.peak_device_bytes)
+
     def _states(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.engine is not None:
+            return self.engine.checkpoint_state()
         model_state = {name: self._wrap(name, p.data) for name, p in self.named.items()}
         return model_state, ckpt.optimizer_state(self.named, self.optimizer, self._wrap)
 
@@ -178,6 +189,8 @@ class Trainer:
         self.sampler.load_state_dict(meta["sampler"])
         model_state, optim_state = self._states()
         ckpt.load(path, model_state, optim_state)
+        if self.engine is not None:
+            self.engine.after_load()
         return int(meta["step"])
 
 
@@ -209,6 +222,8 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
             dt = time.perf_counter() - t0
             result.losses.append(out["loss"])
             result.steps.append(step)
+            if step == start + 1 and rank0:
+                _record_memory(cfg.run_dir / "plan.json", info, trainer.measured_memory())
             if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                 tps = tokens / dt
                 reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt,
@@ -235,6 +250,13 @@ def _truncate_metrics(path: Path, start: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_memory(path: Path, info: dict[str, Any], measured: dict[str, int]) -> None:
+    """plan.json: `memory.measured` (rank 0, after the first step) beside `memory.predicted`."""
+    predicted = (info.get("estimate") or {}).get("memory", {})
+    info["memory"] = {"measured": measured, "predicted": predicted}
+    write_json_atomic(path, info)
 
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

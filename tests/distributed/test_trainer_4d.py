@@ -34,6 +34,7 @@ def reference(tmp_path_factory, dist_pools):
     (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2"], 2),
     (["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2", "parallel.offload.activations=0.5"], 2),
     (["parallel.pp=2", "parallel.tp_col=2", "parallel.dp=2", "parallel.sequence_parallel=true"], 8),
+    (["parallel.pp=2", "parallel.cp=2"], 4),
 ], ids=lambda v: "-".join(x.split(".")[-1] for x in v) if isinstance(v, list) else str(v))
 def test_layout_matches_single_process(reference, layout, world, tmp_path, dist_pools):
     got = dist_pools.run(world, train, make_cfg(tmp_path, "run", *layout, *STEPS))[0][1]
@@ -44,5 +45,13 @@ def test_tp_checkpoint_resumes_without_tp(reference, tmp_path, dist_pools):
     dist_pools.run(4, train, make_cfg(tmp_path, "x", "parallel.tp_col=2", "parallel.pp=2", "train.steps=2",
                                       "optim.grad_clip=0.5", "model.n_layers=4", "checkpoint.at_end=true"))
     start, rest = dist_pools.run(2, train, make_cfg(tmp_path, "x", "parallel.dp=2", *STEPS))[0]
+    assert start == 2
+    assert rest == pytest.approx(reference[2:], rel=1e-4)
+
+
+def test_cp_checkpoint_resumes_at_cp1(reference, tmp_path, dist_pools):
+    dist_pools.run(2, train, make_cfg(tmp_path, "c", "parallel.cp=2", "train.steps=2", "optim.grad_clip=0.5",
+                                      "model.n_layers=4", "checkpoint.at_end=true"))
+    start, rest = dist_pools.run(1, train, make_cfg(tmp_path, "c", *STEPS))[0]
     assert start == 2
     assert rest == pytest.approx(reference[2:], rel=1e-4)

@@ -95,14 +95,12 @@ def test_header_values_keep_their_text_under_sbatch_quoting():
 
 
 def test_auto_plan_is_recorded_as_explicit_overrides():
-    from axon import trainer
-    from perfmodel.search import best_plan
+    from axon.train import resolve_plan
 
     overrides = ["cluster=perlmutter", "slurm.nodes=2", "model=tiny", "parallel=auto", "parallel.micro_batch_size=2"]
     job = _job(overrides)
     cfg = freeze(load(overrides))
-    expected, _ = best_plan(cfg.model, cfg.cluster, 8, {**trainer.implemented_constraints(), "micro_batch_size": 2},
-                            cfg.train.global_batch_size, cfg.train.seq_len)
+    expected = resolve_plan(cfg, 8, overrides)[0].plan  # the same choice `axon train parallel=auto` makes
     assert job.plan == expected.to_dict() and job.plan["micro_batch_size"] == 2
     assert job.estimate is not None
     parallel = [o for o in job.overrides if o.startswith("parallel")]
