@@ -125,17 +125,15 @@ def _interleaved_1f1b(rank: int, pp: int, m: int, v: int) -> list[Action]:
     total = m * v
 
     def chunk_mb(k: int, forward: bool) -> tuple[int, int]:
+        if v == 1:  # plain 1F1B: one chunk, microbatches in order
+            return rank, k
         group, within = divmod(k, pp * v)
         local, j = divmod(within, pp)
         if not forward:
             local = v - 1 - local
         return local * pp + rank, group * pp + j
 
-    if v == 1:
-        warmup = min(pp - rank - 1, m)
-        chunk_mb = lambda k, forward: (rank, k)  # noqa: E731 (plain 1F1B: one chunk, in order)
-    else:
-        warmup = min((pp - rank - 1) * 2 + (v - 1) * pp, total)
+    warmup = min(pp - rank - 1, m) if v == 1 else min((pp - rank - 1) * 2 + (v - 1) * pp, total)
     fwd = [Action(F, i, c) for c, i in (chunk_mb(k, True) for k in range(total))]
     bwd = [Action(B, i, c) for c, i in (chunk_mb(k, False) for k in range(total))]
     order = fwd[:warmup]

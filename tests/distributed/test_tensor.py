@@ -44,7 +44,7 @@ def expected_bytes(spec: ModelSpec, plan: Plan) -> dict[tuple[str, str], int]:
     X, Y, Z = plan.tp_col, plan.tp_row, plan.tp_depth
     size = {"tp_col": X, "tp_row": Y, "tp_depth": Z}
     sp = plan.sequence_parallel and X > 1
-    m, d, f, F32 = SEQ, spec.d_model, 4, 4  # tokens per rank per microbatch (depth splits samples)
+    m, d, F32 = SEQ, spec.d_model, 4  # tokens per rank per microbatch (depth splits samples)
     out: dict[tuple[str, str], int] = {}
 
     def add(axis: str, kind: str, elems: float, times: int = 1) -> None:
