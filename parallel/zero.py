@@ -1,14 +1,21 @@
-"""ZeRO stages 0-3 over the data-parallel group (dp x cp), with an AdamW that updates only this
-rank's shard (optionally on the host: `parallel.offload`).
+"""ZeRO stages 0-3 over each parameter's gradient-reduction group (dp x cp, and the tensor axes a
+tensor-parallel parameter is replicated over), with an AdamW that updates only this rank's shard
+(optionally on the host: `parallel.offload`).
 
-    engine = zero.apply(model, plan, grid, optim_cfg)   # after materialize; replaces
-                                                           # DataParallel + torch.optim.AdamW
+    engine = zero.apply(chunks, plan, grid, optim_cfg, tps)   # after materialize; replaces
+                                                               # DataParallel + torch.optim.AdamW
     engine.zero_grad(); per microbatch: engine.sync = last; forward; backward
     engine.finish(); norm = engine.grad_norm(pp_group); engine.clip(norm, max); engine.step(lr)
 
-Parameters are grouped in units (one per transformer Block, one "root" unit for the embeddings,
-final norm and head), each laid out in one flat buffer split evenly over the d ranks
-(`parallel.zero_units`). Collectives work on whole units, never one tensor at a time.
+Parameters are grouped in units (per pipeline chunk: one per transformer Block and reduction
+group, one "root" unit per group for the embeddings, final norm and head), each laid out in one
+flat buffer split evenly over the d ranks of its group (`parallel.zero_units`). Collectives work
+on whole units, never one tensor at a time. Under tensor parallelism a rank's local pieces are
+what gets sharded: depth-sharded weights over dp x cp, parameters replicated over tp_depth (norms,
+biases) over dp x cp x tp_depth (`TensorParallel.grad_axes`), so each unit's group holds ranks
+with identical values. Several chunks per rank (interleaved, V schedules) simply give more
+units; a unit's reduction starts when all its parameters' gradients have arrived in this backward,
+so under a split backward (B/W) it waits for the W action that completes the weights.
 
 - stage 0: plain data parallelism through the same engine (gradients all-reduced per unit,
   every rank updates everything): what optimizer offload uses without ZeRO.
@@ -24,7 +31,9 @@ final norm and head), each laid out in one flat buffer split evenly over the d r
   before it), and freed when its gradient has been reduce-scattered. Freeing resizes the flat
   buffer's storage to zero; parameters stay views of it, so autograd's saved references see the
   regathered values. Recomputation (`parallel.recompute`) runs inside the Block's backward, after
-  the gather. The root unit is gathered on first use in a step and freed in `finish()`.
+  the gather. Prefetch stays within a chunk; a Block's units are gathered together. A Block stays
+  gathered from its B to its last W (the unit is freed when its gradients are complete). The
+  root units are gathered on first use in a step and freed in `finish()`.
 
 Gradients are SUMMED over the group (the trainer divides the loss by the global token count).
 
@@ -38,7 +47,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,7 +56,7 @@ from torch import nn
 from launch.grid import Axis, Grid
 from parallel.offload import HostAdamW
 from parallel.zero_optim import Optim, ShardAdamW
-from parallel.zero_units import Layout, Slot, sharded_view
+from parallel.zero_units import Layout, Place, Slot, sharded_view, tp_place, whole_place
 from perfmodel.specs import Plan
 
 MAX_INFLIGHT = 2  # stage 2/3: reduce-scatters pending before the oldest is waited on (bounds memory)
@@ -56,11 +65,14 @@ MAX_INFLIGHT = 2  # stage 2/3: reduce-scatters pending before the oldest is wait
 @dataclass
 class Unit:
     name: str
+    group: Axis  # the ZeRO group: the ranks this unit's gradients are summed over
+    root: bool  # a chunk's parameters outside its Blocks (stage 3: gathered until finish())
     layout: Layout
     full: torch.Tensor  # flat parameters [padded]; stage 3: storage freed between uses
     shard: torch.Tensor  # my parameters [shard]: a view of `full`, own storage under stage 3
     grad_full: torch.Tensor | None  # stage 0/1: flat gradients [padded]; each .grad is a view
     grad_shard: torch.Tensor  # my reduced gradient [shard]
+    norm: list[tuple[int, int, float]]  # [a, b) of my shard and the weight of its squares in the norm
     staging: torch.Tensor | None = None  # stage 2/3: this backward's local gradients [padded]
     pending: int = 0  # parameters whose gradient has not arrived in this backward
     launched: bool = False
@@ -78,24 +90,28 @@ class ZeroStats:
 
 
 class ZeroEngine:
-    def __init__(self, model: nn.Module, stage: int, group: Axis, optim_cfg: Optim, offload: bool):
+    def __init__(self, chunks: list[nn.Module], stage: int, grid: Grid, optim_cfg: Optim, offload: bool,
+                 tps: Sequence[Any] = ()):
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero={stage} must be 0, 1, 2 or 3")
-        self.stage, self.group, self.size = stage, group.group, group.size
-        self.ranks = group.ranks
+        self.stage, self.grid = stage, grid
         self.sync = True
         self.stats = ZeroStats()
         self._inflight: list[tuple[Unit, Any, torch.Tensor | None, torch.Tensor | None]] = []
         self._unit_of: dict[nn.Parameter, tuple[Unit, Slot]] = {}
         self.units: list[Unit] = []
         self._hooks: list[Any] = []
-        blocks, root_named = _split(model)
-        for name, module, named in blocks + [("root", None, root_named)]:
-            if named:
-                self.units.append(self._make_unit(name, named))
-        self._blocks = [u for u in self.units if u.name != "root"]
-        if stage == 3:
-            self._register_stage3(model, blocks)
+        self._dpc, self._tp = grid.group("dp", "cp"), grid.group("tp_col", "tp_row", "tp_depth")
+        tp_of = {name: tp for tp in tps for name in tp.shards}
+        if stage == 3:  # a depth prefetch would read a unit that is free or still being gathered:
+            for tp in tps:  # ZeRO-3's own gathers prefetch, the depth gather runs at each use
+                tp.store.prefetch = False
+        for c, chunk in enumerate(chunks):
+            blocks, root_named = _split(chunk)
+            by_block = [(name, self._make_units(name, named, tp_of)) for name, _, named in blocks]
+            root = self._make_units(f"chunk{c}", root_named, tp_of, root=True)
+            if stage == 3:
+                self._register_stage3(chunk, [(m, units) for (_, m, _), (_, units) in zip(blocks, by_block)], root)
         for p in self._unit_of:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
         shards = [u.shard for u in self.units]
@@ -104,8 +120,27 @@ class ZeroEngine:
         self.zero_grad()
 
     # ---- layout ----
-    def _make_unit(self, name: str, named: list[tuple[str, nn.Parameter]]) -> Unit:
-        d, coord = (1, 0) if self.stage == 0 else (self.size, self.ranks.index(dist.get_rank()))
+    def _make_units(self, name: str, named: list[tuple[str, nn.Parameter]], tp_of: dict[str, Any],
+                    root: bool = False) -> list[Unit]:
+        """One unit per gradient-reduction group among `named` (a Block's, or a chunk's others)."""
+        by_axes: dict[tuple[str, ...], list[tuple[str, nn.Parameter, Place]]] = {}
+        for pname, p in named:
+            tp = tp_of.get(pname)
+            axes = tuple(tp.grad_axes[pname]) if tp is not None else ("dp", "cp")
+            group = self.grid.group(*axes)
+            if tp is not None and pname in tp.splits:
+                place = tp_place(tp.full_shapes[pname], tp.splits[pname], tp.shards[pname].flat is not None,
+                                 self.grid, axes)
+            else:
+                place = whole_place(tuple(p.shape), group.ranks)
+            by_axes.setdefault(axes, []).append((pname, p, place))
+        units = [self._make_unit(f"{name}/{'x'.join(axes)}", self.grid.group(*axes), entries, root)
+                 for axes, entries in by_axes.items()]
+        self.units += units
+        return units
+
+    def _make_unit(self, name: str, group: Axis, named: list[tuple[str, nn.Parameter, Place]], root: bool) -> Unit:
+        d, coord = (1, 0) if self.stage == 0 else (group.size, group.coord)
         layout = Layout(named, d, coord)
         p0 = named[0][1]
         full = torch.zeros(layout.padded, dtype=p0.dtype, device=p0.device)
@@ -123,12 +158,29 @@ class ZeroEngine:
             grad_shard = grad_full[lo:hi]
         else:
             grad_shard = torch.zeros_like(shard)
-        unit = Unit(name, layout, full, shard, grad_full, grad_shard)
+        unit = Unit(name, group, root, layout, full, shard, grad_full, grad_shard, self._norm_ranges(layout, group))
         for s in layout.slots:
             self._unit_of[s.param] = (unit, s)
         if self.stage == 3:
             self._free(unit)
         return unit
+
+    def _norm_ranges(self, layout: Layout, group: Axis) -> list[tuple[int, int, float]]:
+        """[a, b) ranges of my shard with the weight of their squares in the gradient norm, so that
+        summing over dp x cp (ZeRO 1-3) and the tensor group counts every element once: a piece
+        held (after ZeRO sharding) by r ranks of those groups weighs 1/r. A parameter in n
+        distinct pieces over t tensor ranks has each piece on t/n of them, of which the ZeRO
+        group (dp x cp x g tensor ranks) covers g: r = (t/n)/g."""
+        g = group.size // self._dpc.size if self.stage >= 1 else 1
+        lo = layout.owned()[0]
+        out: list[tuple[int, int, float]] = []
+        for s, a, b in layout.pieces():
+            w = len(s.place.pieces) * g / self._tp.size
+            a, b = s.start + a - lo, s.start + b - lo
+            if out and out[-1][1] == a and out[-1][2] == w:
+                a = out.pop()[0]
+            out.append((a, b, w))
+        return out
 
     # ---- gradients ----
     def zero_grad(self) -> None:
@@ -155,7 +207,7 @@ class ZeroEngine:
         if u.pending == 0:
             self._launch(u)
             self.stats.launched_in_backward += 1
-            if self.stage == 3 and u.name != "root":
+            if self.stage == 3 and not u.root:
                 self._free(u)
 
     def _launch(self, u: Unit) -> None:
@@ -170,12 +222,12 @@ class ZeroEngine:
             src, u.staging = u.staging, None
             out = torch.empty_like(u.grad_shard)
         handle = None
-        if self.size > 1:
+        if u.group.size > 1:
             self.stats.bytes_reduced += src.numel() * src.element_size()
             if out is None:
-                handle = dist.all_reduce(src, group=self.group, async_op=True)
+                handle = dist.all_reduce(src, group=u.group.group, async_op=True)
             else:
-                handle = dist.reduce_scatter_single(out, src, group=self.group, async_op=True)
+                handle = dist.reduce_scatter_single(out, src, group=u.group.group, async_op=True)
         elif out is not None:
             out.copy_(src)
         self._inflight.append((u, handle, out, src))
@@ -208,10 +260,18 @@ class ZeroEngine:
         self.stats.wait_s += time.perf_counter() - start
 
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
-        """L2 norm of the full (reduced) gradient; `stage_group` sums over pipeline stages."""
-        sq = torch.stack([u.grad_shard.float().pow(2).sum() for u in self.units]).sum()
-        if self.stage >= 1 and self.size > 1:
-            dist.all_reduce(sq, group=self.group)
+        """L2 norm of the full (reduced) gradient: weighted squares (`Unit.norm`) summed over dp x cp
+        (ZeRO 1-3: each rank holds a shard) and the tensor group; `stage_group` sums pipeline stages."""
+        device = self.units[0].grad_shard.device if self.units else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for u in self.units:
+            g = u.grad_shard.float()
+            for a, b, w in u.norm:
+                sq += g[a:b].pow(2).sum() * w
+        groups = ([self._dpc] if self.stage >= 1 else []) + [self._tp]
+        for axis in groups:
+            if axis.size > 1:
+                dist.all_reduce(sq, group=axis.group)
         if stage_group is not None:
             dist.all_reduce(sq, group=stage_group)
         return sq.sqrt()
@@ -228,18 +288,22 @@ class ZeroEngine:
     def step(self, lr: float) -> None:
         """Update my shard, then (stages 1-2) all-gather every unit in place."""
         self.optimizer.step([u.grad_shard for u in self.units], lr)
-        if self.stage in (1, 2) and self.size > 1:
-            handles = [dist.all_gather_single(u.full, u.shard, group=self.group, async_op=True) for u in self.units]
+        if self.stage in (1, 2):
+            handles = [dist.all_gather_single(u.full, u.shard, group=u.group.group, async_op=True)
+                       for u in self.units if u.group.size > 1]
             for h in handles:
                 h.wait()
-            self.stats.bytes_gathered += sum(u.full.numel() * u.full.element_size() for u in self.units)
+            self.stats.bytes_gathered += sum(u.full.numel() * u.full.element_size() for u in self.units
+                                             if u.group.size > 1)
+        for p in self._unit_of:  # the flat buffers changed under the parameters: invalidate caches
+            torch.autograd.graph.increment_version(p)  # keyed by version (parallel.tensor_weights)
 
     # ---- stage 3: gather / free ----
     def _gather(self, u: Unit, wait: bool = True) -> None:
         if u.state == "free":
             u.full.untyped_storage().resize_(u.full.numel() * u.full.element_size())
-            if self.size > 1:
-                u.gather = dist.all_gather_single(u.full, u.shard, group=self.group, async_op=True)
+            if u.group.size > 1:
+                u.gather = dist.all_gather_single(u.full, u.shard, group=u.group.group, async_op=True)
                 self.stats.bytes_gathered += u.full.numel() * u.full.element_size()
             else:
                 u.full.copy_(u.shard)
@@ -257,38 +321,42 @@ class ZeroEngine:
         u.full.untyped_storage().resize_(0)
         u.state = "free"
 
-    def _register_stage3(self, model: nn.Module, blocks: list[tuple[str, nn.Module, Any]]) -> None:
-        by_name = {u.name: u for u in self.units}
-        order = [by_name[name] for name, _, named in blocks if named]
-        modules = [m for name, m, named in blocks if named]
-        for i, (u, m) in enumerate(zip(order, modules)):
-            nxt = order[i + 1] if i + 1 < len(order) else None
-            prev = order[i - 1] if i > 0 else None
-            self._hooks.append(m.register_forward_pre_hook(lambda mod, args, u=u, nxt=nxt: self._pre_forward(u, nxt)))
-            self._hooks.append(m.register_forward_hook(lambda mod, args, out, u=u, prev=prev:
-                                                       self._post_forward(u, prev, out)))
-        root = by_name.get("root")
-        if root is not None:
-            owners = {id(m) for m in model.modules() for p in m.parameters(recurse=False) if p in self._unit_of
-                      and self._unit_of[p][0] is root}
-            for m in model.modules():
-                if id(m) in owners:
-                    self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self._gather(root)))
+    def _register_stage3(self, chunk: nn.Module, blocks: list[tuple[nn.Module, list[Unit]]], root: list[Unit]) -> None:
+        """Gather / free hooks on one chunk's Blocks (prefetching within the chunk, in execution
+        order) and a gather on the chunk's other parameter-owning modules."""
+        for i, (m, units) in enumerate(blocks):
+            nxt = blocks[i + 1][1] if i + 1 < len(blocks) else []
+            prev = blocks[i - 1][1] if i > 0 else []
+            self._hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, units=units, nxt=nxt: self._pre_forward(units, nxt)))
+            self._hooks.append(m.register_forward_hook(
+                lambda mod, args, out, units=units, prev=prev: self._post_forward(units, prev, out)))
+        if root:
+            owned = {id(s.param) for u in root for s in u.layout.slots}
+            for m in chunk.modules():
+                if any(id(p) in owned for p in m.parameters(recurse=False)):
+                    self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self._gather_all(root)))
 
-    def _pre_forward(self, u: Unit, nxt: Unit | None) -> None:
-        self._gather(u)
-        if nxt is not None:
-            self._gather(nxt, wait=False)  # prefetch: overlaps this Block's forward
+    def _gather_all(self, units: list[Unit], wait: bool = True) -> None:
+        for u in units:
+            self._gather(u, wait=False)
+        if wait:
+            for u in units:
+                self._gather(u)
 
-    def _post_forward(self, u: Unit, prev: Unit | None, out: Any) -> None:
+    def _pre_forward(self, units: list[Unit], nxt: list[Unit]) -> None:
+        self._gather_all(units)
+        self._gather_all(nxt, wait=False)  # prefetch: overlaps this Block's forward
+
+    def _post_forward(self, units: list[Unit], prev: list[Unit], out: Any) -> None:
         if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad: self._pre_backward(u, prev))
-        self._free(u)
+            out.register_hook(lambda grad: self._pre_backward(units, prev))
+        for u in units:
+            self._free(u)
 
-    def _pre_backward(self, u: Unit, prev: Unit | None) -> None:
-        self._gather(u)
-        if prev is not None:
-            self._gather(prev, wait=False)  # prefetch in backward order
+    def _pre_backward(self, units: list[Unit], prev: list[Unit]) -> None:
+        self._gather_all(units)
+        self._gather_all(prev, wait=False)  # prefetch in backward order
 
     # ---- checkpoints ----
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -299,14 +367,16 @@ class ZeroEngine:
         for i, u in enumerate(self.units):
             for s in u.layout.slots:
                 if self.stage == 3:
-                    model_state[s.name] = sharded_view(u.layout, s, u.shard, self.ranks)
-                else:
+                    model_state[s.name] = sharded_view(u.layout, s, u.shard)
+                elif len(s.place.pieces) == 1:  # the whole tensor, replicated over the group
                     model_state[s.name] = u.full[s.start:s.stop].view(s.shape)
+                else:  # a tensor-parallel piece, whole on this rank
+                    model_state[s.name] = sharded_view(u.layout, s, u.full, whole=True)
                 for key, flat in (("exp_avg", opt.exp_avg[i]), ("exp_avg_sq", opt.exp_avg_sq[i])):
-                    if self.stage == 0:
+                    if self.stage == 0 and len(s.place.pieces) == 1:
                         optim_state[f"{s.name}.{key}"] = flat[s.start:s.stop].view(s.shape)
                     else:
-                        optim_state[f"{s.name}.{key}"] = sharded_view(u.layout, s, flat, self.ranks)
+                        optim_state[f"{s.name}.{key}"] = sharded_view(u.layout, s, flat)
                 optim_state[f"{s.name}.step"] = opt.step_count
         return model_state, optim_state
 
@@ -343,7 +413,12 @@ def _split(model: nn.Module) -> tuple[list[tuple[str, nn.Module, list]], list[tu
     return blocks, root
 
 
-def apply(model: nn.Module, plan: Plan, grid: Grid, optim_cfg: Optim) -> ZeroEngine:
-    """The ZeRO engine for `plan.zero` / `plan.offload.optimizer` over the dp x cp group, on a
-    materialized model; the learning rate is given to each `step(lr)`."""
-    return ZeroEngine(model, plan.zero, grid.group("dp", "cp"), optim_cfg, plan.offload.optimizer)
+def apply(model: nn.Module | Sequence[nn.Module], plan: Plan, grid: Grid, optim_cfg: Optim,
+          tps: Sequence[Any] = ()) -> ZeroEngine:
+    """The ZeRO engine for `plan.zero` / `plan.offload.optimizer` on this rank's materialized
+    pipeline chunks (one module or a list), after tensor parallelism (`tps`: the
+    `parallel.tensor.apply` results of the chunks, or none): each parameter is sharded over the
+    group its gradient is summed over (`grad_axes`; dp x cp without TP). The learning rate is
+    given to each `step(lr)`."""
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    return ZeroEngine(chunks, plan.zero, grid, optim_cfg, plan.offload.optimizer, tps)

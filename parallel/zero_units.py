@@ -1,21 +1,26 @@
 """Flat parameter units for ZeRO: the layout of a group of parameters in one flat buffer, the
-slice of it each data-parallel rank owns, and how an owned slice is shown to checkpoints.
+slice of it each rank of the unit's ZeRO group owns, and how an owned slice is shown to checkpoints.
 
-A unit (one transformer Block, or the model's other parameters) lays its parameters end to end
-in a flat buffer padded to a multiple of the group size d; rank r owns elements
-[r * n/d, (r+1) * n/d). Ownership cuts through parameters, so a rank holds, per parameter, a
-contiguous 1-D range of the flattened tensor (possibly empty).
+A unit (one transformer Block's parameters that share a gradient-reduction group, or a chunk's
+other parameters) lays its parameters end to end in a flat buffer padded to a multiple of the
+group size d; rank r owns elements [r * n/d, (r+1) * n/d). Ownership cuts through parameters, so
+a rank holds, per parameter, a contiguous 1-D range of the flattened tensor (possibly empty).
+Under tensor parallelism the parameters are the rank's local pieces and the ZeRO group is the
+group their gradient is summed over (ranks holding the same piece), so ZeRO shards the piece.
 
-Checkpoints: such a range of a 1-D or 2-D parameter is at most three row-aligned boxes of the
-full tensor (a partial first row, whole middle rows, a partial last row). Each box is a view of
-the flat buffer, presented to torch.distributed.checkpoint as one shard of a `ShardedTensor` of
-the parameter's full shape whose global metadata lists every rank's boxes (computed locally:
-the layout is a pure function of the unit and d). DCP matches boxes by overlap, so a checkpoint
-saved by any d (or by a plain, unsharded run) loads into any other, and loading writes straight
-into the flat buffers.
+Checkpoints: a parameter's local piece is a 1-D or 2-D block of the full tensor (`Place`: a
+tensor-parallel [rows, cols] piece, a depth slice being a row block of it, or the whole
+tensor). A range of the flattened block is at most three row-aligned boxes (a partial first row,
+whole middle rows, a partial last row); each box is a view of the flat buffer, presented to
+torch.distributed.checkpoint as one shard of a `ShardedTensor` of the parameter's full shape
+whose global metadata lists every distinct piece's boxes (computed locally: the layout is a pure
+function of the unit and d, and every tensor-parallel piece has the same shape). DCP matches
+boxes by overlap (replicas of a box are saved once), so a checkpoint saved by any layout (or by
+a plain, unsharded run) loads into any other, and loading writes straight into the flat buffers.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -25,6 +30,53 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
+from launch.grid import Grid, group_ranks, rank_of
+
+Origin = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a rank's piece of a parameter sits in the full tensor (shape `full`): the piece as a
+    1-D/2-D `block` of it, every distinct piece as (origin, global ranks of its ZeRO group), and
+    the origin of mine."""
+
+    full: tuple[int, ...]
+    block: tuple[int, ...]
+    pieces: tuple[tuple[Origin, tuple[int, ...]], ...]
+    mine: Origin
+
+
+def whole_place(shape: tuple[int, ...], ranks: tuple[int, ...]) -> Place:
+    """A parameter that is not tensor-parallel: the piece is the whole tensor."""
+    zero = (0,) * len(shape)
+    return Place(tuple(shape), tuple(shape), ((zero, tuple(ranks)),), zero)
+
+
+def tp_place(full: tuple[int, ...], split: tuple[str | None, str | None], flat: bool, grid: Grid,
+             axes: tuple[str, ...]) -> Place:
+    """A tensor-parallel piece: the rows of the full tensor's 2-D view split over `split[0]`, the
+    columns over `split[1]`, and with `flat` the piece's rows again over tp_depth (a depth slice
+    is a row block of the piece: parallel.tensor.check); `axes` name the ZeRO group."""
+    plan = grid.plan
+
+    def n(axis: str | None) -> int:
+        return getattr(plan, axis) if axis else 1
+
+    row_axis, col_axis = split
+    z = plan.tp_depth if flat else 1
+    rows, cols = full[0] // n(row_axis) // z, math.prod(full[1:]) // n(col_axis)
+    me = grid.coords()
+    pieces, mine = [], None
+    for i, k, j in itertools.product(range(n(row_axis)), range(z), range(n(col_axis))):
+        coords = dict(me)
+        coords.update({a: c for a, c in ((row_axis, i), ("tp_depth" if flat else None, k), (col_axis, j)) if a})
+        origin = ((i * z + k) * rows, j * cols)[:len(full)]
+        pieces.append((origin, tuple(group_ranks(plan, rank_of(plan, coords), axes))))
+        if coords == me:
+            mine = origin
+    return Place(tuple(full), (rows, cols)[:len(full)], tuple(pieces), mine)
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -32,26 +84,31 @@ class Slot:
 
     name: str
     param: nn.Parameter
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the local tensor's shape
     start: int  # offset in the flat buffer
     numel: int
-    decay: bool  # AdamW weight decay applies (matrices yes, vectors no)
+    place: Place
 
     @property
     def stop(self) -> int:
         return self.start + self.numel
 
+    @property
+    def decay(self) -> bool:
+        """AdamW weight decay applies to matrices (by the full shape: a depth slice is flat)."""
+        return len(self.place.full) >= 2
+
 
 class Layout:
     """Where each parameter of a unit sits in the flat buffer and which slice rank `coord` owns."""
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]], group_size: int, coord: int):
+    def __init__(self, named: list[tuple[str, nn.Parameter, Place]], group_size: int, coord: int):
         self.slots: list[Slot] = []
         offset = 0
-        for name, p in named:
-            if p.dim() > 2:
-                raise ValueError(f"ZeRO units hold 1-D and 2-D parameters; {name} has shape {tuple(p.shape)}")
-            self.slots.append(Slot(name, p, tuple(p.shape), offset, p.numel(), p.dim() >= 2))
+        for name, p, place in named:
+            if len(place.full) > 2:
+                raise ValueError(f"ZeRO units hold 1-D and 2-D parameters; {name} has shape {place.full}")
+            self.slots.append(Slot(name, p, tuple(p.shape), offset, p.numel(), place))
             offset += p.numel()
         self.numel = offset
         self.group_size = group_size
@@ -101,24 +158,28 @@ def boxes(a: int, b: int, shape: tuple[int, ...]) -> list[tuple[list[int], list[
     return out
 
 
-def sharded_view(layout: Layout, slot: Slot, flat_shard: torch.Tensor, ranks: tuple[int, ...]) -> ShardedTensor:
-    """`slot`'s part of my shard (`flat_shard` = [shard_numel], in the layout's shard coordinates)
-    as a ShardedTensor of the parameter's full shape; `ranks[c]` is the global rank of index c.
-    Every element is owned by some index, so the global metadata covers the whole tensor."""
-    lo = layout.owned()[0]
-    device = flat_shard.device
+def sharded_view(layout: Layout, slot: Slot, flat: torch.Tensor, whole: bool = False) -> ShardedTensor:
+    """`slot`'s part of `flat` as a ShardedTensor of the parameter's full shape. `flat` is my shard
+    ([shard_numel], the layout's shard coordinates) or, with `whole`, a buffer holding the unit's
+    every element ([padded]: ZeRO 1-2 parameters). Every element of every distinct piece is owned
+    by some index of its group, so the global metadata tiles the whole tensor once."""
+    place = slot.place
+    spans = [[(0, slot.numel)]] if whole else [[(a, b) for s, a, b in layout.pieces(c) if s is slot]
+                                               for c in range(layout.group_size)]
+    mine = 0 if whole else layout.coord
+    base = slot.start - (0 if whole else layout.owned()[0])  # flat index of the slot's element 0
+    device = flat.device
     dev = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
     every, local = [], []
-    for c, rank in enumerate(ranks):
-        for s, a, b in layout.pieces(c):
-            if s is not slot:
-                continue
-            for offsets, sizes, fa, fb in boxes(a, b, slot.shape):
-                md = ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=f"rank:{rank}/{dev}")
-                every.append(md)
-                if c == layout.coord:
-                    start = slot.start + fa - lo
-                    local.append(Shard(flat_shard[start:start + fb - fa].view(sizes), md))
-    props = TensorProperties(dtype=flat_shard.dtype)
-    meta = ShardedTensorMetadata(every, torch.Size(slot.shape), props)
+    for origin, ranks in place.pieces:
+        for c, owned in enumerate(spans):
+            for a, b in owned:
+                for offsets, sizes, fa, fb in boxes(a, b, place.block):
+                    at = [o + x for o, x in zip(offsets, origin)]
+                    md = ShardMetadata(shard_offsets=at, shard_sizes=sizes, placement=f"rank:{ranks[c]}/{dev}")
+                    every.append(md)
+                    if c == mine and origin == place.mine:
+                        local.append(Shard(flat[base + fa:base + fb].view(sizes), md))
+    props = TensorProperties(dtype=flat.dtype)
+    meta = ShardedTensorMetadata(every, torch.Size(place.full), props)
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
