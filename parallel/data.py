@@ -90,7 +90,7 @@ class DataParallel:
         if not self.sync:
             return
         b = self._bucket_of[p]
-        b.ready.add(id(p))  # a set: a parameter reported twice (B and W) still counts once
+        b.ready.add(id(p))  # a set: a parameter reported twice still counts once
         if len(b.ready) == len(b.params) and b.handle is None and self.overlap:
             self._launch(b)
             self.stats.launched_in_backward += 1

@@ -1,8 +1,8 @@
 """One executor for every pipeline schedule: runs this rank's action list (parallel/schedules.py)
 on its model chunks.
 
-    ex = Executor(chunks, n_chunks, p2p, store, grad_sync)
-    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, autocast)
+    ex = Executor(chunks, n_chunks, p2p, store, stash, deferred)
+    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, grad_sync, autocast)
 
 F runs a chunk's forward (embedding on the first chunk; head and `loss_fn` on the last) under the
 activation store's saved-tensor hooks. B runs its backward; when the schedule splits the backward
@@ -15,7 +15,11 @@ and accumulates them with one `torch.autograd.backward(weights, dWs)`, so the gr
 through autograd (the data-parallel post-accumulate hooks fire). Cost: no extra FLOPs; the
 stash keeps X (already saved by the forward) and dY (one output-sized tensor per Linear) from B
 to W. Parameters that are not plain Linear weights (norms, embeddings, tensor-parallel layers)
-get their gradients in B.
+get their gradients in B. B runs its backward with `inputs=` the chunk's input and the parameters
+it owns, so autograd never visits the deferred weights' accumulators: their gradient hooks (the
+data-parallel bucket triggers) fire only when W really produces the gradient. (A custom Function
+returning None for a leaf still runs the leaf's post-accumulate hooks, which would mark the
+bucket ready at B and reduce it before W wrote into it.)
 
 `grad_sync.sync` (the DataParallel bucket trigger) is True exactly during the last backward
 action that produces each chunk's gradients: its last B and, when split, its last W.
@@ -88,16 +92,17 @@ class DeferredLinear(nn.Linear):
         return _DeferredLinearFn.apply(x, self.weight, self.bias, self, self.stash)
 
 
-def defer_weight_grads(chunk: nn.Module, stash: WeightGradStash) -> int:
+def defer_weight_grads(chunk: nn.Module, stash: WeightGradStash) -> list[nn.Parameter]:
     """Turn the chunk's plain nn.Linear modules into DeferredLinear in place (parameters, names and
-    values unchanged, as torch's fully_shard does with its module classes). Returns how many."""
-    count = 0
+    values unchanged, as torch's fully_shard does with its module classes). Returns the chunk's
+    parameters whose gradients B still computes (all but the deferred weights and biases)."""
+    deferred: set[int] = set()
     for module in chunk.modules():
         if type(module) is nn.Linear:
             module.__class__ = DeferredLinear
             module.stash = stash
-            count += 1
-    return count
+            deferred.update(id(p) for p in module.parameters())
+    return [p for p in chunk.parameters() if id(p) not in deferred and p.requires_grad]
 
 
 def _tag(kind: str, microbatch: int, chunk: int, n_chunks: int) -> int:
@@ -109,8 +114,11 @@ def _tag(kind: str, microbatch: int, chunk: int, n_chunks: int) -> int:
 
 class Executor:
     def __init__(self, chunks: dict[int, nn.Module], n_chunks: int, p2p: P2P, store: ActivationStore,
-                 stash: WeightGradStash | None):
+                 stash: WeightGradStash | None = None, b_params: dict[int, list[nn.Parameter]] | None = None):
+        """`stash` and `b_params` (per chunk, the parameters B computes gradients for; from
+        `defer_weight_grads`) only for split-backward schedules."""
         self.chunks, self.n_chunks, self.p2p, self.store, self.stash = chunks, n_chunks, p2p, store, stash
+        self.b_params = b_params or {}
 
     def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
             grad_sync: Any, autocast: AbstractContextManager | None = None) -> torch.Tensor:
@@ -205,10 +213,12 @@ class Executor:
         else:
             root, grad = out, self._take(RECV_B, key, state.handoff_b, state)  # [b, S, h]
         deferred: list = []
+        inputs = None
         if split:
             self.stash.active = deferred
+            inputs = ([state.inputs[key]] if a.chunk > 0 else []) + self.b_params[a.chunk]
         try:
-            torch.autograd.backward(root, grad)
+            torch.autograd.backward(root, grad, inputs=inputs)
         finally:
             if self.stash is not None:
                 self.stash.active = None

@@ -118,12 +118,11 @@ class Pipeline:
         shape = (inputs.shape[0], seq, self.spec.d_model // plan.tp_row)  # [b, S local, h local]
         dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         p2p = P2P(self.grid.axis("pp"), shape, dtype, device, self.timeout_s)
-        stash = None
-        if self.schedule in schedules.SPLIT_BACKWARD:
-            stash = WeightGradStash()
-            for chunk in self.chunks.values():
-                defer_weight_grads(chunk, stash)
-        return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params), stash)
+        if self.schedule not in schedules.SPLIT_BACKWARD:
+            return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params))
+        stash = WeightGradStash()
+        b_params = {c: defer_weight_grads(chunk, stash) for c, chunk in self.chunks.items()}
+        return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params), stash, b_params)
 
     def step(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              global_tokens: int, grad_sync: Any, autocast: AbstractContextManager | None = None) -> torch.Tensor:

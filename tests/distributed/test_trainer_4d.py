@@ -32,7 +32,8 @@ def reference(tmp_path_factory, dist_pools):
     (["parallel.cp=2", "parallel.tp_col=2"], 4),
     (["parallel.pp=2", "parallel.dp=2", "parallel.micro_batch_size=2"], 4),
     (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2"], 2),
-    (["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2", "parallel.offload.activations=0.5"], 2),
+    (["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2",
+      "parallel.offload.activations=0.5"], 4),
     (["parallel.pp=2", "parallel.tp_col=2", "parallel.dp=2", "parallel.sequence_parallel=true"], 8),
     (["parallel.pp=2", "parallel.cp=2"], 4),
 ], ids=lambda v: "-".join(x.split(".")[-1] for x in v) if isinstance(v, list) else str(v))

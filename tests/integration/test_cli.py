@@ -43,8 +43,8 @@ def test_local_run_writes_the_run_directory(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["launch.nproc_per_node=4", "parallel.dp=3"], "parallel.dp"),
     (["parallel.zero=1", "parallel.tp_col=2", "launch.nproc_per_node=2"], "not implemented yet: parallel.zero"),
-    (["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2",
-      "launch.nproc_per_node=4"], "not implemented yet: parallel.schedule=zbv"),
+    (["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.virtual_stages=1",
+      "launch.nproc_per_node=4"], "set parallel.virtual_stages=2"),
     (["launch.nproc_per_node=2", "parallel.dp=2", "train.global_batch_size=3"], "train.global_batch_size"),
     (["model.n_heads=5"], "model.d_model=128 is not divisible by model.n_heads=5"),
     (["parallel.bogus=1"], "bogus"),
