@@ -74,7 +74,7 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
     smallest = min(tokens, m.d_model / max(x, y))
     rate = c.peak_flops * c.compute_efficiency * smallest / (smallest + c.gemm_half_dim)
     gemm = 2 * tokens * sum(lin.k * lin.n for lin in linears) / (x * y) / rate  # forward GEMMs of a block
-    attn = 2 * tokens * seq * m.d_model / (x * y) / rate  # causal attention core, forward
+    attn = 2 * tokens * seq * m.d_model / x / rate  # causal attention core, forward (heads split over tp_col only)
     head = 2 * tokens * m.vocab_size * m.d_model / (x * y) / rate
     fwd = gemm + attn
     redo = {"none": 0.0, "selective": attn, "full": fwd}[plan.recompute]

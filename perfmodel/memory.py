@@ -69,28 +69,38 @@ def layer_activation_bytes(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
     """Activation bytes one block keeps for backward, for `batch` sequences of `seq` tokens.
 
     Korthikanti et al. with s, b, h, a, t: sbh(34 + 5as/h) unsplit; TP t: sbh(10 + 24/t + 5as/(ht));
-    TP+SP: (sbh/t)(34 + 5as/h); selective recompute drops the 5as/h term; full recompute keeps
-    2sbh (the block input). Those numbers assume MHA, a GELU MLP of 4h, dropout and no fused
-    attention (flash=False, dropout=True). Under 3D TP the norm region is split over tp_row (and
-    over tp_col too with SP), the attention/MLP interior over tp_col * tp_row. With cp the local
-    sequence is seq/cp (queries) against seq keys.
+    selective recompute drops the 5as/h term; full recompute keeps 2sbh (the block input). Those
+    numbers assume MHA, a GELU MLP of 4h, dropout and no fused attention (flash=False,
+    dropout=True). This runtime (parallel/tensor.py) differs from Megatron in three ways, counted here:
+    - 3D TP: the residual region [b, s, h/tp_row] is split over tp_row (and along the sequence over
+      tp_col with SP); q, k, v, the attention output and the MLP interior are split over tp_col
+      only (heads are computed redundantly over tp_row);
+    - SP saves the sequence-gathered inputs of the attention and MLP input projections (the norm
+      outputs, 4sbh in bf16), where Megatron-SP re-gathers them in backward: TP+SP is
+      sbh(6/t + 4 + 24/t + 5as/(ht)), not (sbh/t)(34 + 5as/h);
+    - RMSNorm keeps its normalized input besides its input (one more h per norm), and grouped-query
+      k, v are saved at full head count (repeated before the fused attention kernel).
+    With cp the local sequence is seq/cp (queries) against seq keys.
     """
     h, e = m.d_model, dtype_bytes
-    t = tp_col * tp_row
-    s_local = seq / cp
-    sb = s_local * batch
-    region = tp_row * (tp_col if sequence_parallel else 1)  # split of the norm / residual region
+    sb = seq / cp * batch
+    region = tp_row * (tp_col if sequence_parallel else 1)  # split of the residual stream
     if recompute == "full":
         return sb * h * e / region  # the block input only
-    kv = m.n_kv_heads * m.head_dim
+    # k, v as the attention core saves them: grouped-query heads are repeated to all query heads
+    # before the fused kernel (axon.model.attention_core), except when selective recomputation
+    # re-runs the core (then its kv-sized inputs are what is kept)
+    kv = m.n_kv_heads * m.head_dim if recompute == "selective" or not flash else h
     mlp_saved = 4 * m.d_ff if m.mlp == "swiglu" else 2 * m.d_ff  # gate, up, silu, product | pre/post GELU
-    replicated = sb * (4 * h * e + (2 * h if dropout else 0))  # 2 norm inputs, attn+MLP inputs, 2 masks
+    norms = 2 * (2 if m.norm == "rmsnorm" else 1) * h  # 2 norm inputs (+ RMSNorm's normalized inputs)
+    residual = sb * (norms * e + (2 * h if dropout else 0)) / region  # (+ 2 dropout masks, 1 byte)
+    projection_inputs = sb * 2 * h * e / tp_row  # the norm outputs (gathered over the sequence under SP)
     interior = sb * (2 * h + 2 * kv + mlp_saved) * e  # q, k, v, attention output, MLP interior
     scores = 0.0
     if not flash and recompute != "selective":
         per_score = e + (1 + e if dropout else 0)  # softmax output (+ dropout mask and output)
-        scores = m.n_heads * s_local * seq * batch * per_score
-    return replicated / region + (interior + scores) / t
+        scores = m.n_heads * seq / cp * seq * batch * per_score
+    return residual + projection_inputs + (interior + scores) / tp_col
 
 
 def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash: bool = True) -> float:
@@ -108,10 +118,11 @@ def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int,
 
 
 def logits_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int) -> float:
-    """The last stage's logits and their fp32 softmax for one microbatch (vocab split over the
-    tensor group's column x row)."""
+    """The last stage's final norm, logits and their fp32 softmax for one microbatch (vocab split
+    over tp_col, replicated over tp_row like the heads; the norm over tp_row)."""
     tokens = plan.micro_batch_size * seq / plan.cp
-    return tokens * m.vocab_size / (plan.tp_col * plan.tp_row) * (dtype_bytes + 4)
+    norm = (3 if m.norm == "rmsnorm" else 2) * m.d_model / plan.tp_row * dtype_bytes  # input (+ normalized), output
+    return tokens * (norm + m.vocab_size / plan.tp_col * (dtype_bytes + 4))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,357 @@
+"""Validate the performance model on this machine: run every runnable plan of the tiny model on 8
+gloo ranks for a few steps and compare the measured step time and peak memory per rank with
+`perfmodel.estimate` (cluster=local-cpu, i.e. configs/cluster/local-cpu.yaml from
+`axon tune --calibrate`).
+
+    .venv/bin/python benchmarks/perfmodel_validate.py                 # every plan (about 15 min, 2 cores)
+    .venv/bin/python benchmarks/perfmodel_validate.py --quick         # a handful of plans (about 1 min)
+    .venv/bin/python benchmarks/perfmodel_validate.py --rescore FILE  # re-predict saved measurements
+
+The 8 ranks start once; every plan then runs inside the same world: its Grid and Trainer are
+built, `--warmup` steps run untimed, `--steps` steps are timed (each step starts after a barrier
+and lasts until the slowest rank finishes it; the median over steps is reported), and its
+process groups are destroyed before the next plan. Measurements are saved as JSON (--out), so a
+formula change is re-scored with --rescore without running anything again.
+
+Plans (see `variants`): every factorisation of 8 into dp x pp x cp x tp_col x tp_row x tp_depth
+that the model, the batch and this build allow, each with 1F1B, micro-batch 1, no ZeRO, no
+recomputation; plus, per layout, micro-batch 2; with pp > 1 GPipe, interleaved (2 chunks) and
+the zero-bubble schedules this build runs (zbh1, zbv, vhalf, vmin need dp = cp = 1); with
+dp x cp > 1 and no tensor parallelism ZeRO 1, 2 and 3; full and selective recomputation; with
+tp_col > 1 sequence parallelism; with cp > 1 Ulysses.
+
+Memory compared: model states + peak saved activations on the most loaded rank, i.e. plan.json's
+`memory.measured` (params + grads + optimizer + activations: unique storages of the parameters,
+gradient buckets and optimizer states, and the peak bytes autograd saved for backward during
+the first step) against `memory.predicted` (the same four fields of perfmodel.memory.Memory).
+Gathered-weight buffers and runtime overhead are not measured, so not compared.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from axon import trainer  # noqa: E402
+from axon.config import RunConfig, freeze, load  # noqa: E402
+from launch.grid import Grid  # noqa: E402
+from parallel import pipeline, tensor  # noqa: E402
+from perfmodel.estimate import estimate  # noqa: E402
+from perfmodel.specs import AXES, Plan, PlanError  # noqa: E402
+
+WORLD = 8
+MEMORY_KEYS = ("params", "grads", "optimizer", "activations")
+FIGURES = ROOT / "benchmarks" / "figures"
+QUICK = ({"dp": 8}, {"pp": 2, "dp": 4}, {"tp_col": 2, "dp": 4}, {"cp": 2, "dp": 4}, {"pp": 8},
+         {"tp_col": 2, "tp_row": 2, "tp_depth": 2})
+
+
+def base_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    return freeze(load(["model=tiny", "cluster=local-cpu", "train.progress=false", "logger.wandb.mode=disabled",
+                        "checkpoint.at_end=false", f"run.dir={run_dir}", *overrides]))
+
+
+def why_not(cfg: RunConfig, plan: Plan) -> str | None:
+    """None when this build runs `plan`, else the reason (the checks `axon train` makes)."""
+    try:
+        plan.check(cfg.model, WORLD, cfg.train.global_batch_size, cfg.train.seq_len)
+        trainer.check_implemented(plan)
+        pipeline.check(cfg.model, plan)
+        if plan.tp > 1:
+            tensor.check(cfg.model, plan)
+        estimate(cfg.model, plan, cfg.cluster, cfg.train.global_batch_size, cfg.train.seq_len)
+    except PlanError as e:
+        return str(e)
+    return None
+
+
+def layouts(world: int) -> list[dict[str, int]]:
+    """Every assignment of degrees to the six axes whose product is `world`."""
+    divs = [d for d in range(1, world + 1) if world % d == 0]
+    out = []
+    for degs in itertools.product(divs, repeat=len(AXES)):
+        if _prod(degs) == world:
+            out.append(dict(zip(AXES, degs)))
+    return out
+
+
+def _prod(xs: Any) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+def variants(deg: dict[str, int], n_layers: int) -> list[Plan]:
+    """The plans tried for one layout (module docstring); invalid ones are filtered later."""
+    base = Plan(**deg)
+    out = [base, base.replace(micro_batch_size=2), base.replace(recompute="full"),
+           base.replace(recompute="selective")]
+    if base.pp > 1:
+        out += [base.replace(schedule="gpipe"), base.replace(schedule="zbh1")]
+        if (n_layers // base.pp) % 2 == 0:
+            out += [base.replace(schedule=s, virtual_stages=2) for s in ("interleaved", "zbv", "vhalf", "vmin")]
+    if base.dp * base.cp > 1:
+        out += [base.replace(zero=z) for z in (1, 2, 3)]
+    if base.tp_col > 1:
+        out.append(base.replace(sequence_parallel=True))
+    if base.cp > 1:
+        out.append(base.replace(cp_mode="ulysses"))
+    return out
+
+
+def plan_name(p: Plan) -> str:
+    degs = " ".join(f"{a}{getattr(p, a)}" for a in reversed(AXES) if getattr(p, a) > 1) or "single"
+    knobs = []
+    if p.pp > 1:
+        knobs.append(p.schedule + (f"/v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
+    if p.micro_batch_size > 1:
+        knobs.append(f"mbs{p.micro_batch_size}")
+    if p.zero:
+        knobs.append(f"zero{p.zero}")
+    if p.recompute != "none":
+        knobs.append(f"rc-{p.recompute}")
+    if p.sequence_parallel:
+        knobs.append("sp")
+    if p.cp > 1 and p.cp_mode != "ring":
+        knobs.append(p.cp_mode)
+    return " ".join([degs] + knobs)
+
+
+def candidate_plans(cfg: RunConfig, quick: bool) -> tuple[list[Plan], int]:
+    """(runnable plans, plans rejected by the checks)."""
+    degs = [{**{a: 1 for a in AXES}, **q} for q in QUICK] if quick else layouts(WORLD)
+    seen, plans, rejected = set(), [], 0
+    for deg in degs:
+        for plan in (variants(deg, cfg.model.n_layers)[:2] if quick else variants(deg, cfg.model.n_layers)):
+            if plan in seen:
+                continue
+            seen.add(plan)
+            if why_not(cfg, plan) is None:
+                plans.append(plan)
+            else:
+                rejected += 1
+    return plans, rejected
+
+
+# ---- the 8 ranks ----
+def _destroy_subgroups() -> None:
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in list(c10d._world.pg_map):
+        if pg is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(pg)
+
+
+def _measure(cfg: RunConfig, warmup: int, steps: int) -> dict[str, Any]:
+    """This rank's step times and measured memory for cfg.plan (run inside the world)."""
+    grid = Grid.build(cfg.plan, dist.get_rank(), dist.get_world_size())
+    t = trainer.Trainer(cfg, grid, torch.device("cpu"))
+    times, mem = [], None
+    try:
+        for step in range(warmup + steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            t.step(step)
+            dt = time.perf_counter() - t0
+            if step == 0:
+                mem = t.measured_memory()
+            if step >= warmup:
+                times.append(dt)
+    finally:
+        t.dp.remove()
+        del t
+        _destroy_subgroups()
+    return {"times": times, "memory": mem}
+
+
+def _worker(rank: int, port: int, cfg: RunConfig, plans: list[dict], warmup: int, steps: int, out: Any) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=cfg.launch.timeout_s))
+    for i, p in enumerate(plans):
+        t0 = time.perf_counter()
+        r = _measure(replace(cfg, plan=Plan.from_dict(p)), warmup, steps)
+        out.put((i, rank, r, time.perf_counter() - t0))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_plans(cfg: RunConfig, plans: list[Plan], warmup: int, steps: int) -> list[dict[str, Any]]:
+    """Measure every plan in one 8-rank world; per plan: step time (median over steps of the
+    slowest rank) and memory (the rank with the most model states + activations)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    procs = mp.spawn(_worker, args=(port, cfg, [p.to_dict() for p in plans], warmup, steps, out),
+                     nprocs=WORLD, join=False)
+    per_plan: dict[int, dict[int, Any]] = {}
+    done = 0
+    while done < len(plans):
+        i, rank, r, wall = out.get()
+        per_plan.setdefault(i, {})[rank] = r
+        if len(per_plan[i]) == WORLD:
+            done += 1
+            ranks = per_plan[i]
+            step_s = statistics.median(max(ranks[k]["times"][j] for k in ranks) for j in range(steps))
+            print(f"  [{done}/{len(plans)}] {plan_name(plans[i]):<42} {step_s:7.3f} s/step  ({wall:.0f} s)",
+                  flush=True)
+    procs.join()
+    results = []
+    for i, plan in enumerate(plans):
+        ranks = per_plan[i]
+        step_s = statistics.median(max(ranks[k]["times"][j] for k in ranks) for j in range(steps))
+        worst = max(ranks.values(), key=lambda r: sum(r["memory"][k] for k in MEMORY_KEYS))
+        results.append({"plan": plan.to_dict(), "step_time_s": step_s, "memory": worst["memory"]})
+    return results
+
+
+# ---- comparison ----
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their average rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
+def score(cfg: RunConfig, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each measurement beside the current model's prediction."""
+    rows = []
+    for r in results:
+        plan = Plan.from_dict(r["plan"])
+        e = estimate(cfg.model, plan, cfg.cluster, cfg.train.global_batch_size, cfg.train.seq_len)
+        pred_mem = sum(getattr(e.memory, k) for k in MEMORY_KEYS)
+        meas_mem = sum(r["memory"][k] for k in MEMORY_KEYS)
+        rows.append({"name": plan_name(plan), "pred_s": e.step_time_s, "meas_s": r["step_time_s"],
+                     "pred_mem": pred_mem, "meas_mem": meas_mem, "pred_parts": {k: getattr(e.memory, k) for k in
+                                                                              MEMORY_KEYS},
+                     "meas_parts": {k: r["memory"][k] for k in MEMORY_KEYS}, "breakdown": e.breakdown})
+    return rows
+
+
+def report(rows: list[dict[str, Any]], verbose: bool) -> dict[str, float]:
+    print(f"\n{'plan':<42} {'pred s':>8} {'meas s':>8} {'ratio':>6} {'pred MB':>8} {'meas MB':>8} {'ratio':>6}")
+    for r in sorted(rows, key=lambda r: r["meas_s"]):
+        print(f"{r['name']:<42} {r['pred_s']:8.3f} {r['meas_s']:8.3f} {r['pred_s'] / r['meas_s']:6.2f} "
+              f"{r['pred_mem'] / 1e6:8.2f} {r['meas_mem'] / 1e6:8.2f} {r['pred_mem'] / r['meas_mem']:6.2f}")
+        if verbose:
+            parts = " ".join(f"{k}={r['pred_parts'][k] / 1e6:.2f}/{r['meas_parts'][k] / 1e6:.2f}" for k in MEMORY_KEYS)
+            times = " ".join(f"{k[:-2]}={v:.3f}" for k, v in r["breakdown"].items() if v)
+            print(f"    MB pred/meas: {parts}\n    s: {times}")
+    rho = spearman([r["pred_s"] for r in rows], [r["meas_s"] for r in rows])
+    picked = min(rows, key=lambda r: r["pred_s"])
+    best = min(rows, key=lambda r: r["meas_s"])
+    mem_err = sorted(abs(r["pred_mem"] / r["meas_mem"] - 1) for r in rows)
+    within = sum(e <= 0.10 for e in mem_err) / len(rows)
+    print(f"\n{len(rows)} plans")
+    print(f"step-time Spearman rank correlation: {rho:.3f} (goal >= 0.8)")
+    print(f"predicted-best plan: {picked['name']} measured {picked['meas_s']:.3f} s; measured best: "
+          f"{best['name']} {best['meas_s']:.3f} s; ratio {picked['meas_s'] / best['meas_s']:.3f} (goal <= 1.10)")
+    print(f"peak memory per rank (model states + activations): {100 * within:.0f}% of plans within 10%; "
+          f"median |error| {100 * statistics.median(mem_err):.1f}%, worst {100 * mem_err[-1]:.1f}%")
+    return {"spearman": rho, "best_ratio": picked["meas_s"] / best["meas_s"], "mem_within_10pct": within,
+            "mem_median_err": statistics.median(mem_err), "mem_worst_err": mem_err[-1]}
+
+
+def figures(rows: list[dict[str, Any]], headline: dict[str, float], tag: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[dev]); no figures", file=sys.stderr)
+        return []
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, unit, scale, title in (("s", "s", 1.0, f"step time (Spearman {headline['spearman']:.2f})"),
+                                    ("mem", "MB", 1e-6, "model states + peak activations per rank")):
+        pred = [r[f"pred_{key}"] * scale for r in rows]
+        meas = [r[f"meas_{key}"] * scale for r in rows]
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.scatter(meas, pred, s=14)
+        lo, hi = min(pred + meas) * 0.8, max(pred + meas) * 1.25
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = measured")
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="within 10%")
+        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured ({unit})",
+               ylabel=f"predicted ({unit})", title=f"tiny model, 8 gloo ranks: {title}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+        path = FIGURES / f"perfmodel_validate_{'time' if key == 's' else 'memory'}{tag}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="six layouts x two variants (development, smoke)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "perfmodel_validate.json",
+                    help="where the measurements are saved (JSON)")
+    ap.add_argument("--rescore", type=Path, help="skip running: re-predict the measurements saved in this file")
+    ap.add_argument("--verbose", action="store_true", help="memory parts and time breakdown per plan")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the model / batch (e.g. train.seq_len=256)")
+    args = ap.parse_args()
+    if args.rescore:
+        saved = json.loads(args.rescore.read_text())
+        cfg = base_config(Path(tempfile.gettempdir()), saved["overrides"])
+        results, quick = saved["results"], saved["quick"]
+    else:
+        cfg = base_config(Path(tempfile.mkdtemp(prefix="perfmodel_validate_")), args.overrides)
+        plans, rejected = candidate_plans(cfg, args.quick)
+        print(f"{len(plans)} runnable plans ({rejected} variants rejected by the checks); model "
+              f"{cfg.model.n_layers}x{cfg.model.d_model}, batch {cfg.train.global_batch_size} x "
+              f"{cfg.train.seq_len} tokens; {args.warmup} warm-up + {args.steps} timed steps each", flush=True)
+        t0 = time.perf_counter()
+        results = run_plans(cfg, plans, args.warmup, args.steps)
+        print(f"measured in {time.perf_counter() - t0:.0f} s")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"overrides": args.overrides, "quick": args.quick, "steps": args.steps,
+                                        "results": results}, indent=1))
+        quick = args.quick
+    rows = score(cfg, results)
+    headline = report(rows, args.verbose)
+    for path in figures(rows, headline, "_quick" if quick else ""):
+        print(f"figure: {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
