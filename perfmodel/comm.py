@@ -95,46 +95,61 @@ class Linear:
 
 @lru_cache(maxsize=64)
 def block_linears(m: ModelSpec) -> tuple[Linear, ...]:
-    """The four Linears of a transformer block, in the column-then-row pairing Megatron uses,
-    so 1D TP (tp_col=t) costs exactly Megatron's 2 forward + 2 backward all-reduces."""
+    """The Linears of a transformer block as parallel/tensor.py runs them: q, k, v and the MLP
+    input projections are separate first-of-pair (QKV-type) Linears, each with its own backward
+    dX all-reduce; the attention output and MLP down projection are second-of-pair."""
     kv = m.n_kv_heads * m.head_dim
-    up = m.d_ff * (2 if m.mlp == "swiglu" else 1)
-    return (Linear("qkv", m.d_model, m.d_model + 2 * kv, True),
-            Linear("attn_out", m.d_model, m.d_model, False),
-            Linear("mlp_up", m.d_model, up, True),
-            Linear("mlp_down", m.d_ff, m.d_model, False))
+    h = m.d_model
+    ins = ("w_gate", "w_up") if m.mlp == "swiglu" else ("w_up",)
+    return (Linear("wq", h, h, True), Linear("wk", h, kv, True), Linear("wv", h, kv, True),
+            Linear("wo", h, h, False), *(Linear(name, h, m.d_ff, True) for name in ins),
+            Linear("w_down", m.d_ff, h, False))
 
 
 @dataclass(frozen=True)
 class TensorVolumes:
     """Per-rank bytes of the 3D-TP collectives of one block for one microbatch (full tensor sizes,
-    the argument the ring formulas take). `fwd_*`: blocking forward all-reduces; `bwd_*`: the
-    backward dX all-reduces; `weights`: the block's weight shard gathered over tp_depth."""
+    the argument the ring formulas take) and how many calls carry them. `fwd_*`: blocking forward
+    all-reduces; `bwd_*`: the backward dX all-reduces; `weights`: the block's weight shard
+    gathered over tp_depth; `norms`: the norms' statistics all-reduced over tp_row."""
 
     fwd_over_col: float
     fwd_over_row: float
     bwd_over_col: float
     bwd_over_row: float
     weights: float
+    calls_over_col: tuple[int, int]  # (forward, backward) collectives over tp_col
+    calls_over_row: tuple[int, int]  # (forward, backward) collectives over tp_row
+    norms: float = 0.0
 
 
 def tensor_volumes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> TensorVolumes:
     """AxoNN 3D TP per block (DESIGN section 4): with X = tp_col, Y = tp_row, Z = tp_depth and
     `tokens` = this rank's tokens of the microbatch (already / Z, / cp), a first-of-pair Linear
     all-reduces its output (tokens x n/X) over Y and its dX (tokens x k/Y) over X; the second
-    all-reduces its output (tokens x n/Y) over X and its dX (tokens x k/X) over Y."""
+    all-reduces its output (tokens x n/Y) over X and its dX (tokens x k/X) over Y. With sequence
+    parallelism the first-of-pair dX all-reduces over X become one reduce-scatter per sequence
+    gather (attention and MLP inputs: the same ring cost as an all-reduce of tokens x h/Y each)."""
     x, y = plan.tp_col, plan.tp_row
     fc = fr = bc = br = w = 0.0
+    firsts = seconds = 0
     for lin in block_linears(m):
         if lin.first:
             fr += tokens * lin.n / x
             bc += tokens * lin.k / y
+            firsts += 1
         else:
             fc += tokens * lin.n / y
             br += tokens * lin.k / x
+            seconds += 1
         w += lin.k * lin.n / (x * y)
+    bwd_col_calls = firsts
+    if plan.sequence_parallel and x > 1:
+        bc, bwd_col_calls = 2 * tokens * m.d_model / y, 2
     b = dtype_bytes
-    return TensorVolumes(fc * b, fr * b, bc * b, br * b, w * b)
+    stats = 1 if m.norm == "rmsnorm" else 2  # per token: sum of squares | sum and sum of squares
+    return TensorVolumes(fc * b, fr * b, bc * b, br * b, w * b, (seconds, bwd_col_calls), (firsts, seconds),
+                         tokens * stats * 4)
 
 
 def cp_ring_bytes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> float:

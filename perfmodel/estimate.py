@@ -82,8 +82,12 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
 
     vol = comm.tensor_volumes(m, plan, tokens, e)
     col, row = comm.link_for(plan, ("tp_col",), c), comm.link_for(plan, ("tp_row",), c)
-    forward_ar = 2 * (comm.all_reduce(vol.fwd_over_col / 2, x, col) + comm.all_reduce(vol.fwd_over_row / 2, y, row))
-    backward_ar = 2 * (comm.all_reduce(vol.bwd_over_col / 2, x, col) + comm.all_reduce(vol.bwd_over_row / 2, y, row))
+    (fwd_col, bwd_col), (fwd_row, bwd_row) = vol.calls_over_col, vol.calls_over_row
+    norms = 2 * comm.all_reduce(vol.norms, y, row)  # two norms; statistics summed over tp_row
+    forward_ar = fwd_col * comm.all_reduce(vol.fwd_over_col / fwd_col, x, col) + \
+        fwd_row * comm.all_reduce(vol.fwd_over_row / fwd_row, y, row) + norms
+    backward_ar = bwd_col * comm.all_reduce(vol.bwd_over_col / bwd_col, x, col) + \
+        bwd_row * comm.all_reduce(vol.bwd_over_row / bwd_row, y, row) + norms
     tensor = forward_ar + _exposed(backward_ar, gemm, plan.overlap_tp_input_grad)
     if plan.recompute == "full":
         tensor += forward_ar * redo_layers / layers

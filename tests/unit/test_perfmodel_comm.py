@@ -39,22 +39,28 @@ MHA = ModelSpec(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, vocab
 
 
 def test_megatron_1d_volumes():
-    # tp_col = t is Megatron TP: per layer 2 forward + 2 backward all-reduces of b*s*h elements
+    # tp_col = t: per layer Megatron's 2 forward all-reduces of b*s*h elements; backward, the
+    # runtime all-reduces the dX of q, k, v and the MLP input projection separately (4 calls of
+    # b*s*h; Megatron sums them locally first: 2 calls), or with SP reduce-scatters once per
+    # sequence gather (2 calls of b*s*h)
     tokens, e = 32, 2
     vol = comm.tensor_volumes(MHA, Plan(tp_col=4), tokens, e)
     assert vol.fwd_over_col == 2 * tokens * 64 * e
-    assert vol.bwd_over_col == 2 * tokens * 64 * e
+    assert vol.bwd_over_col == 4 * tokens * 64 * e
+    assert vol.calls_over_col == (2, 4) and vol.calls_over_row == (4, 2)
+    sp = comm.tensor_volumes(MHA, Plan(tp_col=4, sequence_parallel=True), tokens, e)
+    assert sp.bwd_over_col == 2 * tokens * 64 * e and sp.calls_over_col == (2, 2)
     # weights: the block's k x n matrices, split over tp_col x tp_row
     assert vol.weights == (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64) / 4 * e
 
 
 def test_3d_volumes_follow_axonn():
-    # first of a pair (qkv, mlp_up) all-reduces its output over tp_row and its dX over tp_col;
-    # the second (attn_out, mlp_down) its output over tp_col and its dX over tp_row
+    # first of a pair (wq, wk, wv, w_up) all-reduces its output over tp_row and its dX over tp_col;
+    # the second (wo, w_down) its output over tp_col and its dX over tp_row
     x, y, tokens = 2, 4, 16
     vol = comm.tensor_volumes(MHA, Plan(tp_col=x, tp_row=y), tokens, 1)
     assert vol.fwd_over_row == tokens * (192 + 256) / x
-    assert vol.bwd_over_col == tokens * (64 + 64) / y
+    assert vol.bwd_over_col == tokens * (64 + 64 + 64 + 64) / y
     assert vol.fwd_over_col == tokens * (64 + 64) / y
     assert vol.bwd_over_row == tokens * (64 + 256) / x
 
