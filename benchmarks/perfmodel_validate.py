@@ -14,11 +14,11 @@ process groups are destroyed before the next plan. Measurements are saved as JSO
 formula change is re-scored with --rescore without running anything again.
 
 Plans (see `variants`): every factorisation of 8 into dp x pp x cp x tp_col x tp_row x tp_depth
-that the model, the batch and this build allow, each with 1F1B, micro-batch 1, no ZeRO, no
-recomputation; plus, per layout, micro-batch 2; with pp > 1 GPipe, interleaved (2 chunks) and
-the zero-bubble schedules this build runs (zbh1, zbv, vhalf, vmin need dp = cp = 1); with
-dp x cp > 1 and no tensor parallelism ZeRO 1, 2 and 3; full and selective recomputation; with
-tp_col > 1 sequence parallelism; with cp > 1 Ulysses.
+that the model, the batch and this build allow, each with 1F1B, one microbatch per stage, no
+ZeRO, no recomputation; with tp_col > 1 also sequence parallelism, with cp > 1 also Ulysses.
+The four pure data x pipeline layouts also run at micro-batch 1 and 2, with ZeRO 1-3, full and
+selective recomputation and every other schedule (GPipe, zbh1; with an even number of layers
+per stage interleaved, zbv, vhalf, vmin with 2 chunks). Variants the checks reject are skipped.
 
 Memory compared: model states + peak saved activations on the most loaded rank, i.e. plan.json's
 `memory.measured` (params + grads + optimizer + activations: unique storages of the parameters,
@@ -99,21 +99,28 @@ def _prod(xs: Any) -> int:
     return n
 
 
-def variants(deg: dict[str, int], n_layers: int) -> list[Plan]:
-    """The plans tried for one layout (module docstring); invalid ones are filtered later."""
+def variants(deg: dict[str, int], n_layers: int, global_batch_size: int) -> list[Plan]:
+    """The plans tried for one layout (invalid or unbuilt ones are filtered later). First the
+    layout with one microbatch per pipeline stage (mbs = batch / (data shards x pp): the fewest
+    latency-bound collectives), then, for tensor / context layouts, sequence parallelism and
+    Ulysses; for pure data x pipeline layouts (cheap to run) every other knob at mbs 1:
+    mbs 2, the other schedules, ZeRO 1-3 (dp > 1), full and selective recomputation."""
     base = Plan(**deg)
-    out = [base, base.replace(micro_batch_size=2), base.replace(recompute="full"),
-           base.replace(recompute="selective")]
+    out = [base.replace(micro_batch_size=max(1, global_batch_size // (base.data_shards * base.pp)))]
+    if base.tp > 1 or base.cp > 1:
+        if base.tp_col > 1:
+            out.append(out[0].replace(sequence_parallel=True))
+        if base.cp > 1:
+            out.append(out[0].replace(cp_mode="ulysses"))
+        return out
+    out += [base, base.replace(micro_batch_size=2), base.replace(recompute="full"),
+            base.replace(recompute="selective")]
+    if base.dp > 1:
+        out += [base.replace(zero=z) for z in (1, 2, 3)]
     if base.pp > 1:
         out += [base.replace(schedule="gpipe"), base.replace(schedule="zbh1")]
         if (n_layers // base.pp) % 2 == 0:
             out += [base.replace(schedule=s, virtual_stages=2) for s in ("interleaved", "zbv", "vhalf", "vmin")]
-    if base.dp * base.cp > 1:
-        out += [base.replace(zero=z) for z in (1, 2, 3)]
-    if base.tp_col > 1:
-        out.append(base.replace(sequence_parallel=True))
-    if base.cp > 1:
-        out.append(base.replace(cp_mode="ulysses"))
     return out
 
 
@@ -140,7 +147,8 @@ def candidate_plans(cfg: RunConfig, quick: bool) -> tuple[list[Plan], int]:
     degs = [{**{a: 1 for a in AXES}, **q} for q in QUICK] if quick else layouts(WORLD)
     seen, plans, rejected = set(), [], 0
     for deg in degs:
-        for plan in (variants(deg, cfg.model.n_layers)[:2] if quick else variants(deg, cfg.model.n_layers)):
+        tried = variants(deg, cfg.model.n_layers, cfg.train.global_batch_size)
+        for plan in (tried[:2] if quick else tried):
             if plan in seen:
                 continue
             seen.add(plan)

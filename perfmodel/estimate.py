@@ -166,10 +166,15 @@ def check_schedule(plan: Plan) -> None:
         raise PlanError(reason)
 
 
-def step_time(busy: float, bubble_fraction: float, sync: float, opt: float) -> tuple[float, float]:
+def step_time(busy: float, bubble_fraction: float, sync: float, opt: float, ranks_per_unit: float = 1.0
+              ) -> tuple[float, float]:
     """(bubble seconds, step seconds): `busy` pipeline work stretched by the bubble, then the
-    exposed gradient synchronisation and the optimizer step."""
+    exposed gradient synchronisation and the optimizer step. When `ranks_per_unit` ranks share a
+    processor (Cluster.compute_units), the busy ranks run faster while others idle in the bubble:
+    the pipeline takes the longer of its total work (`busy`, at the all-busy rate) and its
+    critical path at the rate of a rank running alone ((busy + bubble) / ranks_per_unit)."""
     bubble = busy * bubble_fraction / (1 - bubble_fraction)
+    bubble = max((busy + bubble) / ranks_per_unit - busy, 0.0)
     return bubble, busy + bubble + sync + opt
 
 
@@ -184,7 +189,7 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
     psi = stage_params(m, plan.pp) / plan.tp
     sync = gradient_sync(plan, c, psi, mb, micro)
     opt = optimizer_time(plan, c, psi)
-    bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt)
+    bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt, c.ranks_per_unit)
     tokens_per_s = global_batch_size * seq_len / step
     mem = memory(m, plan, c, seq_len, sched.peak_activations)
     breakdown = {"compute_s": micro * mb.compute, "recompute_s": micro * mb.recompute,

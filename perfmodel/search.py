@@ -205,7 +205,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], 
                             if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
                                 continue
                             timed += 1
-                            step = est.step_time(busy, cost.bubble_fraction, sync, opt_s)[1]
+                            step = est.step_time(busy, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1]
                             if best is None or step < best[0]:
                                 best = (step, (plan_r, sched, v, zero, opt, frac))
                             break

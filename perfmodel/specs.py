@@ -218,7 +218,16 @@ class Cluster:
     gemm_half_dim: float = 64.0  # a GEMM whose smallest dim is this reaches half that rate
     dtype_bytes: int = 2  # bytes per weight/activation element in compute (2 = bf16, 4 = fp32)
     overhead_bytes: float = 2e9  # per device: runtime context, allocator slack, comm buffers
+    # processors the node's ranks share; 0 = one per device (GPUs). With more ranks than processors
+    # (a CPU run) peak_flops is a rank's rate while all are busy, and a rank idle in the pipeline
+    # bubble lends its share to the busy ones
+    compute_units: int = 0
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def ranks_per_unit(self) -> float:
+        """How many ranks share one processor (1 on GPUs)."""
+        return max(1.0, self.gpus_per_node / self.compute_units) if self.compute_units > 0 else 1.0

@@ -1,5 +1,6 @@
 """estimate(): the step-time composition against hand-computed values, and its JSON shape."""
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -49,6 +50,20 @@ def test_pipeline_bubble_matches_schedule():
                                          "pipeline_p2p_s", "offload_s"))
     assert e.pipeline.bubble_fraction == pytest.approx(1 / 5, abs=0.02) or e.pipeline.source == "table"
     assert e.breakdown["bubble_s"] == pytest.approx(busy * e.pipeline.bubble_fraction / (1 - e.pipeline.bubble_fraction))
+
+
+def test_shared_processors_hide_the_bubble():
+    # 8 ranks on 2 processors (a CPU run): while some ranks idle in the bubble the busy ones run up
+    # to 4x faster, so the pipeline takes max(work, (work + bubble) / 4)
+    plan = Plan(pp=4, dp=2, micro_batch_size=1)
+    gpu = estimate(TINY, plan, IDEAL, 16, 128)
+    work = gpu.step_time_s - gpu.breakdown["bubble_s"] - gpu.breakdown["grad_sync_s"] - gpu.breakdown["optimizer_s"]
+    assert gpu.breakdown["bubble_s"] == pytest.approx(work * 3 / 8, rel=1e-3)  # (p-1)/m of the work, m = 8
+    cpu = estimate(TINY, plan, replace(IDEAL, compute_units=2), 16, 128)
+    assert cpu.breakdown["bubble_s"] == 0.0  # (1 + 3/8) / 4 < 1
+    slow = estimate(TINY, plan.replace(pp=8, dp=1, micro_batch_size=16), replace(IDEAL, compute_units=4), 16, 128)
+    work = slow.step_time_s - slow.breakdown["bubble_s"] - slow.breakdown["optimizer_s"]
+    assert slow.breakdown["bubble_s"] == pytest.approx(work * (1 + 7) / 2 - work, rel=1e-3)  # m = 1: 7 idle slots
 
 
 def test_to_dict_shape():
