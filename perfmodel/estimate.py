@@ -104,10 +104,10 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
     context = 0.0
     if plan.cp > 1:
         link = comm.link_for(plan, ("cp",), c)
-        if plan.cp_mode == "ring":  # K, V blocks hop around the ring, hidden behind the attention blocks
-            step = comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1)
-            hop = comm.p2p(step, link) * (plan.cp - 1)
-            context = _exposed(hop, attn, True) + _exposed(2 * hop, 2 * attn, True)
+        if plan.cp_mode == "ring":  # K, V blocks hop around the ring, hidden behind the attention blocks;
+            # backward: cp - 1 K/V hops and cp hops of the gradient accumulators (parallel/ring_attention.py)
+            hop = comm.p2p(comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1), link)
+            context = _exposed((plan.cp - 1) * hop, attn, True) + _exposed((2 * plan.cp - 1) * hop, 2 * attn, True)
         else:  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
             context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
 
