@@ -44,11 +44,6 @@ def check_implemented(plan: Plan) -> None:
         missing.append(f"parallel.schedule={plan.schedule} with parallel.dp * parallel.cp > 1 (#4: the deferred "
                        "weight gradients are not yet reduced correctly across data-parallel ranks; use 1f1b, "
                        "interleaved or gpipe, or dp = cp = 1)")
-    if (plan.zero > 0 or plan.offload.optimizer) and (plan.tp > 1 or plan.schedule in SPLIT_BACKWARD
-                                                      or plan.schedule == "interleaved"):
-        missing.append("parallel.zero / parallel.offload.optimizer with tensor parallelism, a split-backward "
-                       "or an interleaved schedule (#6: the ZeRO engine shards one chunk per rank over dp x cp "
-                       "only); use parallel.tp_*=1 and parallel.schedule=1f1b or gpipe")
     if missing:
         raise PlanError("not implemented yet: " + ", ".join(missing) + "; set those back to their defaults "
                         "and use parallel.dp for the ranks")
@@ -89,8 +84,8 @@ class Trainer:
         self.norm_weights = {name: self._pieces(name) / plan.tp for name in self.named}
         # gradient reduction + optimizer: the ZeRO engine (stages 1-3, optimizer offload) or
         # bucketed data parallelism + AdamW; both expose zero_grad / sync / finish / remove
-        self.engine = zero.apply(chunks[0], plan, grid, cfg.optim) if plan.zero > 0 or plan.offload.optimizer \
-            else None
+        self.engine = zero.apply(chunks, plan, grid, cfg.optim, self.tps) \
+            if plan.zero > 0 or plan.offload.optimizer else None
         if self.engine is not None:
             self.dp, self.optimizer = self.engine, None
         else:
