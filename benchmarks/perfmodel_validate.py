@@ -29,6 +29,7 @@ Gathered-weight buffers and runtime overhead are not measured, so not compared.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import socket
@@ -185,8 +186,6 @@ def _measure(cfg: RunConfig, warmup: int, steps: int) -> dict[str, Any]:
                 times.append(dt)
     finally:
         t.dp.remove()
-        del t
-        _destroy_subgroups()
     return {"times": times, "memory": mem}
 
 
@@ -197,15 +196,23 @@ def _worker(rank: int, port: int, cfg: RunConfig, plans: list[dict], warmup: int
                             timeout=timedelta(seconds=cfg.launch.timeout_s))
     for i, p in enumerate(plans):
         t0 = time.perf_counter()
-        r = _measure(replace(cfg, plan=Plan.from_dict(p)), warmup, steps)
+        try:
+            r = _measure(replace(cfg, plan=Plan.from_dict(p)), warmup, steps)
+        except Exception as e:  # noqa: BLE001 - report the plan as failed and go on with the next
+            r = {"error": f"{type(e).__name__}: {e}"[:300]}
+        # the plan's grid and trainer are unreachable now: free its groups (each gloo group runs
+        # threads, which would pile up over a hundred plans and load the machine)
+        _destroy_subgroups()
+        gc.collect()
         out.put((i, rank, r, time.perf_counter() - t0))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_plans(cfg: RunConfig, plans: list[Plan], warmup: int, steps: int) -> list[dict[str, Any]]:
+def run_plans(cfg: RunConfig, plans: list[Plan], warmup: int, steps: int, save: Any) -> list[dict[str, Any]]:
     """Measure every plan in one 8-rank world; per plan: step time (median over steps of the
-    slowest rank) and memory (the rank with the most model states + activations)."""
+    slowest rank) and memory (the rank with the most model states + activations). `save(results)`
+    is called after each plan (a long run interrupted keeps what it measured)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -214,23 +221,25 @@ def run_plans(cfg: RunConfig, plans: list[Plan], warmup: int, steps: int) -> lis
     procs = mp.spawn(_worker, args=(port, cfg, [p.to_dict() for p in plans], warmup, steps, out),
                      nprocs=WORLD, join=False)
     per_plan: dict[int, dict[int, Any]] = {}
+    results = []
     done = 0
     while done < len(plans):
         i, rank, r, wall = out.get()
         per_plan.setdefault(i, {})[rank] = r
-        if len(per_plan[i]) == WORLD:
-            done += 1
-            ranks = per_plan[i]
-            step_s = statistics.median(max(ranks[k]["times"][j] for k in ranks) for j in range(steps))
-            print(f"  [{done}/{len(plans)}] {plan_name(plans[i]):<42} {step_s:7.3f} s/step  ({wall:.0f} s)",
-                  flush=True)
-    procs.join()
-    results = []
-    for i, plan in enumerate(plans):
-        ranks = per_plan[i]
+        if len(per_plan[i]) < WORLD:
+            continue
+        done += 1
+        ranks = per_plan.pop(i)
+        errors = [r["error"] for r in ranks.values() if "error" in r]
+        if errors:
+            print(f"  [{done}/{len(plans)}] {plan_name(plans[i]):<42} FAILED {errors[0]}", flush=True)
+            continue
         step_s = statistics.median(max(ranks[k]["times"][j] for k in ranks) for j in range(steps))
         worst = max(ranks.values(), key=lambda r: sum(r["memory"][k] for k in MEMORY_KEYS))
-        results.append({"plan": plan.to_dict(), "step_time_s": step_s, "memory": worst["memory"]})
+        results.append({"plan": plans[i].to_dict(), "step_time_s": step_s, "memory": worst["memory"]})
+        save(results)
+        print(f"  [{done}/{len(plans)}] {plan_name(plans[i]):<42} {step_s:7.3f} s/step  ({wall:.0f} s)", flush=True)
+    procs.join()
     return results
 
 
@@ -349,11 +358,14 @@ def main() -> None:
               f"{cfg.model.n_layers}x{cfg.model.d_model}, batch {cfg.train.global_batch_size} x "
               f"{cfg.train.seq_len} tokens; {args.warmup} warm-up + {args.steps} timed steps each", flush=True)
         t0 = time.perf_counter()
-        results = run_plans(cfg, plans, args.warmup, args.steps)
-        print(f"measured in {time.perf_counter() - t0:.0f} s")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"overrides": args.overrides, "quick": args.quick, "steps": args.steps,
-                                        "results": results}, indent=1))
+
+        def save(done: list[dict[str, Any]]) -> None:
+            args.out.write_text(json.dumps({"overrides": args.overrides, "quick": args.quick, "steps": args.steps,
+                                            "results": done}, indent=1))
+
+        results = run_plans(cfg, plans, args.warmup, args.steps, save)
+        print(f"measured in {time.perf_counter() - t0:.0f} s; saved to {args.out}")
         quick = args.quick
     rows = score(cfg, results)
     headline = report(rows, args.verbose)
