@@ -56,7 +56,7 @@ from torch import nn
 from launch.grid import Axis, Grid
 from parallel.offload import HostAdamW
 from parallel.zero_optim import Optim, ShardAdamW
-from parallel.zero_units import Layout, Place, Slot, sharded_view, tp_place, whole_place
+from parallel.zero_units import Layout, Place, Slot, sharded_view, split_blocks, tp_place, whole_place
 from perfmodel.specs import Plan
 
 MAX_INFLIGHT = 2  # stage 2/3: reduce-scatters pending before the oldest is waited on (bounds memory)
@@ -107,11 +107,11 @@ class ZeroEngine:
             for tp in tps:  # ZeRO-3's own gathers prefetch, the depth gather runs at each use
                 tp.store.prefetch = False
         for c, chunk in enumerate(chunks):
-            blocks, root_named = _split(chunk)
-            by_block = [(name, self._make_units(name, named, tp_of)) for name, _, named in blocks]
+            blocks, root_named = split_blocks(chunk)
+            by_block = [(m, self._make_units(name, named, tp_of)) for name, m, named in blocks]
             root = self._make_units(f"chunk{c}", root_named, tp_of, root=True)
             if stage == 3:
-                self._register_stage3(chunk, [(m, units) for (_, m, _), (_, units) in zip(blocks, by_block)], root)
+                self._register_stage3(chunk, by_block, root)
         for p in self._unit_of:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
         shards = [u.shard for u in self.units]
@@ -398,19 +398,6 @@ class ZeroEngine:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-
-
-def _split(model: nn.Module) -> tuple[list[tuple[str, nn.Module, list]], list[tuple[str, nn.Parameter]]]:
-    """Blocks (`layers.<i>`, in execution order) with their named parameters, and the rest."""
-    blocks = []
-    in_block: set[int] = set()
-    layers = getattr(model, "layers", {})
-    for key, block in layers.items():
-        named = [(f"layers.{key}.{n}", p) for n, p in block.named_parameters() if p.requires_grad]
-        blocks.append((f"layers.{key}", block, named))
-        in_block.update(id(p) for _, p in named)
-    root = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_block]
-    return blocks, root
 
 
 def apply(model: nn.Module | Sequence[nn.Module], plan: Plan, grid: Grid, optim_cfg: Optim,

@@ -78,6 +78,19 @@ def tp_place(full: tuple[int, ...], split: tuple[str | None, str | None], flat: 
     return Place(tuple(full), (rows, cols)[:len(full)], tuple(pieces), mine)
 
 
+def split_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, list]], list[tuple[str, nn.Parameter]]]:
+    """Blocks (`layers.<i>`, in execution order) with their named parameters, and the rest."""
+    blocks = []
+    in_block: set[int] = set()
+    layers = getattr(model, "layers", {})
+    for key, block in layers.items():
+        named = [(f"layers.{key}.{n}", p) for n, p in block.named_parameters() if p.requires_grad]
+        blocks.append((f"layers.{key}", block, named))
+        in_block.update(id(p) for _, p in named)
+    root = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_block]
+    return blocks, root
+
+
 @dataclass(frozen=True)
 class Slot:
     """One parameter's place in its unit's flat buffer."""
