@@ -40,10 +40,6 @@ SPLIT_BACKWARD = ("zbh1", "zbv", "vhalf", "vmin")  # schedules whose W pass is d
 def check_implemented(plan: Plan) -> None:
     """Reject layouts this build cannot run yet (before any process group exists)."""
     missing = []
-    if plan.schedule in SPLIT_BACKWARD and plan.pp > 1 and plan.dp * plan.cp > 1:
-        missing.append(f"parallel.schedule={plan.schedule} with parallel.dp * parallel.cp > 1 (#4: the deferred "
-                       "weight gradients are not yet reduced correctly across data-parallel ranks; use 1f1b, "
-                       "interleaved or gpipe, or dp = cp = 1)")
     if missing:
         raise PlanError("not implemented yet: " + ", ".join(missing) + "; set those back to their defaults "
                         "and use parallel.dp for the ranks")
@@ -98,6 +94,7 @@ class Trainer:
                                     cfg.train.seed)
         self.shard = grid.axis("dp").coord * plan.tp_depth + grid.axis("tp_depth").coord
         self.autocast = _autocast(cfg.train.dtype, device)
+        self._memory_tracked = False
 
     def _reduction_groups(self) -> list[tuple[list[torch.nn.Parameter], Any, int]]:
         """Parameters grouped by the grid axes their gradients are summed over."""
@@ -136,7 +133,9 @@ class Trainer:
         self.dp.zero_grad()
         # [mbs, S/cp] inputs and targets, global positions [S/cp], per microbatch
         batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
-        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.dp, self.autocast)
+        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.dp, self.autocast,
+                                  track_memory=not self._memory_tracked)
+        self._memory_tracked = True  # the first step measures activations (plan.json); the rest skip the hooks
         self.dp.finish()
         pp_group = _group_or_none(self.grid.axis("pp"))
         if self.engine is not None:

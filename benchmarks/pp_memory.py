@@ -9,7 +9,9 @@ peak bytes offloaded to host memory (`parallel.activation_offload.ActivationStor
 one microbatch through one full stage, measured as the bytes one F of a middle 1F1B stage saves;
 the predicted bytes are the simulator's peak (parallel.schedule_sim, in those units) times it.
 The first / last chunk also hold the embedding / head-and-loss activations, so the ranks holding
-them read a little above the prediction.
+them read a little above the prediction. A second table gives the busiest rank's device peak in
+units of one microbatch through the whole model (pp units), comparable across --pp: with 1F1B it
+stays about 1 at any depth, with PipeOffload it falls as stages are added.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def _rank(pp: int, m: int, seq: int, layers: int) -> list[dict]:
     grid = Grid.build(plan_for(pp, "1f1b"), dist.get_rank(), dist.get_world_size())
     for schedule, frac in [("1f1b", 0.0), ("gpipe", 0.0)] + ROWS:
         pipe = build_pipeline(spec, plan_for(pp, schedule, offload=frac), grid, seq)
-        pipe.step(microbatches(spec, m, 1, seq, 0), loss_fn, m * seq, NoSync())
+        pipe.step(microbatches(spec, m, 1, seq, 0), loss_fn, m * seq, NoSync(), track_memory=True)
         out.append({"schedule": schedule, "offload": frac, "device": pipe.last_memory.peak_device_bytes,
                     "host": pipe.last_memory.peak_host_bytes})
     return out
@@ -66,6 +68,13 @@ def main() -> None:
             pred, host = sim.peak_activations[r], sim.peak_offloaded[r]
             print(f"| {schedule} | {frac} | {r} | {row['device'] / 2**20:.2f} | {pred * unit / 2**20:.2f} ({pred:g}) | "
                   f"{row['device'] / (pred * unit):.2f} | {row['host'] / 2**20:.2f} | {host * unit / 2**20:.2f} |")
+    # across pipeline depths: the busiest rank's device peak in whole-model microbatches (pp units)
+    print(f"\nbusiest rank, pp={a.pp}: device peak / one microbatch through the whole model")
+    print("| schedule | offload | max device MiB | in whole-model microbatches |")
+    print("|---|---|---|---|")
+    for i, (schedule, frac) in enumerate(ROWS, start=2):
+        peak = max(per_rank[r][i]["device"] for r in range(a.pp))
+        print(f"| {schedule} | {frac} | {peak / 2**20:.2f} | {peak / (unit * a.pp):.2f} |")
 
 
 if __name__ == "__main__":

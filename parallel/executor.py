@@ -121,11 +121,13 @@ class Executor:
         self.b_params = b_params or {}
 
     def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
-            grad_sync: Any, autocast: AbstractContextManager | None = None) -> torch.Tensor:
+            grad_sync: Any, autocast: AbstractContextManager | None = None, track: bool = True) -> torch.Tensor:
         """Run one step's actions; returns the summed loss of the microbatches (0 unless this rank
-        holds the last chunk)."""
+        holds the last chunk). `track`: run the activation store's saved-tensor hooks (memory
+        accounting); they run anyway when the actions offload."""
         autocast = autocast if autocast is not None else nullcontext()
         split = any(a.kind == W for a in actions)
+        hooks = track or any(a.kind == OFFLOAD for a in actions)
         last_grad = {(a.chunk, a.kind): k for k, a in enumerate(actions) if a.kind in (B, W)}
         final = set(last_grad.values())
         state = _StepState()
@@ -143,7 +145,7 @@ class Executor:
                 continue
             if a.kind == FWD:
                 with autocast:
-                    loss = self._forward(a, microbatches[a.microbatch], loss_fn, state)
+                    loss = self._forward(a, microbatches[a.microbatch], loss_fn, state, hooks)
                 if loss is not None:
                     loss_sum += loss.detach()
             elif a.kind == B:
@@ -183,11 +185,12 @@ class Executor:
         tag = state.pending.pop((kind, *key))
         return self.p2p.wait_recv(tag)
 
-    def _forward(self, a: Action, mb: Microbatch, loss_fn: Callable, state: "_StepState") -> torch.Tensor | None:
+    def _forward(self, a: Action, mb: Microbatch, loss_fn: Callable, state: "_StepState",
+                 hooks: bool) -> torch.Tensor | None:
         key = (a.chunk, a.microbatch)
         chunk = self.chunks[a.chunk]
         inputs, targets, positions = mb
-        with self.store.saving(key):
+        with self.store.saving(key) if hooks else nullcontext():
             if a.chunk == 0:
                 x = chunk.embed(inputs, positions)  # [b, S, h]
             else:

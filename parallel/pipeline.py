@@ -125,17 +125,25 @@ class Pipeline:
         return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params), stash, b_params)
 
     def step(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             global_tokens: int, grad_sync: Any, autocast: AbstractContextManager | None = None) -> torch.Tensor:
+             global_tokens: int, grad_sync: Any, autocast: AbstractContextManager | None = None,
+             track_memory: bool = False) -> torch.Tensor:
         """Forward and backward of every microbatch (inputs [b, S], targets [b, S], positions [S])
         under the schedule; gradients of (sum of loss_fn) / global_tokens accumulate into the
         parameters, reduced by `grad_sync` (DataParallel) during the last backward of each chunk.
-        Returns the summed loss on the rank holding the last chunk, 0 elsewhere."""
+        Returns the summed loss on the rank holding the last chunk, 0 elsewhere.
+
+        `track_memory`: count the saved activations (Python saved-tensor hooks on every saved
+        tensor, a few percent of a small model's step) into `last_memory`; steps whose schedule
+        offloads activations always run the hooks."""
         if self._executor is None:
             self._executor = self._build_executor(microbatches[0])
         ex = self._executor
         ex.store.reset_stats()
-        loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, grad_sync, autocast)
-        self.last_memory = ex.store.reset_stats()
+        loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, grad_sync, autocast,
+                      track_memory)
+        stats = ex.store.reset_stats()
+        if track_memory:
+            self.last_memory = stats
         return loss
 
 

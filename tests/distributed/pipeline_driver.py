@@ -72,7 +72,7 @@ def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = N
     if kill_rank is not None and grid.rank == kill_rank:
         def killer(logits, targets):  # the peer dies in the middle of the schedule
             os._exit(3)
-    loss = pipe.step(microbatches_of(local, plan.micro_batch_size), killer, global_tokens, sync)
+    loss = pipe.step(microbatches_of(local, plan.micro_batch_size), killer, global_tokens, sync, track_memory=True)
     sync.finish()
     sync.remove()
     pp_group = grid.axis("pp").group
