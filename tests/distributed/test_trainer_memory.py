@@ -38,3 +38,18 @@ def test_plan_json_has_measured_and_predicted_memory(tmp_path, dist_pools):
     from perfmodel.flops import n_params
 
     assert mem["measured"]["params"] < 4 * n_params(cfg.model)  # ZeRO-3 holds a shard, not the model
+
+
+def test_zero_tp_model_state_bytes_match_formula(tmp_path, dist_pools):
+    """Under TP the ZeRO engine shards each rank's tensor-parallel pieces: measured bytes equal
+    perfmodel.memory.model_states for Psi / tp parameters over dp (fp32: 4-byte weights and
+    gradients, K = 8); the norms replicated over the tensor group are within the 5%."""
+    from perfmodel.memory import model_states, stage_params
+
+    cfg = make_cfg(tmp_path, "mt", "parallel.tp_col=2", "parallel.dp=2", "parallel.zero=2", "train.steps=1")
+    dist_pools.run(4, train, cfg)
+    got = json.loads((cfg.run_dir / "plan.json").read_text())["memory"]["measured"]
+    psi = stage_params(cfg.model, 1) / 2
+    want = dict(zip(("params", "grads", "optimizer"), model_states(psi, 2, 2, 4)))
+    for role, value in want.items():
+        assert got[role] == pytest.approx(value, rel=0.05), role
