@@ -45,9 +45,12 @@ class Estimate:
         }
 
 
-def _exposed(cost: float, window: float, overlap: bool) -> float:
-    """What of `cost` is left after overlapping it with `window` seconds of compute."""
-    return max(cost - window, 0.0) if overlap else cost
+def _exposed(cost: float, window: float, overlap: bool, c: Cluster) -> float:
+    """What of `cost` is left after overlapping it with `window` seconds of compute. Nothing is
+    hidden when ranks share processors (Cluster.compute_units): there is no idle hardware to
+    overlap on, the communication threads (copies, reductions, polling) take the cores compute
+    needs, and a collective waits for peers that are descheduled."""
+    return max(cost - window, 0.0) if overlap and c.ranks_per_unit <= 1 else cost
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
         fwd_row * comm.all_reduce(vol.fwd_over_row / fwd_row, y, row) + norms
     backward_ar = bwd_col * comm.all_reduce(vol.bwd_over_col / bwd_col, x, col) + \
         bwd_row * comm.all_reduce(vol.bwd_over_row / bwd_row, y, row) + norms
-    tensor = forward_ar + _exposed(backward_ar, gemm, plan.overlap_tp_input_grad)
+    tensor = forward_ar + _exposed(backward_ar, gemm, plan.overlap_tp_input_grad, c)
     if plan.recompute == "full":
         tensor += forward_ar * redo_layers / layers
     if z > 1:
@@ -98,8 +101,9 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
         if plan.cache_tp_weights:  # gathered once per step, kept for backward and later microbatches
             tensor += gather / micro
         else:
-            tensor += _exposed(gather, fwd, plan.prefetch_tp_weights) + _exposed(gather, 2 * fwd, plan.prefetch_tp_weights)
-        tensor += _exposed(scatter, 2 * fwd, plan.overlap_tp_depth_reduce)
+            prefetch = plan.prefetch_tp_weights
+            tensor += _exposed(gather, fwd, prefetch, c) + _exposed(gather, 2 * fwd, prefetch, c)
+        tensor += _exposed(scatter, 2 * fwd, plan.overlap_tp_depth_reduce, c)
 
     context = 0.0
     if plan.cp > 1:
@@ -107,7 +111,8 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
         if plan.cp_mode == "ring":  # K, V blocks hop around the ring, hidden behind the attention blocks;
             # backward: cp - 1 K/V hops and cp hops of the gradient accumulators (parallel/ring_attention.py)
             hop = comm.p2p(comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1), link)
-            context = _exposed((plan.cp - 1) * hop, attn, True) + _exposed((2 * plan.cp - 1) * hop, 2 * attn, True)
+            context = _exposed((plan.cp - 1) * hop, attn, True, c) + \
+                _exposed((2 * plan.cp - 1) * hop, 2 * attn, True, c)
         else:  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
             context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
 
@@ -127,7 +132,7 @@ def p2p_send(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
 def offload_time(fraction: float, unit_bytes: float, c: Cluster, compute: float) -> float:
     """PipeOffload: D2H after F and H2D before B of `fraction` of a microbatch-stage's
     activations, hidden behind the microbatch's compute."""
-    return _exposed(2 * fraction * unit_bytes / c.host_bw, compute, True) if fraction > 0 else 0.0
+    return _exposed(2 * fraction * unit_bytes / c.host_bw, compute, True, c) if fraction > 0 else 0.0
 
 
 def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro: int) -> float:
@@ -140,14 +145,14 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
     last_bucket = comm.all_reduce(min(plan.bucket_mb * 2**20, grads), d, link)
     if plan.zero == 0:
         reduce = comm.all_reduce(grads, d, link)
-        return max(_exposed(reduce, mb.backward, plan.overlap_grad_reduce), last_bucket)
+        return max(_exposed(reduce, mb.backward, plan.overlap_grad_reduce, c), last_bucket)
     scatter = comm.reduce_scatter(grads, d, link)
-    hidden = max(_exposed(scatter, mb.backward, plan.overlap_grad_reduce), last_bucket / 2)
+    hidden = max(_exposed(scatter, mb.backward, plan.overlap_grad_reduce, c), last_bucket / 2)
     gather = comm.all_gather(weights, d, link)
     if plan.zero < 3:  # updated shards gathered after the step
         return hidden + gather
     # ZeRO-3: parameters gathered for forward and again for backward of every microbatch, prefetched
-    return hidden + micro * (_exposed(gather, mb.backward / 2, True) + _exposed(gather, mb.backward, True))
+    return hidden + micro * (_exposed(gather, mb.backward / 2, True, c) + _exposed(gather, mb.backward, True, c))
 
 
 def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:

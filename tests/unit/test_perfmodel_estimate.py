@@ -52,7 +52,7 @@ def test_pipeline_bubble_matches_schedule():
     assert e.breakdown["bubble_s"] == pytest.approx(busy * e.pipeline.bubble_fraction / (1 - e.pipeline.bubble_fraction))
 
 
-def test_shared_processors_hide_the_bubble():
+def test_shared_processors_hide_the_bubble_and_overlap_nothing():
     # 8 ranks on 2 processors (a CPU run): while some ranks idle in the bubble the busy ones run up
     # to 4x faster, so the pipeline takes max(work, (work + bubble) / 4)
     plan = Plan(pp=4, dp=2, micro_batch_size=1)
@@ -64,6 +64,10 @@ def test_shared_processors_hide_the_bubble():
     slow = estimate(TINY, plan.replace(pp=8, dp=1, micro_batch_size=16), replace(IDEAL, compute_units=4), 16, 128)
     work = slow.step_time_s - slow.breakdown["bubble_s"] - slow.breakdown["optimizer_s"]
     assert slow.breakdown["bubble_s"] == pytest.approx(work * (1 + 7) / 2 - work, rel=1e-3)  # m = 1: 7 idle slots
+    # and nothing overlaps: the gradient all-reduce costs what it costs with overlap switched off
+    shared = estimate(TINY, Plan(dp=8, micro_batch_size=2), replace(IDEAL, compute_units=2), 16, 128)
+    serial = estimate(TINY, Plan(dp=8, micro_batch_size=2, overlap_grad_reduce=False), IDEAL, 16, 128)
+    assert shared.breakdown["grad_sync_s"] == pytest.approx(serial.breakdown["grad_sync_s"])
 
 
 def test_to_dict_shape():
