@@ -344,6 +344,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "perfmodel_validate.json",
                     help="where the measurements are saved (JSON)")
     ap.add_argument("--rescore", type=Path, help="skip running: re-predict the measurements saved in this file")
+    ap.add_argument("--resume", action="store_true", help="keep the plans already measured in --out, run the rest")
+    ap.add_argument("--skip", action="append", default=[], metavar="PLAN",
+                    help="leave out a plan by its printed name (one that hangs this build); repeatable")
     ap.add_argument("--verbose", action="store_true", help="memory parts and time breakdown per plan")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the model / batch (e.g. train.seq_len=256)")
     args = ap.parse_args()
@@ -354,7 +357,11 @@ def main() -> None:
     else:
         cfg = base_config(Path(tempfile.mkdtemp(prefix="perfmodel_validate_")), args.overrides)
         plans, rejected = candidate_plans(cfg, args.quick)
-        print(f"{len(plans)} runnable plans ({rejected} variants rejected by the checks); model "
+        plans = [p for p in plans if plan_name(p) not in args.skip]
+        kept = json.loads(args.out.read_text())["results"] if args.resume and args.out.exists() else []
+        plans = [p for p in plans if p.to_dict() not in [r["plan"] for r in kept]]
+        print(f"{len(plans)} runnable plans to run ({rejected} variants rejected by the checks, {len(kept)} "
+              f"already measured, {len(args.skip)} skipped); model "
               f"{cfg.model.n_layers}x{cfg.model.d_model}, batch {cfg.train.global_batch_size} x "
               f"{cfg.train.seq_len} tokens; {args.warmup} warm-up + {args.steps} timed steps each", flush=True)
         t0 = time.perf_counter()
@@ -364,7 +371,7 @@ def main() -> None:
             args.out.write_text(json.dumps({"overrides": args.overrides, "quick": args.quick, "steps": args.steps,
                                             "results": done}, indent=1))
 
-        results = run_plans(cfg, plans, args.warmup, args.steps, save)
+        results = kept + run_plans(cfg, plans, args.warmup, args.steps, lambda done: save(kept + done))
         print(f"measured in {time.perf_counter() - t0:.0f} s; saved to {args.out}")
         quick = args.quick
     rows = score(cfg, results)

@@ -9,6 +9,7 @@ pipeline communication is not overlapped (DESIGN.md section 4 for every volume).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,24 +136,38 @@ def offload_time(fraction: float, unit_bytes: float, c: Cluster, compute: float)
     return _exposed(2 * fraction * unit_bytes / c.host_bw, compute, True, c) if fraction > 0 else 0.0
 
 
-def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro: int) -> float:
-    """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step."""
+def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro: int, units: int) -> float:
+    """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step.
+
+    Collectives are counted as the runtime issues them, each paying its latency: plain data
+    parallelism all-reduces buckets of parallel.bucket_mb; ZeRO works on `units` flat buffers
+    per rank (one per Block and one for the embeddings / head, parallel/zero.py): stage 1
+    reduce-scatters each unit's gradient once per step, stage 2 on every microbatch, stage 3
+    also gathers each unit before its forward and again before its backward."""
     d = plan.dp * plan.cp
     if d == 1:
         return 0.0
     link = comm.link_for(plan, ("cp", "dp"), c)
     grads, weights = psi * c.dtype_bytes, psi * c.dtype_bytes
-    last_bucket = comm.all_reduce(min(plan.bucket_mb * 2**20, grads), d, link)
+    bucket = min(plan.bucket_mb * 2**20, grads)
+    last_bucket = comm.all_reduce(bucket, d, link)
     if plan.zero == 0:
-        reduce = comm.all_reduce(grads, d, link)
+        buckets = math.ceil(grads / bucket)
+        reduce = buckets * comm.all_reduce(grads / buckets, d, link)
         return max(_exposed(reduce, mb.backward, plan.overlap_grad_reduce, c), last_bucket)
-    scatter = comm.reduce_scatter(grads, d, link)
-    hidden = max(_exposed(scatter, mb.backward, plan.overlap_grad_reduce, c), last_bucket / 2)
-    gather = comm.all_gather(weights, d, link)
+    scatter = units * comm.reduce_scatter(grads / units, d, link)
+    rounds = micro if plan.zero >= 2 else 1  # stage 2+: every microbatch's gradient, as backward produces it
+    hidden = max(_exposed(rounds * scatter, rounds * mb.backward, plan.overlap_grad_reduce, c), last_bucket / 2)
+    gather = units * comm.all_gather(weights / units, d, link)
     if plan.zero < 3:  # updated shards gathered after the step
         return hidden + gather
     # ZeRO-3: parameters gathered for forward and again for backward of every microbatch, prefetched
     return hidden + micro * (_exposed(gather, mb.backward / 2, True, c) + _exposed(gather, mb.backward, True, c))
+
+
+def zero_units(m: ModelSpec, plan: Plan) -> int:
+    """Flat buffers the ZeRO engine keeps per rank: one per Block of the stage and one root unit."""
+    return m.n_layers // plan.pp + 1
 
 
 def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:
@@ -192,7 +207,7 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
     offload = offload_time(plan.offload.activations if plan.pp > 1 else 0.0, unit, c, mb.compute)
     sched = pipeline.schedule_cost(plan.schedule, plan.pp, micro, plan.virtual_stages)
     psi = stage_params(m, plan.pp) / plan.tp
-    sync = gradient_sync(plan, c, psi, mb, micro)
+    sync = gradient_sync(plan, c, psi, mb, micro, zero_units(m, plan))
     opt = optimizer_time(plan, c, psi)
     bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt, c.ranks_per_unit)
     tokens_per_s = global_batch_size * seq_len / step

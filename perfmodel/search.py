@@ -165,6 +165,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], 
     sp = _choices(cons, "sequence_parallel", (x * y > 1,))[0]
     layout = base.replace(sequence_parallel=sp, **deg)
     psi = est.stage_params(m, pp) / layout.tp
+    units = est.zero_units(m, layout)
     zeros = _choices(cons, "zero", (0, 1, 2, 3) if deg["dp"] * deg["cp"] > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
     states = []  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
@@ -191,7 +192,8 @@ def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], 
                 plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
                 mb = est.microbatch_costs(m, plan_r, c, seq, micro)
                 if options is None:  # the gradient sync hides behind backward, which recompute does not change
-                    options = sorted(((est.gradient_sync(by_zero[zero], c, psi, mb, micro), opt_s, state, host, zero, opt)
+                    options = sorted(((est.gradient_sync(by_zero[zero], c, psi, mb, micro, units), opt_s, state, host,
+                                       zero, opt)
                                       for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
                 parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 send = est.p2p_send(m, plan_r, c, seq)
