@@ -12,12 +12,16 @@ from torch import nn
 from axon.config import Optim
 
 
-def build_optimizer(model: nn.Module, optim: Optim, lr: float) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norms, biases) do not."""
+def build_optimizer(model: nn.Module, optim: Optim, lr: float,
+                    full_dims: Mapping[nn.Parameter, int] | None = None) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norms, biases) do not. `full_dims`: the number of
+    dimensions of the full tensor of a sharded parameter (a tp_depth slice of a matrix is a flat
+    vector locally but still decays)."""
+    full_dims = full_dims or {}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if full_dims.get(p, p.dim()) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,

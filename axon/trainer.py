@@ -87,7 +87,9 @@ class Trainer:
         else:
             self.dp = DataParallel(self._reduction_groups(), bucket_mb=plan.bucket_mb,
                                    overlap=plan.overlap_grad_reduce)
-            self.optimizer = build_optimizer(torch.nn.ModuleList(chunks), cfg.optim, cfg.train.lr)
+            full_dims = {self.named[name]: len(shape) for tp in self.tps for name, shape in tp.full_shapes.items()
+                         if name in self.named}
+            self.optimizer = build_optimizer(torch.nn.ModuleList(chunks), cfg.optim, cfg.train.lr, full_dims)
         dataset = open_dataset(cfg.data, vocab_size=spec.vocab_size)
         self.train_data = dataset.split("train")
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size,

@@ -43,15 +43,17 @@ def rank_of(plan: Plan, coords: dict[str, int]) -> int:
 
 
 def group_ranks(plan: Plan, rank: int, axes: tuple[str, ...]) -> list[int]:
-    """Global ranks sharing `rank`'s coordinates on every axis not in `axes`, ordered with the
-    first axis of `axes` varying fastest (so for one axis, index i has coordinate i)."""
+    """Global ranks sharing `rank`'s coordinates on every axis not in `axes`, ascending: the
+    order torch.distributed gives the process group's ranks (new_group sorts them), so a rank's
+    index here is its rank in the group, which rank-ordered collectives (all_gather,
+    reduce_scatter) use. For one axis, index i has coordinate i."""
     base = coords_of(plan, rank)
     ranks = []
-    for combo in itertools.product(*(range(getattr(plan, a)) for a in reversed(axes))):
+    for combo in itertools.product(*(range(getattr(plan, a)) for a in axes)):
         c = dict(base)
-        c.update(zip(reversed(axes), combo))
+        c.update(zip(axes, combo))
         ranks.append(rank_of(plan, c))
-    return ranks
+    return sorted(ranks)
 
 
 def all_groups(plan: Plan, axes: tuple[str, ...]) -> list[list[int]]:

@@ -71,8 +71,10 @@ class ActivationStore:
         seen: dict[tuple, _Saved] = {}
 
         def pack(t: torch.Tensor) -> Any:
-            if t.data_ptr() in self._param_ptrs or t.device.type != self.device.type:
-                return t  # weights are not activations; tensors already off the device stay as they are
+            # weights are not activations (ZeRO-3 regathers them at new addresses: test the type
+            # too); tensors already off the device stay as they are
+            if isinstance(t, torch.nn.Parameter) or t.data_ptr() in self._param_ptrs or t.device.type != self.device.type:
+                return t
             sig = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
             if sig in seen:  # the same tensor saved by two ops is held once
                 return seen[sig]

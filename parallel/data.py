@@ -3,7 +3,14 @@ an asynchronous all-reduce the moment its last gradient is accumulated during ba
 
 Each parameter's `.grad` is a view into its bucket's flat buffer, so autograd accumulates
 straight into the buffer and nothing is copied. Buckets hold parameters in reverse registration
-order (roughly the order backward produces them) and never mix reduction groups. On the
+order (roughly the order backward produces them) and never mix reduction groups. The layout
+(`bucket_layout`) is chosen for overlap: at most `bucket_mb` per bucket but at least
+MIN_BUCKETS buckets per group (a model smaller than `bucket_mb` would otherwise get one bucket,
+launched when backward ends: no overlap at all); and the last bucket, the earliest-registered
+parameters (embedding, first layer) whose gradients are ready only as backward ends, is kept
+to at most EDGE_MB, since whatever it holds is exposed. (DDP keeps its first bucket small
+instead; a small first bucket hides only what it holds, a small last one shortens the exposed
+tail: BENCHMARKS.md, data parallel what-if.) On the
 non-final microbatches of an accumulation (`sync=False`) nothing is reduced; `finish()` launches
 any bucket that was not launched (unused parameters) and waits for all before the optimizer.
 Gradients are SUMMED: the trainer divides the loss by the global token count. A group of size 1
@@ -18,6 +25,41 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+
+MIN_BUCKETS = 4  # per reduction group, when the group's gradients are larger than EDGE_MB
+EDGE_MB = 1.0  # the most the last-launched bucket holds (its reduction cannot overlap backward)
+
+
+def bucket_layout(sizes: list[int], bucket_bytes: int, edge_bytes: int = int(EDGE_MB * 2**20),
+                  min_buckets: int = MIN_BUCKETS) -> list[list[int]]:
+    """Buckets as lists of indices into `sizes` (bytes per parameter, in launch order: reverse
+    registration), contiguous and in order. The last bucket is filled first, from the end, up to
+    `edge_bytes`; the rest in launch order up to min(bucket_bytes, total / min_buckets). A
+    parameter larger than the limit gets a bucket of its own."""
+    n = len(sizes)
+    if n == 0:
+        return []
+    total = sum(sizes)
+    limit = max(1, min(bucket_bytes, total // min_buckets if total > edge_bytes else bucket_bytes))
+    tail_start, tail_bytes = n, 0
+    while tail_start > 0 and tail_bytes + sizes[tail_start - 1] <= min(edge_bytes, limit):
+        tail_start -= 1
+        tail_bytes += sizes[tail_start]
+    if tail_start == n:  # the earliest parameter alone exceeds the edge: it is the last bucket
+        tail_start -= 1
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for i in range(tail_start):
+        current.append(i)
+        current_bytes += sizes[i]
+        if current_bytes >= limit:
+            buckets.append(current)
+            current, current_bytes = [], 0
+    if current:
+        buckets.append(current)
+    buckets.append(list(range(tail_start, n)))
+    return buckets
 
 
 @dataclass
@@ -53,16 +95,9 @@ class DataParallel:
         self.stats = CommStats()
         limit = int(bucket_mb * 2**20)
         for params, group, size in groups:
-            current: list[nn.Parameter] = []
-            current_bytes = 0
-            for p in reversed([p for p in params if p.requires_grad]):
-                current.append(p)
-                current_bytes += p.numel() * p.element_size()
-                if current_bytes >= limit:
-                    self._add_bucket(current, group, size)
-                    current, current_bytes = [], 0
-            if current:
-                self._add_bucket(current, group, size)
+            ordered = list(reversed([p for p in params if p.requires_grad]))  # launch order
+            for idx in bucket_layout([p.numel() * p.element_size() for p in ordered], limit):
+                self._add_bucket([ordered[i] for i in idx], group, size)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._bucket_of]
         self.zero_grad()
 

@@ -1,10 +1,8 @@
 """ZeRO 1-3 and optimizer offload composed with tensor parallelism (1D, with sequence parallelism,
 and 3D with tp_depth) train exactly like the plain data-parallel trainer on the same layout
 (same losses over several AdamW steps with global-norm clipping active), and a ZeRO-3 x TP
-checkpoint resumes under another layout (no TP, ZeRO-1).
-
-weight_decay=0 in the tp_depth case: the plain path decays parameters by their local rank
-(`p.dim() >= 2`), so it skips the flat depth slices of matrices; ZeRO decays by the full shape."""
+checkpoint resumes under another layout (no TP, ZeRO-1). Weight decay is on: both paths decay
+by the full tensor's shape (a flat tp_depth slice of a matrix decays)."""
 from __future__ import annotations
 
 import pytest
@@ -27,7 +25,7 @@ def _variants(tmp_path, layout: list[str], extras: list[list[str]]) -> list:
      [[], ["parallel.zero=1"], ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.zero=1", "parallel.offload.optimizer=true"]]),
     (["parallel.tp_col=2", "parallel.dp=2", "parallel.sequence_parallel=true"], 4,
      [[], ["parallel.zero=2"], ["parallel.zero=3", "parallel.offload.optimizer=true"]]),
-    (["parallel.tp_col=2", "parallel.tp_depth=2", "parallel.dp=2", "optim.weight_decay=0"], 8,
+    (["parallel.tp_col=2", "parallel.tp_depth=2", "parallel.dp=2"], 8,
      [[], ["parallel.zero=1"], ["parallel.zero=3"]]),
 ], ids=["tp2-dp2", "tp2-sp-dp2", "tp2-depth2-dp2"])
 def test_zero_with_tp_matches_plain(layout, world, extras, tmp_path, dist_pools):

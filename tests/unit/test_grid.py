@@ -47,6 +47,17 @@ def test_axis_coordinate_is_position_in_group():
     assert Grid.build(plan, 7, 8, create_groups=False).is_last_stage()
 
 
+@pytest.mark.parametrize("plan", SHAPES, ids=str)
+def test_combo_coordinate_is_the_process_group_rank(plan):
+    """torch.distributed.new_group sorts its ranks, and all_gather / reduce_scatter place data by
+    that group rank: a group's ranks must be ascending so Axis.coord is the group rank."""
+    for r in range(plan.world_size):
+        grid = Grid.build(plan, r, plan.world_size, create_groups=False)
+        for axes in COMBOS:
+            ax = grid.group(*axes)
+            assert list(ax.ranks) == sorted(ax.ranks) and ax.ranks[ax.coord] == r
+
+
 def test_unknown_combo_names_the_fix():
     grid = Grid.build(Plan(), 0, 1, create_groups=False)
     with pytest.raises(KeyError, match="COMBOS"):
