@@ -42,7 +42,7 @@ def test_local_run_writes_the_run_directory(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["launch.nproc_per_node=4", "parallel.dp=3"], "parallel.dp"),
-    (["parallel.zero=1", "parallel.tp_col=2", "launch.nproc_per_node=2"], "not implemented yet: parallel.zero"),
+    (["parallel.zero=4", "parallel.tp_col=2", "launch.nproc_per_node=2"], "parallel.zero=4 must be 0, 1, 2 or 3"),
     (["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.virtual_stages=1",
       "launch.nproc_per_node=4"], "set parallel.virtual_stages=2"),
     (["launch.nproc_per_node=2", "parallel.dp=2", "train.global_batch_size=3"], "train.global_batch_size"),
