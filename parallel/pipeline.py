@@ -156,7 +156,7 @@ def check(spec: ModelSpec, plan: Plan) -> None:
     the launcher calls it before any process group exists."""
     v = _virtual(plan)
     try:
-        schedules._check(plan.schedule, plan.pp, plan.pp, v, plan.offload.activations)
+        schedules.check(plan.schedule, plan.pp, plan.pp, v, plan.offload.activations)
     except schedules.ScheduleError as e:
         raise PlanError(str(e)) from None
     if plan.schedule != "interleaved" and plan.virtual_stages != v:

@@ -79,7 +79,7 @@ def placement(schedule: str, pp: int, virtual_stages: int = 1) -> list[int]:
 def build(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
           offload: float = 0.0) -> list[list[Action]]:
     """Per-rank ordered action lists for `schedule` (see the module docstring)."""
-    _check(schedule, pp, microbatches, virtual_stages, offload)
+    check(schedule, pp, microbatches, virtual_stages, offload)
     place = placement(schedule, pp, virtual_stages)
     m = microbatches
     if schedule in ("none", "gpipe"):
@@ -94,7 +94,8 @@ def build(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
     return _with_p2p(orders, place, reloads, offloads)
 
 
-def _check(schedule: str, pp: int, m: int, v: int, offload: float) -> None:
+def check(schedule: str, pp: int, m: int, v: int, offload: float) -> None:
+    """Raise ScheduleError naming the setting when the schedule cannot run (p, m, v, offload)."""
     if schedule not in SCHEDULES:
         raise ScheduleError(f"parallel.schedule={schedule!r} is not one of {SCHEDULES}")
     if pp < 1 or v < 1:
