@@ -70,6 +70,9 @@ def test_pipeline_in_flight_and_offload():
     device_half, host_half = combine_activations(parts, 4, peak_units=4, offload=0.5)
     assert device_half == pytest.approx(max(parts.unit + 1.5 * parts.unit, parts.unit + parts.logits))
     assert host_half == pytest.approx(1.5 * parts.unit) and host == 0.0
+    # GPipe: all forwards first, so the last stage also keeps every microbatch's logits
+    gpipe, _ = combine_activations(parts, 4, peak_units=4, offload=0.0, last_holds_all=True)
+    assert gpipe == pytest.approx(4 * (parts.unit + parts.logits))
 
 
 def test_stage_params_cover_the_model():
