@@ -3,10 +3,14 @@
 Starts `ranks` local processes on gloo (127.0.0.1) and measures, while all ranks run at once:
 the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim), the memory copy
 rate, and the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ...
-ranks over a few message sizes. alpha and beta are fitted by least squares to the ring formulas
+ranks over a few message sizes. Collectives are timed as training sees them: every rank is in a
+group of that size, all groups run at once, and each call follows a short GEMM; the time a call
+adds to the GEMM loop is its cost. When there are more ranks than cores this includes waiting
+for a descheduled peer, which dominates small messages (an idle-machine ping-pong would
+under-state it several times). alpha and beta are fitted by least squares to the ring formulas
 (DESIGN.md section 4), per collective and group size (recorded as comments) and jointly (the
-values the model uses). Writes configs/cluster/local-cpu.yaml. Takes seconds on an idle machine
-(mostly process start-up); much longer when the cores are busy.
+values the model uses). Writes configs/cluster/local-cpu.yaml. Takes about a minute on an idle
+machine; longer when the cores are busy.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import torch.multiprocessing as mp
 OUT = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "local-cpu.yaml"
 SIZES = (4 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes per collective (fp32 elements x 4)
 GEMM_DIMS = (128, 512)
+GEMM_REPEATS = 5
 REPEATS = 3
+LOAD_DIM, LOAD_CALLS = 256, 8  # GEMM before each timed collective call (~10 ms with every rank busy), calls per sample
 
 
 def _free_port() -> int:
@@ -34,55 +40,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed(fn, repeats: int = REPEATS, group=None) -> float:
-    """Median seconds of fn() after one warm-up, the group synchronised by a barrier before each."""
+def _timed(fn, repeats: int = REPEATS) -> float:
+    """Median seconds of fn() after one warm-up, the ranks synchronised by a barrier before each."""
     fn()
     times = []
     for _ in range(repeats):
-        dist.barrier(group=group)
+        dist.barrier()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def _gemm_rate(n: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    reps = max(1, int(2e8 // (2 * n**3)))
-    return 2 * n**3 * reps / _timed(lambda: [a @ b for _ in range(reps)])
+def _gemm_rates() -> dict[int, float]:
+    """fp32 GEMM FLOP/s per size in GEMM_DIMS, every rank busy; the sizes alternate over the
+    repeats (median kept) so a burst of outside load does not land on one size only."""
+    mats = {n: (torch.randn(n, n), torch.randn(n, n)) for n in GEMM_DIMS}
+    reps = {n: max(1, int(2e9 // (2 * n**3))) for n in GEMM_DIMS}  # ~1 s each: every rank busy throughout
+    times: dict[int, list[float]] = {n: [] for n in GEMM_DIMS}
+    for i in range(GEMM_REPEATS + 1):  # the first round warms up
+        for n, (a, b) in mats.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps[n]):
+                a @ b
+            if i:
+                times[n].append(time.perf_counter() - t0)
+    return {n: 2 * n**3 * reps[n] / statistics.median(times[n]) for n in GEMM_DIMS}
+
+
+def _p2p_time(peer: int, size: int, a: torch.Tensor, base: float) -> float:
+    """Seconds one isend + irecv exchange of `size` bytes with `peer` adds after a GEMM on `a`
+    (what a pipeline or ring-attention hop pays); recorded for reference, not fitted."""
+    x, y = torch.ones(size // 4), torch.empty(size // 4)
+
+    def exchange() -> None:
+        for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, y, peer)]):
+            req.wait()
+
+    return max(_timed(lambda: [(a @ a, exchange()) for _ in range(LOAD_CALLS)]) / LOAD_CALLS - base, 0.0)
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # *_into_tensor names are being renamed
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    out: dict = {"gemm": {n: _gemm_rate(n) for n in GEMM_DIMS}}
+    out: dict = {"gemm": _gemm_rates()}
     buf = torch.empty(8 * 2**20 // 4)
     out["copy"] = 2 * buf.numel() * 4 / _timed(lambda: buf.clone())
     out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     groups, g = {}, 2
     while g <= world:
-        groups[g] = dist.new_group(list(range(g)))  # every rank creates every group, same order
+        if world % g == 0:  # the world splits into groups of g, all timed at once
+            for start in range(0, world, g):  # every rank creates every group, same order
+                group = dist.new_group(list(range(start, start + g)))
+                if start <= rank < start + g:
+                    groups[g] = group
         g *= 2
+    a = torch.randn(LOAD_DIM, LOAD_DIM)
+    base = _timed(lambda: [a @ a for _ in range(LOAD_CALLS)]) / LOAD_CALLS  # the compute between calls
     coll = []
     for g, group in groups.items():
         for size in SIZES:
             n = size // 4
-            if rank < g:
-                x, full = torch.ones(n), torch.empty(n)
-                shard = torch.empty(n // g)
-                ops = {"all_reduce": lambda: dist.all_reduce(x, group=group),
-                       "all_gather": lambda: dist.all_gather_into_tensor(full, x[: n // g], group=group),
-                       "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, x, group=group)}
-            for kind in ("all_reduce", "all_gather", "reduce_scatter"):
-                if rank < g:
-                    try:
-                        t = _timed(ops[kind], group=group)
-                    except (RuntimeError, NotImplementedError):
-                        t = float("nan")  # this backend lacks the collective
-                    coll.append((kind, g, size, t))
-                dist.barrier()
+            x, full, shard = torch.ones(n), torch.empty(n), torch.empty(n // g)
+            ops = {"all_reduce": lambda: dist.all_reduce(x, group=group),
+                   "all_gather": lambda: dist.all_gather_into_tensor(full, x[: n // g], group=group),
+                   "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, x, group=group)}
+            for kind, op in ops.items():
+                try:
+                    t = _timed(lambda: [(a @ a, op()) for _ in range(LOAD_CALLS)]) / LOAD_CALLS - base
+                except (RuntimeError, NotImplementedError):
+                    t = float("nan")  # this backend lacks the collective
+                coll.append((kind, g, size, max(t, 0.0)))
     out["collectives"] = coll
+    out["p2p"] = {size: _p2p_time(rank ^ 1, size, a, base) for size in SIZES}  # pairs exchange, all at once
     queue.put((rank, out))
     dist.barrier()
     dist.destroy_process_group()
@@ -120,7 +152,7 @@ def measure(ranks: int) -> dict:
     return {"gemm": {n: min(r["gemm"][n] for r in results.values()) for n in GEMM_DIMS},
             "copy": min(r["copy"] for r in results.values()),
             "rss": max(r["rss"] for r in results.values()),
-            "collectives": results[0]["collectives"]}
+            "collectives": results[0]["collectives"], "p2p": results[0]["p2p"]}
 
 
 def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
@@ -154,6 +186,8 @@ def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
         lines.append(f"#   {kind}: " + ", ".join(fits))
     for kind, g, size, t in m["collectives"]:
         lines.append(f"#   raw {kind} G={g} {size} B: {t * 1e6:.0f} us")
+    lines.append("#   p2p exchange (isend + irecv with one peer): " +
+                 ", ".join(f"{size} B: {t * 1e6:.0f} us" for size, t in m["p2p"].items()))
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     lines += ["defaults: [cluster_schema]", "name: local-cpu", "nodes: 1", f"gpus_per_node: {ranks}",
               f"peak_flops: {peak:.4g}", f"hbm_bytes: {total / ranks:.4g}  # RAM shared by the ranks",

@@ -320,10 +320,11 @@ def figures(rows: list[dict[str, Any]], headline: dict[str, float], tag: str) ->
         pred = [r[f"pred_{key}"] * scale for r in rows]
         meas = [r[f"meas_{key}"] * scale for r in rows]
         fig, ax = plt.subplots(figsize=(5.5, 5))
-        ax.scatter(meas, pred, s=14)
         lo, hi = min(pred + meas) * 0.8, max(pred + meas) * 1.25
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = measured")
-        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="within 10%")
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.88", label="within 10%",
+                        zorder=0)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = measured", zorder=1)
+        ax.scatter(meas, pred, s=14, zorder=2, label=f"{len(rows)} plans")
         ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured ({unit})",
                ylabel=f"predicted ({unit})", title=f"tiny model, 8 gloo ranks: {title}")
         ax.title.set_fontsize(9)
