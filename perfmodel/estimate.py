@@ -46,6 +46,9 @@ class Estimate:
         }
 
 
+DP_MIN_BUCKETS, DP_EDGE_MB = 4, 1.0  # as parallel/data.py (perfmodel does not import the runtime)
+
+
 def _exposed(cost: float, window: float, overlap: bool, c: Cluster) -> float:
     """What of `cost` is left after overlapping it with `window` seconds of compute. Nothing is
     hidden when ranks share processors (Cluster.compute_units): there is no idle hardware to
@@ -140,7 +143,7 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
     """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step.
 
     Collectives are counted as the runtime issues them, each paying its latency: plain data
-    parallelism all-reduces buckets of parallel.bucket_mb; ZeRO works on `units` flat buffers
+    parallelism all-reduces its buckets (layout below); ZeRO works on `units` flat buffers
     per rank (one per Block and one for the embeddings / head, parallel/zero.py): stage 1
     reduce-scatters each unit's gradient once per step, stage 2 on every microbatch, stage 3
     also gathers each unit before its forward and again before its backward."""
@@ -149,10 +152,14 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
         return 0.0
     link = comm.link_for(plan, ("cp", "dp"), c)
     grads, weights = psi * c.dtype_bytes, psi * c.dtype_bytes
-    bucket = min(plan.bucket_mb * 2**20, grads)
-    last_bucket = comm.all_reduce(bucket, d, link)
+    # parallel/data.py's bucket layout: at most bucket_mb, at least MIN_BUCKETS buckets once the
+    # gradients exceed EDGE_MB, and a last (exposed) bucket of at most EDGE_MB
+    edge = DP_EDGE_MB * 2**20
+    bucket = min(plan.bucket_mb * 2**20, grads / DP_MIN_BUCKETS if grads > edge else grads)
+    tail = min(edge, bucket, grads)
+    last_bucket = comm.all_reduce(tail, d, link)
     if plan.zero == 0:
-        buckets = math.ceil(grads / bucket)
+        buckets = 1 + math.ceil((grads - tail) / bucket)
         reduce = buckets * comm.all_reduce(grads / buckets, d, link)
         return max(_exposed(reduce, mb.backward, plan.overlap_grad_reduce, c), last_bucket)
     scatter = units * comm.reduce_scatter(grads / units, d, link)

@@ -38,8 +38,10 @@ def test_data_parallel_all_reduce_exposed_without_overlap():
     from perfmodel.flops import n_params
 
     grads = n_params(TINY) * 4  # fp32 gradients, all-reduced over 8 ranks inside the node
-    buckets = 2  # 6.1 MB in buckets of parallel.bucket_mb = 4 MiB: one all-reduce (one latency) each
-    assert grads / 2**20 / 4 == pytest.approx(1.45, abs=0.01)
+    # parallel/data.py's layout: a last bucket of 1 MiB, the other 4.8 MiB in buckets of at most
+    # grads / 4 = 1.45 MiB: 1 + 4 all-reduces, one latency each
+    assert grads / 2**20 == pytest.approx(5.79, abs=0.01)
+    buckets = 5
     assert e.breakdown["grad_sync_s"] == pytest.approx(buckets * 2 * 7 * 1e-5 + 2 * 7 / 8 * grads / 1e10)
     hidden = estimate(TINY, plan.replace(overlap_grad_reduce=True), IDEAL, 16, 128)
     assert hidden.breakdown["grad_sync_s"] < e.breakdown["grad_sync_s"]
