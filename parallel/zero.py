@@ -55,6 +55,7 @@ from torch import nn
 
 from launch.grid import Axis, Grid
 from parallel.offload import HostAdamW
+from parallel.zero_comm import gather
 from parallel.zero_optim import Optim, ShardAdamW
 from parallel.zero_units import Layout, Place, Slot, sharded_view, split_blocks, tp_place, whole_place
 from perfmodel.specs import Plan
@@ -97,7 +98,7 @@ class ZeroEngine:
         self.stage, self.grid = stage, grid
         self.sync = True
         self.stats = ZeroStats()
-        self._inflight: list[tuple[Unit, Any, torch.Tensor | None, torch.Tensor | None]] = []
+        self._inflight: list[tuple[Unit, Any, torch.Tensor | None]] = []
         self._unit_of: dict[nn.Parameter, tuple[Unit, Slot]] = {}
         self.units: list[Unit] = []
         self._hooks: list[Any] = []
@@ -196,12 +197,9 @@ class ZeroEngine:
 
     def _on_grad(self, p: torch.Tensor) -> None:
         u, s = self._unit_of[p]
-        if self.stage >= 2:
-            if u.staging is None:
-                u.staging = torch.zeros(u.layout.padded, dtype=u.full.dtype, device=u.full.device)
-            u.staging[s.start:s.stop].add_(p.grad.reshape(-1))
-            p.grad = None  # the full gradient lives only in the unit's staging buffer
-        elif not self.sync:
+        if self.stage >= 2 and u.staging is None:
+            self._stage(u, s)
+        elif self.stage <= 1 and not self.sync:
             return
         u.pending -= 1
         if u.pending == 0:
@@ -209,6 +207,15 @@ class ZeroEngine:
             self.stats.launched_in_backward += 1
             if self.stage == 3 and not u.root:
                 self._free(u)
+
+    def _stage(self, u: Unit, first: Slot) -> None:
+        """Stage 2/3, on the unit's first gradient of this backward: a flat staging buffer takes it,
+        and every other parameter's `.grad` becomes a view of the buffer, so autograd accumulates the
+        rest in place (no per-parameter gradient tensors, no copy)."""
+        u.staging = torch.zeros(u.layout.padded, dtype=u.full.dtype, device=u.full.device)
+        u.staging[first.start:first.stop].copy_(first.param.grad.reshape(-1))
+        for s in u.layout.slots:
+            s.param.grad = u.staging[s.start:s.stop].view(s.shape)
 
     def _launch(self, u: Unit) -> None:
         """Start reducing `u`'s gradient: all-reduce (stage 0), reduce-scatter (1-3)."""
@@ -220,6 +227,8 @@ class ZeroEngine:
             src, out = u.grad_full, torch.empty_like(u.grad_shard)
         else:
             src, u.staging = u.staging, None
+            for s in u.layout.slots:  # the gradient now lives only in `src`
+                s.param.grad = None
             out = torch.empty_like(u.grad_shard)
         handle = None
         if u.group.size > 1:
@@ -230,13 +239,14 @@ class ZeroEngine:
                 handle = dist.reduce_scatter_single(out, src, group=u.group.group, async_op=True)
         elif out is not None:
             out.copy_(src)
-        self._inflight.append((u, handle, out, src))
+        self._inflight.append((u, handle, out))  # not `src`: the backend keeps what it still reads
+        # (gloo copies the reduce-scatter input at launch; NCCL records it on its stream)
         if self.stage >= 2:
             while len(self._inflight) > MAX_INFLIGHT:
                 self._complete(self._inflight.pop(0))
 
-    def _complete(self, item: tuple[Unit, Any, torch.Tensor | None, torch.Tensor | None]) -> None:
-        u, handle, out, _ = item
+    def _complete(self, item: tuple[Unit, Any, torch.Tensor | None]) -> None:
+        u, handle, out = item
         if handle is not None:
             handle.wait()
         if self.stage == 1:
@@ -289,8 +299,7 @@ class ZeroEngine:
         """Update my shard, then (stages 1-2) all-gather every unit in place."""
         self.optimizer.step([u.grad_shard for u in self.units], lr)
         if self.stage in (1, 2):
-            handles = [dist.all_gather_single(u.full, u.shard, group=u.group.group, async_op=True)
-                       for u in self.units if u.group.size > 1]
+            handles = [gather(u.full, u.shard, u.group) for u in self.units if u.group.size > 1]
             for h in handles:
                 h.wait()
             self.stats.bytes_gathered += sum(u.full.numel() * u.full.element_size() for u in self.units
@@ -303,7 +312,7 @@ class ZeroEngine:
         if u.state == "free":
             u.full.untyped_storage().resize_(u.full.numel() * u.full.element_size())
             if u.group.size > 1:
-                u.gather = dist.all_gather_single(u.full, u.shard, group=u.group.group, async_op=True)
+                u.gather = gather(u.full, u.shard, u.group)
                 self.stats.bytes_gathered += u.full.numel() * u.full.element_size()
             else:
                 u.full.copy_(u.shard)
