@@ -50,7 +50,9 @@ class ActivationStore:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._param_ptrs = {p.data_ptr() for p in params}
+        # parameters are recognized by their storage object, which survives ZeRO-3 freeing and
+        # regathering it (resize in place: the address changes, the StorageImpl does not)
+        self._param_storages = {p.untyped_storage()._cdata for p in params}
         self._entries: dict[Key, list[_Saved]] = {}
         self._extra: dict[Key, int] = {}  # bytes kept for W (input, output grad) after B
         self.device_bytes = self.host_bytes = 0
@@ -71,9 +73,8 @@ class ActivationStore:
         seen: dict[tuple, _Saved] = {}
 
         def pack(t: torch.Tensor) -> Any:
-            # weights are not activations (ZeRO-3 regathers them at new addresses: test the type
-            # too); tensors already off the device stay as they are
-            if isinstance(t, torch.nn.Parameter) or t.data_ptr() in self._param_ptrs or t.device.type != self.device.type:
+            # weights (and views of them) are not activations; tensors off the device stay as they are
+            if t.device.type != self.device.type or t.untyped_storage()._cdata in self._param_storages:
                 return t
             sig = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
             if sig in seen:  # the same tensor saved by two ops is held once
