@@ -195,6 +195,7 @@ def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
               f"intra_lat: {alpha:.4g}", f"inter_lat: {alpha:.4g}", f"host_bw: {m['copy']:.4g}",
               f"mem_bw: {m['copy']:.4g}", "compute_efficiency: 1.0  # peak_flops is the measured GEMM rate",
               f"gemm_half_dim: {half:.4g}", "dtype_bytes: 4  # fp32 on CPU",
-              f"overhead_bytes: {m['rss']:.4g}  # a rank's resident size after init and these tests"]
+              f"overhead_bytes: {m['rss']:.4g}  # a rank's resident size after init and these tests",
+              f"compute_units: {len(os.sched_getaffinity(0))}  # cores the ranks share"]
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -154,6 +154,7 @@ class ClusterCfg:
     gemm_half_dim: float = 64.0  # smallest GEMM dim at which half that rate is reached
     dtype_bytes: int = 2  # 2 = bf16 compute, 4 = fp32 (CPU)
     overhead_bytes: float = 2e9  # per device: context, allocator slack, buffers
+    compute_units: int = 0  # processors the node's ranks share; 0 = one per device (GPUs)
 
 
 @dataclass
