@@ -32,10 +32,18 @@ from perfmodel.specs import PlanError
 AUTO_CANDIDATES = 200  # the search's best plans considered by parallel=auto
 
 
-def _runnable(plan: Any) -> bool:
-    """Whether this build can run `plan` (the search also proposes combinations not built yet)."""
+def check_runnable(spec: Any, plan: Any) -> None:
+    """The runtime's own checks beyond `Plan.check` (pipeline split and schedule, tensor-parallel
+    shapes); raise PlanError naming the setting. Pure: runs before any process group exists."""
+    pipeline.check(spec, plan)
+    if plan.tp > 1:
+        tensor.check(spec, plan)
+
+
+def _runnable(spec: Any, plan: Any) -> bool:
+    """Whether the runtime accepts `plan` (the search prices some layouts the runtime rejects)."""
     try:
-        trainer.check_implemented(plan)
+        check_runnable(spec, plan)
     except PlanError:
         return False
     return True
@@ -49,7 +57,7 @@ def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig
 
         ranked = search(cfg.model, cfg.cluster, world, parse_constraints(argv), cfg.train.global_batch_size,
                         cfg.train.seq_len, top=AUTO_CANDIDATES).estimates
-        runnable = [e for e in ranked if _runnable(e.plan)]
+        runnable = [e for e in ranked if _runnable(cfg.model, e.plan)]
         if not runnable:
             raise PlanError(f"parallel=auto found no runnable layout of {world} ranks that fits "
                             f"(cluster={cfg.cluster.name}); relax the parallel.* constraints, lower "
@@ -57,10 +65,7 @@ def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig
         cfg = replace(cfg, plan=runnable[0].plan)
         info = {"auto": True, "estimate": runnable[0].to_dict()}
     cfg.plan.check(cfg.model, world, cfg.train.global_batch_size, cfg.train.seq_len)
-    trainer.check_implemented(cfg.plan)
-    pipeline.check(cfg.model, cfg.plan)
-    if cfg.plan.tp > 1:
-        tensor.check(cfg.model, cfg.plan)
+    check_runnable(cfg.model, cfg.plan)
     if not cfg.auto_plan:
         from perfmodel.estimate import estimate
 

@@ -32,18 +32,7 @@ from launch.grid import Grid
 from parallel import context, pipeline, recompute, tensor, zero
 from parallel.data import DataParallel
 from perfmodel.flops import mfu, n_params
-from perfmodel.specs import Plan, PlanError
-
-SPLIT_BACKWARD = ("zbh1", "zbv", "vhalf", "vmin")  # schedules whose W pass is deferred (B/W split)
-
-
-def check_implemented(plan: Plan) -> None:
-    """Reject layouts this build cannot run yet (before any process group exists)."""
-    missing = []
-    if missing:
-        raise PlanError("not implemented yet: " + ", ".join(missing) + "; set those back to their defaults "
-                        "and use parallel.dp for the ranks")
-
+from perfmodel.specs import PlanError
 
 @dataclass
 class TrainResult:
@@ -193,7 +182,6 @@ class Trainer:
 def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
         plan_info: Optional[dict[str, Any]] = None) -> TrainResult:
     """Train `cfg.train.steps` steps (continuing from a checkpoint if one is found)."""
-    check_implemented(cfg.plan)
     trainer = Trainer(cfg, grid, device)
     start = trainer.maybe_resume()
     rank0 = dist.get_rank() == 0

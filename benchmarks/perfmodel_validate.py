@@ -52,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from axon import trainer  # noqa: E402
 from axon.config import RunConfig, freeze, load  # noqa: E402
+from axon.train import check_runnable  # noqa: E402
 from launch.grid import Grid  # noqa: E402
-from parallel import pipeline, tensor  # noqa: E402
 from perfmodel.estimate import estimate  # noqa: E402
 from perfmodel.specs import AXES, Plan, PlanError  # noqa: E402
 
@@ -73,10 +73,7 @@ def why_not(cfg: RunConfig, plan: Plan) -> str | None:
     """None when this build runs `plan`, else the reason (the checks `axon train` makes)."""
     try:
         plan.check(cfg.model, WORLD, cfg.train.global_batch_size, cfg.train.seq_len)
-        trainer.check_implemented(plan)
-        pipeline.check(cfg.model, plan)
-        if plan.tp > 1:
-            tensor.check(cfg.model, plan)
+        check_runnable(cfg.model, plan)
         estimate(cfg.model, plan, cfg.cluster, cfg.train.global_batch_size, cfg.train.seq_len)
     except PlanError as e:
         return str(e)
