@@ -22,18 +22,15 @@ so under a split backward (B/W) it waits for the W action that completes the wei
 - stage 1: optimizer states (Adam m, v; the fp32 parameters are the master weights) for my
   shard only. On the last microbatch each unit's gradient is reduce-scattered as soon as backward
   has produced all of it; after the update every unit is all-gathered in place.
-- stage 2: plus gradients: each unit's gradient is reduce-scattered into my shard during every
-  backward (asynchronously, at most MAX_INFLIGHT pending) and the full gradient is dropped, so
+- stage 2: plus gradients: in every backward a unit's gradient accumulates in a flat staging
+  buffer (on its first gradient the parameters' `.grad` become views of it: no per-parameter
+  gradient tensors, no copy), is reduce-scattered into my shard as soon as it is complete
+  (asynchronously, at most MAX_INFLIGHT pending) and the staging buffer is dropped at launch, so
   `sync` is not needed (no full gradient outlives its unit's backward).
-- stage 3: plus parameters: a Block's flat buffer is all-gathered just before its forward (the
-  next Block's gather is launched at the same time: prefetch in execution order), freed after
-  its forward, gathered again when backward reaches the Block's output (prefetching the Block
-  before it), and freed when its gradient has been reduce-scattered. Freeing resizes the flat
-  buffer's storage to zero; parameters stay views of it, so autograd's saved references see the
-  regathered values. Recomputation (`parallel.recompute`) runs inside the Block's backward, after
-  the gather. Prefetch stays within a chunk; a Block's units are gathered together. A Block stays
-  gathered from its B to its last W (the unit is freed when its gradients are complete). The
-  root units are gathered on first use in a step and freed in `finish()`.
+- stage 3: plus parameters: a Block's flat buffer is gathered just before its forward and its
+  backward (prefetching the next / previous Block) and freed after its forward and as soon as its
+  gradient is complete, before the reduce-scatter allocates (`parallel.zero_stage3`: the
+  schedule, recomputation, split backward, the root units).
 
 Gradients are SUMMED over the group (the trainer divides the loss by the global token count).
 
@@ -56,6 +53,7 @@ from torch import nn
 from launch.grid import Axis, Grid
 from parallel.offload import HostAdamW
 from parallel.zero_comm import gather
+from parallel.zero_stage3 import Residency
 from parallel.zero_optim import Optim, ShardAdamW
 from parallel.zero_units import Layout, Place, Slot, sharded_view, split_blocks, tp_place, whole_place
 from perfmodel.specs import Plan
@@ -102,6 +100,7 @@ class ZeroEngine:
         self._unit_of: dict[nn.Parameter, tuple[Unit, Slot]] = {}
         self.units: list[Unit] = []
         self._hooks: list[Any] = []
+        self._res = Residency(lambda: self.stats)
         self._dpc, self._tp = grid.group("dp", "cp"), grid.group("tp_col", "tp_row", "tp_depth")
         tp_of = {name: tp for tp in tps for name in tp.shards}
         if stage == 3:  # a depth prefetch would read a unit that is free or still being gathered:
@@ -112,7 +111,7 @@ class ZeroEngine:
             by_block = [(m, self._make_units(name, named, tp_of)) for name, m, named in blocks]
             root = self._make_units(f"chunk{c}", root_named, tp_of, root=True)
             if stage == 3:
-                self._register_stage3(chunk, by_block, root)
+                self._hooks += self._res.register(chunk, by_block, root)
         for p in self._unit_of:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
         shards = [u.shard for u in self.units]
@@ -163,7 +162,7 @@ class ZeroEngine:
         for s in layout.slots:
             self._unit_of[s.param] = (unit, s)
         if self.stage == 3:
-            self._free(unit)
+            self._res.free(unit)
         return unit
 
     def _norm_ranges(self, layout: Layout, group: Axis) -> list[tuple[int, int, float]]:
@@ -203,10 +202,10 @@ class ZeroEngine:
             return
         u.pending -= 1
         if u.pending == 0:
+            if self.stage == 3 and not u.root:
+                self._res.free(u)  # before the reduction's buffers are allocated
             self._launch(u)
             self.stats.launched_in_backward += 1
-            if self.stage == 3 and not u.root:
-                self._free(u)
 
     def _stage(self, u: Unit, first: Slot) -> None:
         """Stage 2/3, on the unit's first gradient of this backward: a flat staging buffer takes it,
@@ -266,7 +265,7 @@ class ZeroEngine:
             self._complete(self._inflight.pop(0))
         if self.stage == 3:
             for u in self.units:
-                self._free(u)
+                self._res.free(u)
         self.stats.wait_s += time.perf_counter() - start
 
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
@@ -306,66 +305,6 @@ class ZeroEngine:
                                              if u.group.size > 1)
         for p in self._unit_of:  # the flat buffers changed under the parameters: invalidate caches
             torch.autograd.graph.increment_version(p)  # keyed by version (parallel.tensor_weights)
-
-    # ---- stage 3: gather / free ----
-    def _gather(self, u: Unit, wait: bool = True) -> None:
-        if u.state == "free":
-            u.full.untyped_storage().resize_(u.full.numel() * u.full.element_size())
-            if u.group.size > 1:
-                u.gather = gather(u.full, u.shard, u.group)
-                self.stats.bytes_gathered += u.full.numel() * u.full.element_size()
-            else:
-                u.full.copy_(u.shard)
-            u.state = "gathering"
-            self.stats.gathers += 1
-        if wait and u.state == "gathering":
-            if u.gather is not None:
-                u.gather.wait()
-                u.gather = None
-            u.state = "ready"
-
-    def _free(self, u: Unit) -> None:
-        if u.state == "gathering":
-            self._gather(u)
-        u.full.untyped_storage().resize_(0)
-        u.state = "free"
-
-    def _register_stage3(self, chunk: nn.Module, blocks: list[tuple[nn.Module, list[Unit]]], root: list[Unit]) -> None:
-        """Gather / free hooks on one chunk's Blocks (prefetching within the chunk, in execution
-        order) and a gather on the chunk's other parameter-owning modules."""
-        for i, (m, units) in enumerate(blocks):
-            nxt = blocks[i + 1][1] if i + 1 < len(blocks) else []
-            prev = blocks[i - 1][1] if i > 0 else []
-            self._hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, units=units, nxt=nxt: self._pre_forward(units, nxt)))
-            self._hooks.append(m.register_forward_hook(
-                lambda mod, args, out, units=units, prev=prev: self._post_forward(units, prev, out)))
-        if root:
-            owned = {id(s.param) for u in root for s in u.layout.slots}
-            for m in chunk.modules():
-                if any(id(p) in owned for p in m.parameters(recurse=False)):
-                    self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self._gather_all(root)))
-
-    def _gather_all(self, units: list[Unit], wait: bool = True) -> None:
-        for u in units:
-            self._gather(u, wait=False)
-        if wait:
-            for u in units:
-                self._gather(u)
-
-    def _pre_forward(self, units: list[Unit], nxt: list[Unit]) -> None:
-        self._gather_all(units)
-        self._gather_all(nxt, wait=False)  # prefetch: overlaps this Block's forward
-
-    def _post_forward(self, units: list[Unit], prev: list[Unit], out: Any) -> None:
-        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad: self._pre_backward(units, prev))
-        for u in units:
-            self._free(u)
-
-    def _pre_backward(self, units: list[Unit], prev: list[Unit]) -> None:
-        self._gather_all(units)
-        self._gather_all(prev, wait=False)  # prefetch in backward order
 
     # ---- checkpoints ----
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
