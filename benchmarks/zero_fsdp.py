@@ -106,7 +106,7 @@ class FSDP2:
         return {"params": local, "grads": grads, "optimizer": states, "host": []}
 
 
-def _setup(kind: str, plan: Plan, spec: ModelSpec) -> tuple[torch.nn.Module, Any, Grid]:
+def setup(kind: str, plan: Plan, spec: ModelSpec) -> tuple[torch.nn.Module, Any, Grid]:
     grid = Grid.build(plan, dist.get_rank(), dist.get_world_size())
     model = drv.build_model(plan, spec)
     from parallel import zero
@@ -122,7 +122,7 @@ def _step(model: torch.nn.Module, engine: Any, grid: Grid, plan: Plan, step: int
 def speed(rank: int, world: int, port: int, trials: int, out: Any) -> None:
     _init(rank, world, port)
     plan = Plan(dp=world, zero=3, micro_batch_size=GLOBAL_BATCH // world)
-    runs = {k: _setup(k, plan, BENCH) for k in ("ours", "fsdp2")}
+    runs = {k: setup(k, plan, BENCH) for k in ("ours", "fsdp2")}
     times: dict[str, list[float]] = {"ours": [], "fsdp2": []}
     losses: dict[str, list[float]] = {"ours": [], "fsdp2": []}
     for trial in range(trials + 2):
@@ -143,7 +143,7 @@ def peak_memory(rank: int, world: int, port: int, kind: str, steps: int, out: An
     _init(rank, world, port)
     base = _status_kb("VmRSS")
     plan = Plan(dp=world, zero=3, micro_batch_size=GLOBAL_BATCH // world)
-    run = _setup(kind, plan, BENCH)
+    run = setup(kind, plan, BENCH)
     _step(*run, plan, 0, BENCH, SEQ)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident size to the current one
@@ -164,8 +164,8 @@ def capped(rank: int, world: int, port: int, plan: Plan, steps: int, out: Any) -
     states = model_state_bytes(engine.state_tensors())
     gathered = 0
     if plan.zero == 3:  # the current Block and the prefetched one, gathered at once
-        blocks = [u for u in engine.units if u.name != "root"]
-        root = [u for u in engine.units if u.name == "root"]
+        blocks = [u for u in engine.units if not u.root]
+        root = [u for u in engine.units if u.root]
         gathered = 2 * max(u.full.numel() for u in blocks) * 4 + sum(u.full.numel() * 4 for u in root)
     device = states["params"] + states["grads"] + states["optimizer"] + meter.peak + gathered
     out.put((rank, {"device": device, "activations": meter.peak, "gathered": gathered, **states, "losses": losses}))
