@@ -208,9 +208,9 @@ class ZeroEngine:
             self.stats.launched_in_backward += 1
 
     def _stage(self, u: Unit, first: Slot) -> None:
-        """Stage 2/3, on the unit's first gradient of this backward: a flat staging buffer takes it,
-        and every other parameter's `.grad` becomes a view of the buffer, so autograd accumulates the
-        rest in place (no per-parameter gradient tensors, no copy)."""
+        """Stage 2/3, on the unit's first gradient of this backward: a flat staging buffer takes its
+        value and every parameter's `.grad` becomes a view of the buffer, so autograd accumulates the
+        others in place (no per-parameter gradient tensors, no copy)."""
         u.staging = torch.zeros(u.layout.padded, dtype=u.full.dtype, device=u.full.device)
         u.staging[first.start:first.stop].copy_(first.param.grad.reshape(-1))
         for s in u.layout.slots:
