@@ -10,4 +10,4 @@ train: setup
 	$(PY) -m axon.train launch.nproc_per_node=8 parallel.dp=8 model=tiny run.name=dry-run train.steps=60 checkpoint.every=20 $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=25 tests $(ARGS)

@@ -29,8 +29,13 @@ from launch.dist import free_port
 POLL_S = 0.05
 
 
-class _Terminated(Exception):
-    """The supervisor itself received SIGTERM."""
+class _StopRequest:
+    """Ctrl-C or SIGTERM to the supervisor, recorded by a signal handler and acted on by the
+    supervision loop. Never raised as an exception: one landing inside subprocess bookkeeping
+    (Popen.poll) can leave Popen's wait lock held, and the later wait() then hangs forever."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
 
 
 def run_local(nproc: int, argv: list[str], module: str = "axon.train", master_port: int = 0,
@@ -44,9 +49,12 @@ def run_local(nproc: int, argv: list[str], module: str = "axon.train", master_po
     base = worker_env(os.environ, nproc, port)
     procs: list[subprocess.Popen] = []
     readers: list[threading.Thread] = []
-    restore = _on_sigterm_raise()
+    stop = _StopRequest()
+    restore = _catch_stop_signals(stop)
     try:
         for rank in range(nproc):
+            if stop.signum is not None:
+                break
             env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
             quiet = rank > 0  # ranks > 0 are piped and prefixed
             procs.append(subprocess.Popen(
@@ -55,13 +63,7 @@ def run_local(nproc: int, argv: list[str], module: str = "axon.train", master_po
                 preexec_fn=_die_with_parent()))
         # Readers start only after every fork (preexec_fn is unsafe while other threads run).
         readers += [_start_prefixer(p.stdout, f"[rank {r}] ") for r, p in enumerate(procs) if r > 0]
-        code = _supervise(procs, timeout_s)
-    except KeyboardInterrupt:
-        print(f"[axon] interrupted: stopping {len(procs)} workers", file=sys.stderr, flush=True)
-        code = 130
-    except _Terminated:
-        print(f"[axon] SIGTERM: stopping {len(procs)} workers", file=sys.stderr, flush=True)
-        code = 128 + signal.SIGTERM
+        code = _supervise(procs, timeout_s, stop)
     finally:
         _stop(procs, timeout_s)
         restore()
@@ -80,9 +82,14 @@ def worker_env(environ: Mapping[str, str], nproc: int, port: int) -> dict[str, s
     return env
 
 
-def _supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
-    """Wait until all workers succeed (0) or one fails (its code, after stopping the others)."""
+def _supervise(procs: list[subprocess.Popen], grace_s: float, stop: _StopRequest) -> int:
+    """Wait until all workers succeed (0), one fails (its code, after stopping the others) or the
+    supervisor is told to stop (130 for Ctrl-C, 143 for SIGTERM; the caller stops the workers)."""
     while True:
+        if stop.signum is not None:
+            what = "interrupted" if stop.signum == signal.SIGINT else "SIGTERM"
+            print(f"[axon] {what}: stopping {len(procs)} workers", file=sys.stderr, flush=True)
+            return 128 + stop.signum
         codes = [p.poll() for p in procs]
         failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
         if failed:
@@ -128,16 +135,21 @@ def _start_prefixer(stream: IO[bytes], prefix: str) -> threading.Thread:
     return thread
 
 
-def _on_sigterm_raise() -> Callable[[], None]:
-    """Make SIGTERM to the supervisor stop the workers too; returns the undo function."""
+def _catch_stop_signals(stop: _StopRequest) -> Callable[[], None]:
+    """Record Ctrl-C / SIGTERM to the supervisor in `stop`; returns the undo function."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # signal handlers can only be set from the main thread
 
     def handler(signum: int, frame: object) -> None:
-        raise _Terminated
+        stop.signum = signum
 
-    old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+    return restore
 
 
 def _die_with_parent() -> Optional[Callable[[], None]]:
