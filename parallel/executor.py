@@ -1,7 +1,7 @@
 """One executor for every pipeline schedule: runs this rank's action list (parallel/schedules.py)
 on its model chunks.
 
-    ex = Executor(chunks, n_chunks, p2p, store, stash, deferred)
+    ex = Executor(chunks, n_chunks, p2p, store, stash, b_params)   # the last two: split backward only
     loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, grad_sync, autocast)
 
 F runs a chunk's forward (embedding on the first chunk; head and `loss_fn` on the last) under the
