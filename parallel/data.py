@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MIN_BUCKETS = 4  # per reduction group, when the group's gradients are larger than EDGE_MB
-EDGE_MB = 1.0  # the most the last-launched bucket holds (its reduction cannot overlap backward)
+# per reduction group: at least MIN_BUCKETS buckets once its gradients exceed EDGE_MB, and the
+# last-launched bucket (its reduction cannot overlap backward) holds at most EDGE_MB; one
+# definition, shared with the performance model that prices this layout
+from perfmodel.estimate import DP_EDGE_MB as EDGE_MB, DP_MIN_BUCKETS as MIN_BUCKETS
 
 
 def bucket_layout(sizes: list[int], bucket_bytes: int, edge_bytes: int = int(EDGE_MB * 2**20),

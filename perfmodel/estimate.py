@@ -46,7 +46,7 @@ class Estimate:
         }
 
 
-DP_MIN_BUCKETS, DP_EDGE_MB = 4, 1.0  # as parallel/data.py (perfmodel does not import the runtime)
+DP_MIN_BUCKETS, DP_EDGE_MB = 4, 1.0  # the data-parallel bucket layout; parallel/data.py uses these
 
 
 def _exposed(cost: float, window: float, overlap: bool, c: Cluster) -> float:
