@@ -13,6 +13,11 @@ and lasts until the slowest rank finishes it; the median over steps is reported)
 process groups are destroyed before the next plan. Measurements are saved as JSON (--out), so a
 formula change is re-scored with --rescore without running anything again.
 
+Then a confirmation: the predicted-best plan and the sweep's three fastest run again in a fresh
+world, interleaved over three rounds (A B C D A B C D ...), five timed steps each. The sweep's
+fastest plan is the minimum of ~100 noisy single measurements (biased low); the paired,
+repeated re-measurement is what "the predicted best within 10% of the measured best" is judged on.
+
 Plans (see `variants`): every factorisation of 8 into dp x pp x cp x tp_col x tp_row x tp_depth
 that the model, the batch and this build allow, each with 1F1B, one microbatch per stage, no
 ZeRO, no recomputation; with tp_col > 1 also sequence parallelism, with cp > 1 also Ulysses.
@@ -270,7 +275,7 @@ def score(cfg: RunConfig, results: list[dict[str, Any]]) -> list[dict[str, Any]]
         e = estimate(cfg.model, plan, cfg.cluster, cfg.train.global_batch_size, cfg.train.seq_len)
         pred_mem = sum(getattr(e.memory, k) for k in MEMORY_KEYS)
         meas_mem = sum(r["memory"][k] for k in MEMORY_KEYS)
-        rows.append({"name": plan_name(plan), "pred_s": e.step_time_s, "meas_s": r["step_time_s"],
+        rows.append({"name": plan_name(plan), "plan": r["plan"], "pred_s": e.step_time_s, "meas_s": r["step_time_s"],
                      "pred_mem": pred_mem, "meas_mem": meas_mem, "pred_parts": {k: getattr(e.memory, k) for k in
                                                                               MEMORY_KEYS},
                      "meas_parts": {k: r["memory"][k] for k in MEMORY_KEYS}, "breakdown": e.breakdown})
@@ -299,6 +304,56 @@ def report(rows: list[dict[str, Any]], verbose: bool) -> dict[str, float]:
           f"median |error| {100 * statistics.median(mem_err):.1f}%, worst {100 * mem_err[-1]:.1f}%")
     return {"spearman": rho, "best_ratio": picked["meas_s"] / best["meas_s"], "mem_within_10pct": within,
             "mem_median_err": statistics.median(mem_err), "mem_worst_err": mem_err[-1]}
+
+
+def confirm_candidates(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """The plans the confirmation re-measures: the predicted best, then the `top` fastest measured."""
+    picked = min(rows, key=lambda r: r["pred_s"])
+    out = [picked]
+    for r in sorted(rows, key=lambda r: r["meas_s"])[:top]:
+        if r["name"] != picked["name"]:
+            out.append(r)
+    return out
+
+
+def confirmed_ratio(times: dict[str, list[float]], picked: str) -> tuple[float, str]:
+    """(median time of `picked` / the lowest median, the plan with that median) over the
+    confirmation's rounds (`times`: plan name -> one step time per round)."""
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    best = min(medians, key=medians.__getitem__)
+    return medians[picked] / medians[best], best
+
+
+def confirm(cfg: RunConfig, rows: list[dict[str, Any]], rounds: int, top: int, warmup: int, steps: int
+            ) -> dict[str, list[float]]:
+    """Re-measure the predicted-best plan beside the sweep's `top` fastest, interleaved over `rounds`
+    rounds in one fresh world (plan A, B, C, A, B, C, ...), so they see the same load. The sweep's
+    measured best is the minimum of ~100 noisy samples, biased low (a lucky plan wins); the
+    paired re-measurement is what the <= 10% goal is judged on."""
+    cands = confirm_candidates(rows, top)
+    print(f"\nconfirmation: {len(cands)} plans x {rounds} rounds, {warmup} warm-up + {steps} timed steps each",
+          flush=True)
+    order = [Plan.from_dict(r["plan"]) for _ in range(rounds) for r in cands]
+    times: dict[str, list[float]] = {r["name"]: [] for r in cands}
+    for r in run_plans(cfg, order, warmup, steps, lambda done: None):
+        times[plan_name(Plan.from_dict(r["plan"]))].append(r["step_time_s"])
+    return times
+
+
+def report_confirmation(rows: list[dict[str, Any]], times: dict[str, list[float]]) -> float | None:
+    """Print the confirmation's medians; the confirmed ratio, or None when the saved confirmation
+    was made for another predicted-best plan (re-run it: --confirm-rounds)."""
+    picked = min(rows, key=lambda r: r["pred_s"])["name"]
+    if picked not in times:
+        print(f"\nthe saved confirmation did not measure the current predicted best ({picked}): re-run it")
+        return None
+    ratio, best = confirmed_ratio(times, picked)
+    print("\nconfirmation (median over rounds; rounds interleaved):")
+    for name, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
+        mark = " <- predicted best" if name == picked else ""
+        print(f"  {name:<42} {statistics.median(ts):7.3f} s  ({', '.join(f'{t:.3f}' for t in ts)}){mark}")
+    print(f"predicted-best plan measured {ratio:.3f}x the fastest of the confirmed plans ({best}) (goal <= 1.10)")
+    return ratio
 
 
 def figures(rows: list[dict[str, Any]], headline: dict[str, float], tag: str) -> list[Path]:
@@ -345,6 +400,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the plans already measured in --out, run the rest")
     ap.add_argument("--skip", action="append", default=[], metavar="PLAN",
                     help="leave out a plan by its printed name (one that hangs this build); repeatable")
+    ap.add_argument("--confirm-rounds", type=int, metavar="N",
+                    help="re-measure the predicted best beside the fastest plans, N interleaved rounds "
+                         "(default 3 after a sweep; with --rescore the saved confirmation unless given; 0: none)")
+    ap.add_argument("--confirm-top", type=int, default=3, help="fastest measured plans in the confirmation")
+    ap.add_argument("--confirm-steps", type=int, default=5, help="timed steps per confirmation run")
     ap.add_argument("--verbose", action="store_true", help="memory parts and time breakdown per plan")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the model / batch (e.g. train.seq_len=256)")
     args = ap.parse_args()
@@ -374,6 +434,14 @@ def main() -> None:
         quick = args.quick
     rows = score(cfg, results)
     headline = report(rows, args.verbose)
+    source = args.rescore or args.out
+    saved = json.loads(source.read_text())
+    rounds = args.confirm_rounds if args.confirm_rounds is not None else (0 if args.rescore else 3)
+    if rounds:
+        saved["confirm"] = confirm(cfg, rows, rounds, args.confirm_top, args.warmup, args.confirm_steps)
+        source.write_text(json.dumps(saved, indent=1))
+    if saved.get("confirm"):
+        report_confirmation(rows, saved["confirm"])
     for path in figures(rows, headline, "_quick" if quick else ""):
         print(f"figure: {path.relative_to(ROOT)}")
 

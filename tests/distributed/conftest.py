@@ -1,4 +1,8 @@
-"""Session-scoped worker pools (one per world size), shared by all distributed tests."""
+"""Worker pools (one per world size) shared by the distributed tests of this package.
+
+A pool lives while this package's tests run (package scope: the integration tests that follow
+do not share the cores with idle workers) and is replaced after RECYCLE_AFTER tasks, because
+gloo keeps some threads of every destroyed group alive in a long-lived worker."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -6,6 +10,9 @@ from typing import Any, Callable
 import pytest
 
 from tests.distributed.harness import WorkerPool
+
+
+RECYCLE_AFTER = 25
 
 
 class Pools:
@@ -26,6 +33,9 @@ class Pools:
             if pool.broken:
                 pool.close()
                 del self._pools[world]
+            elif pool.tasks_run >= RECYCLE_AFTER:
+                pool.close()
+                del self._pools[world]
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -33,7 +43,7 @@ class Pools:
         self._pools.clear()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dist_pools():
     pools = Pools()
     yield pools

@@ -1,10 +1,10 @@
 """A pool of long-lived gloo worker processes that run test functions on every rank.
 
-One pool per world size is started once per test session and reused, so tests pay the process
-start-up and rendezvous once. `pool.run(fn, *args)` calls the importable function `fn` on every
-rank (with torch.distributed already initialized) and returns the per-rank results; an exception
-on any rank is re-raised here with that rank's traceback. A pool that failed or timed out is
-torn down so the next test gets a fresh one.
+One pool per world size is started once and reused by many tests (tests/distributed/conftest.py),
+so tests pay the process start-up and rendezvous rarely. `pool.run(fn, *args)` calls the
+importable function `fn` on every rank (with torch.distributed already initialized) and returns
+the per-rank results; an exception on any rank is re-raised here with that rank's traceback.
+A pool that failed or timed out is torn down so the next test gets a fresh one.
 """
 from __future__ import annotations
 
@@ -73,8 +73,10 @@ class WorkerPool:
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
         self.broken = False
+        self.tasks_run = 0
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        self.tasks_run += 1
         for q in self.tasks:
             q.put((fn, args, kwargs))
         out: dict[int, Any] = {}

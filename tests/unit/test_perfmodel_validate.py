@@ -30,3 +30,15 @@ def test_plan_set_covers_every_runnable_layout(tmp_path):
         assert (degs in covered) == runnable, deg
     quick, _ = pv.candidate_plans(cfg, quick=True)
     assert set(quick) <= set(plans) and len(quick) == 2 * len(pv.QUICK)
+
+
+def test_confirmation_pairs_the_predicted_best_with_the_fastest():
+    rows = [{"name": n, "pred_s": p, "meas_s": m} for n, p, m in
+            (("a", 0.5, 0.9), ("b", 0.6, 0.7), ("c", 0.7, 0.8), ("d", 0.8, 1.0), ("e", 0.9, 0.75))]
+    assert [r["name"] for r in pv.confirm_candidates(rows, top=3)] == ["a", "b", "e", "c"]
+    assert [r["name"] for r in pv.confirm_candidates(rows, top=1)] == ["a", "b"]
+    rows[1]["pred_s"] = 0.1  # the predicted best is also the fastest: listed once
+    assert [r["name"] for r in pv.confirm_candidates(rows, top=2)] == ["b", "e"]
+    ratio, best = pv.confirmed_ratio({"a": [1.0, 3.0, 1.2], "b": [1.0, 1.1, 0.9]}, "a")
+    assert best == "b" and ratio == pytest.approx(1.2 / 1.0)
+    assert pv.confirmed_ratio({"a": [1.0], "b": [2.0]}, "a") == (1.0, "a")
