@@ -1,8 +1,10 @@
 """Calibrate the performance model on this machine (`axon tune --calibrate`).
 
 Starts `ranks` local processes on gloo (127.0.0.1) and measures, while all ranks run at once:
-the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim), the memory copy
-rate, and the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ...
+the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim), the forward +
+backward time of a transformer Block of the configured model at two batch sizes (giving how far
+below the GEMM rate a whole Block runs: norms, RoPE, softmax, elementwise ops and autograd, i.e.
+compute_efficiency, and a fixed cost per Block pass, block_overhead_s), the memory copy rate, and the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ...
 ranks over a few message sizes. Collectives are timed as training sees them: every rank is in a
 group of that size, all groups run at once, and each call follows a short GEMM; the time a call
 adds to the GEMM loop is its cost. When there are more ranks than cores this includes waiting
@@ -26,11 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from axon.model import Block, rope_tables
+from perfmodel.estimate import block_compute
+from perfmodel.specs import Cluster, ModelSpec, Plan
+
 OUT = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "local-cpu.yaml"
 SIZES = (4 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes per collective (fp32 elements x 4)
 GEMM_DIMS = (128, 512)
 GEMM_REPEATS = 5
 REPEATS = 3
+BLOCK_BATCHES, BLOCK_CALLS = (1, 4), 3  # sequences per timed Block call, calls per sample
 LOAD_DIM, LOAD_CALLS = 256, 8  # GEMM before each timed collective call (~10 ms with every rank busy), calls per sample
 
 
@@ -69,6 +76,43 @@ def _gemm_rates() -> dict[int, float]:
     return {n: 2 * n**3 * reps[n] / statistics.median(times[n]) for n in GEMM_DIMS}
 
 
+def _block_times(spec: ModelSpec, seq: int) -> dict[int, float]:
+    """Seconds of one forward + backward of a transformer Block of `spec` on b x `seq` tokens for
+    each b in BLOCK_BATCHES, every rank busy (median of 5; the sizes alternate)."""
+    block = Block(spec)  # default init: the values do not matter, the shapes do
+    rope = rope_tables(torch.arange(seq), spec.head_dim, spec.rope_theta) if spec.pos == "rope" else None
+    xs = {b: torch.randn(b, seq, spec.d_model, requires_grad=True) for b in BLOCK_BATCHES}  # [b, S, h]
+    times: dict[int, list[float]] = {b: [] for b in BLOCK_BATCHES}
+    for i in range(6):  # the first round warms up
+        for b, x in xs.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(BLOCK_CALLS):
+                block(x, rope).sum().backward()
+            if i:
+                times[b].append((time.perf_counter() - t0) / BLOCK_CALLS)
+    return {b: statistics.median(ts) for b, ts in times.items()}
+
+
+def block_fit(spec: ModelSpec, seq: int, block_s: dict[int, float], peak: float, half: float
+              ) -> tuple[float, float]:
+    """(compute_efficiency, block_overhead_s) from Block times at two batch sizes: the time is
+    t(b) = overhead + ideal(b) / efficiency, where ideal(b) is the forward + backward the model
+    predicts at efficiency 1 (3x the forward GEMMs and attention core,
+    perfmodel.estimate.block_compute)."""
+    ideal = Cluster(peak_flops=peak, gemm_half_dim=half, compute_efficiency=1.0)
+    (b1, t1), (b2, t2) = sorted(block_s.items())
+    i1, i2 = (3 * (bc.gemm + bc.attn) for bc in
+              (block_compute(spec, Plan(micro_batch_size=b), ideal, seq) for b in (b1, b2)))
+    inv_eff = (t2 - t1) / (i2 - i1)
+    if inv_eff <= 1.0:  # too noisy to separate the terms (or faster than the GEMM rate): rate only
+        return min(1.0, i2 / t2), 0.0
+    overhead = t1 - i1 * inv_eff
+    if overhead < 0:
+        return min(1.0, i2 / t2), 0.0
+    return 1.0 / inv_eff, overhead
+
+
 def _p2p_time(peer: int, size: int, a: torch.Tensor, base: float) -> float:
     """Seconds one isend + irecv exchange of `size` bytes with `peer` adds after a GEMM on `a`
     (what a pipeline or ring-attention hop pays); recorded for reference, not fitted."""
@@ -81,11 +125,11 @@ def _p2p_time(peer: int, size: int, a: torch.Tensor, base: float) -> float:
     return max(_timed(lambda: [(a @ a, exchange()) for _ in range(LOAD_CALLS)]) / LOAD_CALLS - base, 0.0)
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, queue, spec: ModelSpec, seq: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # *_into_tensor names are being renamed
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    out: dict = {"gemm": _gemm_rates()}
+    out: dict = {"gemm": _gemm_rates(), "block": _block_times(spec, seq)}
     buf = torch.empty(8 * 2**20 // 4)
     out["copy"] = 2 * buf.numel() * 4 / _timed(lambda: buf.clone())
     out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -142,22 +186,24 @@ def _fit(samples: list[tuple[str, int, int, float]]) -> tuple[float, float]:
     return max(alpha, 1e-7), 1.0 / inv_beta
 
 
-def measure(ranks: int) -> dict:
-    """Run the workers and gather rank 0's collective timings and every rank's GEMM rate."""
+def measure(ranks: int, spec: ModelSpec, seq: int) -> dict:
+    """Run the workers and gather rank 0's collective timings and every rank's GEMM rate and Block time."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    procs = mp.spawn(_worker, args=(ranks, _free_port(), queue), nprocs=ranks, join=False)
+    procs = mp.spawn(_worker, args=(ranks, _free_port(), queue, spec, seq), nprocs=ranks, join=False)
     results = dict(queue.get() for _ in range(ranks))
     procs.join()
     return {"gemm": {n: min(r["gemm"][n] for r in results.values()) for n in GEMM_DIMS},
             "copy": min(r["copy"] for r in results.values()),
+            "block": {b: max(r["block"][b] for r in results.values()) for b in BLOCK_BATCHES},
             "rss": max(r["rss"] for r in results.values()),
             "collectives": results[0]["collectives"], "p2p": results[0]["p2p"]}
 
 
-def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
+def calibrate(spec: ModelSpec, seq: int, ranks: int = 8, out: Path = OUT) -> Path:
+    """Measure with `ranks` processes (the Block of `spec` at `seq` tokens per sequence) and write `out`."""
     t0 = time.perf_counter()
-    m = measure(ranks)
+    m = measure(ranks, spec, seq)
     (n1, n2), (r1, r2) = GEMM_DIMS, (m["gemm"][GEMM_DIMS[0]], m["gemm"][GEMM_DIMS[1]])
     # rate(n) = peak * n / (n + half): two sizes give both unknowns
     ratio = r1 / r2  # = (n1 / (n1 + half)) / (n2 / (n2 + half)), between n1/n2 and 1
@@ -169,10 +215,14 @@ def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
         half = (n1 - ratio * n1) / (ratio - n1 / n2)
     peak = r2 * (n2 + half) / n2
     alpha, beta = _fit(m["collectives"])
+    eff, overhead = block_fit(spec, seq, m["block"], peak, half)
     lines = [f"# This machine, measured by `axon tune --calibrate` with {ranks} gloo ranks on 127.0.0.1 "
              f"({time.perf_counter() - t0:.1f} s).",
              f"# fp32 GEMM per rank while all ranks run: {r1 / 1e9:.2f} GFLOP/s at n={n1}, {r2 / 1e9:.2f} at n={n2};"
              f" copy {m['copy'] / 1e9:.2f} GB/s; peak RSS {m['rss'] / 1e6:.0f} MB per rank.",
+             f"# Block forward + backward (d_model {spec.d_model}, d_ff {spec.d_ff}), slowest rank: " +
+             ", ".join(f"{b} x {seq} tokens {t * 1e3:.1f} ms" for b, t in m["block"].items()) +
+             f"; fitted: {overhead * 1e3:.2f} ms fixed + the model's GEMM time / {eff:.2f}.",
              "# alpha (us) / beta (GB/s) fitted per collective and group size (ring formulas):"]
     for kind in ("all_reduce", "all_gather", "reduce_scatter"):
         fits = []
@@ -193,7 +243,8 @@ def calibrate(ranks: int = 8, out: Path = OUT) -> Path:
               f"peak_flops: {peak:.4g}", f"hbm_bytes: {total / ranks:.4g}  # RAM shared by the ranks",
               f"host_bytes: {total:.4g}", f"intra_bw: {beta:.4g}", f"inter_bw: {beta:.4g}",
               f"intra_lat: {alpha:.4g}", f"inter_lat: {alpha:.4g}", f"host_bw: {m['copy']:.4g}",
-              f"mem_bw: {m['copy']:.4g}", "compute_efficiency: 1.0  # peak_flops is the measured GEMM rate",
+              f"mem_bw: {m['copy']:.4g}", f"compute_efficiency: {eff:.3g}  # a whole Block's rate / the GEMM rate (above)",
+              f"block_overhead_s: {overhead:.4g}  # fixed time per Block forward + backward (above)",
               f"gemm_half_dim: {half:.4g}", "dtype_bytes: 4  # fp32 on CPU",
               f"overhead_bytes: {m['rss']:.4g}  # a rank's resident size after init and these tests",
               f"compute_units: {len(os.sched_getaffinity(0))}  # cores the ranks share"]

@@ -150,8 +150,9 @@ class ClusterCfg:
     inter_lat: float = 1e-5
     host_bw: float = 1e10
     mem_bw: float = 1e11  # device memory bandwidth (bytes/s)
-    compute_efficiency: float = 0.6  # fraction of peak_flops large GEMMs reach
+    compute_efficiency: float = 0.6  # fraction of peak_flops a whole Block reaches at large sizes
     gemm_half_dim: float = 64.0  # smallest GEMM dim at which half that rate is reached
+    block_overhead_s: float = 0.0  # fixed seconds per Block forward + backward of a microbatch
     dtype_bytes: int = 2  # 2 = bf16 compute, 4 = fp32 (CPU)
     overhead_bytes: float = 2e9  # per device: context, allocator slack, buffers
     compute_units: int = 0  # processors the node's ranks share; 0 = one per device (GPUs)

@@ -3,14 +3,15 @@
 Usage:
     axon tune model=llama3.1-405b cluster=perlmutter cluster.nodes=256 [parallel.pp=8 ...]
               [--top N] [--json] [--out FILE.yaml] [--plot FILE.png]
-    axon tune --calibrate [cluster.gpus_per_node=8]
+    axon tune --calibrate [cluster.gpus_per_node=8] [model=tiny] [train.seq_len=128]
 
 Hydra overrides pick the model, the cluster (world = cluster.nodes x cluster.gpus_per_node),
 the batch (train.global_batch_size, train.seq_len) and any `parallel.*` settings to hold fixed;
 with all six degrees fixed it evaluates just that plan. `--out` writes the winner as a parallel
 config group file: save it as configs/parallel/<name>.yaml and run `axon train parallel=<name>`
 (the file's first line also lists the same plan as `parallel.*=` overrides). `--calibrate`
-measures this machine and writes configs/cluster/local-cpu.yaml.
+measures this machine (collectives, GEMMs and a Block of the given model) and writes
+configs/cluster/local-cpu.yaml.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def main(argv: list[str]) -> int:
         if args.calibrate:
             from axon.calibrate import calibrate
 
-            ranks = freeze(load(overrides)).cluster.gpus_per_node
-            print(f"wrote {calibrate(ranks)}")
+            cfg = freeze(load(overrides))
+            print(f"wrote {calibrate(cfg.model, cfg.train.seq_len, cfg.cluster.gpus_per_node)}")
             return 0
         return _tune(args, overrides)
     except PlanError as e:

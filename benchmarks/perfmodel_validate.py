@@ -24,6 +24,8 @@ ZeRO, no recomputation; with tp_col > 1 also sequence parallelism, with cp > 1 a
 The four pure data x pipeline layouts also run at micro-batch 1 and 2, with ZeRO 1-3, full and
 selective recomputation and every other schedule (GPipe, zbh1; with an even number of layers
 per stage interleaved, zbv, vhalf, vmin with 2 chunks). Variants the checks reject are skipped.
+Last, the plans `axon tune` ranks highest (the search's best plan for each of its ten best
+layouts, over every knob it searches), so the plan the search would pick is always measured.
 
 Memory compared: model states + peak saved activations on the most loaded rank, i.e. plan.json's
 `memory.measured` (params + grads + optimizer + activations: unique storages of the parameters,
@@ -60,9 +62,11 @@ from axon.config import RunConfig, freeze, load  # noqa: E402
 from axon.train import check_runnable  # noqa: E402
 from launch.grid import Grid  # noqa: E402
 from perfmodel.estimate import estimate  # noqa: E402
+from perfmodel.search import search  # noqa: E402
 from perfmodel.specs import AXES, Plan, PlanError  # noqa: E402
 
 WORLD = 8
+SEARCH_TOP = 10  # the search's picks added to the plan set
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations")
 FIGURES = ROOT / "benchmarks" / "figures"
 QUICK = ({"dp": 8}, {"pp": 2, "dp": 4}, {"tp_col": 2, "dp": 4}, {"cp": 2, "dp": 4}, {"pp": 8},
@@ -159,6 +163,13 @@ def candidate_plans(cfg: RunConfig, quick: bool) -> tuple[list[Plan], int]:
                 plans.append(plan)
             else:
                 rejected += 1
+    if not quick:  # and what `axon tune` would pick: the search's best plan of each of its top layouts
+        found = search(cfg.model, cfg.cluster, WORLD, None, cfg.train.global_batch_size, cfg.train.seq_len,
+                       top=SEARCH_TOP)
+        for plan in (e.plan for e in found.estimates):
+            if plan not in seen and why_not(cfg, plan) is None:
+                seen.add(plan)
+                plans.append(plan)
     return plans, rejected
 
 

@@ -72,19 +72,40 @@ class MicrobatchCosts:
         return self.compute + self.recompute + self.tensor + self.context
 
 
+@dataclass(frozen=True)
+class BlockCompute:
+    """Forward seconds of one microbatch on one rank: a Block's GEMMs and attention core, the head."""
+
+    gemm: float
+    attn: float
+    head: float
+
+
+def block_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockCompute:
+    """A GEMM runs at peak_flops x compute_efficiency, slowed when its smallest dimension is
+    near gemm_half_dim; the whole Block (norms, RoPE, softmax, elementwise work, autograd) is
+    priced at that rate: compute_efficiency is the fraction of peak a real Block reaches
+    (calibrated on a Block for local-cpu, axon/calibrate.py)."""
+    x, y = plan.tp_col, plan.tp_row
+    tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
+    smallest = min(tokens, m.d_model / max(x, y))
+    rate = c.peak_flops * c.compute_efficiency * smallest / (smallest + c.gemm_half_dim)
+    gemm = 2 * tokens * sum(lin.k * lin.n for lin in comm.block_linears(m)) / (x * y) / rate
+    attn = 2 * tokens * seq * m.d_model / x / rate  # causal attention core (heads split over tp_col only)
+    head = 2 * tokens * m.vocab_size * m.d_model / (x * y) / rate
+    return BlockCompute(gemm, attn, head)
+
+
 def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int) -> MicrobatchCosts:
     e = c.dtype_bytes
     x, y, z = plan.tp_col, plan.tp_row, plan.tp_depth
-    tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
+    tokens = plan.micro_batch_size * seq / plan.cp
     layers = m.n_layers // plan.pp
     linears = comm.block_linears(m)
-    smallest = min(tokens, m.d_model / max(x, y))
-    rate = c.peak_flops * c.compute_efficiency * smallest / (smallest + c.gemm_half_dim)
-    gemm = 2 * tokens * sum(lin.k * lin.n for lin in linears) / (x * y) / rate  # forward GEMMs of a block
-    attn = 2 * tokens * seq * m.d_model / x / rate  # causal attention core, forward (heads split over tp_col only)
-    head = 2 * tokens * m.vocab_size * m.d_model / (x * y) / rate
+    bc = block_compute(m, plan, c, seq)
+    gemm, attn, head = bc.gemm, bc.attn, bc.head
     fwd = gemm + attn
-    redo = {"none": 0.0, "selective": attn, "full": fwd}[plan.recompute]
+    redo = {"none": 0.0, "selective": attn, "full": fwd + c.block_overhead_s / 3}[plan.recompute]
     redo_layers = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
 
     vol = comm.tensor_volumes(m, plan, tokens, e)
@@ -120,7 +141,7 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
         else:  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
             context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
 
-    compute = layers * 3 * fwd + 3 * head
+    compute = layers * (3 * fwd + c.block_overhead_s) + 3 * head
     return MicrobatchCosts(compute=compute, recompute=redo_layers * redo, tensor=layers * tensor,
                        context=layers * context, backward=2 * (layers * fwd + head))
 

@@ -214,8 +214,11 @@ class Cluster:
     inter_lat: float = 1e-5
     host_bw: float = 1e10  # device <-> host copy bandwidth (bytes/s)
     mem_bw: float = 1e11  # device memory bandwidth (bytes/s); prices the optimizer step
-    compute_efficiency: float = 0.6  # fraction of peak_flops that large training GEMMs reach
+    compute_efficiency: float = 0.6  # fraction of peak_flops a whole transformer Block reaches at large sizes
     gemm_half_dim: float = 64.0  # a GEMM whose smallest dim is this reaches half that rate
+    # fixed seconds per Block forward + backward of a microbatch, whatever its size: operator dispatch
+    # and kernel launches (calibrated for local-cpu; ~0 on GPUs, whose launches queue ahead)
+    block_overhead_s: float = 0.0
     dtype_bytes: int = 2  # bytes per weight/activation element in compute (2 = bf16, 4 = fp32)
     overhead_bytes: float = 2e9  # per device: runtime context, allocator slack, comm buffers
     # processors the node's ranks share; 0 = one per device (GPUs). With more ranks than processors

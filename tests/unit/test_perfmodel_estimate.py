@@ -32,6 +32,19 @@ def test_recompute_costs_a_forward():
     assert full.memory.activations < base.memory.activations
 
 
+def test_block_overhead_is_paid_per_block_pass():
+    """A fixed cost per Block forward + backward of each microbatch (+ a third of it per
+    rematerialized Block under full recomputation), independent of the microbatch size."""
+    slow = replace(IDEAL, block_overhead_s=1e-3)
+    for mbs, recompute in ((1, "none"), (4, "none"), (2, "full")):
+        plan = Plan(pp=2, micro_batch_size=mbs, recompute=recompute)
+        base, e = estimate(TINY, plan, IDEAL, 16, 128), estimate(TINY, plan, slow, 16, 128)
+        micro, layers = 16 // mbs, TINY.n_layers // 2
+        assert e.breakdown["compute_s"] - base.breakdown["compute_s"] == pytest.approx(micro * layers * 1e-3)
+        redo = micro * layers * 1e-3 / 3 if recompute == "full" else 0.0
+        assert e.breakdown["recompute_s"] - base.breakdown["recompute_s"] == pytest.approx(redo)
+
+
 def test_data_parallel_all_reduce_exposed_without_overlap():
     plan = Plan(dp=8, micro_batch_size=2, overlap_grad_reduce=False)
     e = estimate(TINY, plan, IDEAL, 16, 128)
