@@ -145,22 +145,26 @@ def activation_parts(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash
                            logits_bytes(m, plan, seq, dtype_bytes))
 
 
-def combine_activations(parts: ActivationParts, pp: int, peak_units: float, offload: float,
+def combine_activations(parts: ActivationParts, pp: int, peak_units: float, head_units: float, offload: float,
                         last_holds_all: bool = False) -> tuple[float, float]:
     """(device, host) activation bytes on the most loaded rank.
 
-    `peak_units` microbatch-stages are in flight (pipeline.py); a fraction `offload` of all but
-    the running one lives on the host. With pp > 1 the first stage holds the in-flight
-    microbatches and the last one the logits; with pp = 1 one rank holds both. The logits are
-    freed once the loss's backward has passed the head, before full recomputation rematerializes
-    a block (`working`), so the two never coexist. `last_holds_all` (GPipe: every forward before
-    any backward): the last stage keeps every in-flight microbatch's logits too."""
+    `peak_units` microbatch-stages are in flight on the busiest rank, `head_units` on the rank
+    holding the head (pipeline.py); a fraction `offload` of all but the running one lives on the
+    host. The head's rank also holds the running microbatch's final norm and logits (with pp = 1
+    one rank holds everything). The logits are freed once the loss's backward has passed the
+    head, before full recomputation rematerializes a block (`working`), so the two never coexist.
+    `last_holds_all` (GPipe: every forward before any backward): the head's rank keeps every
+    in-flight microbatch's logits too."""
     waiting = max(peak_units - 1.0, 0.0) * parts.unit
     held = parts.unit + waiting * (1 - offload)
     if pp == 1:
         return held + max(parts.working, parts.logits), waiting * offload
-    last = peak_units * (parts.unit + parts.logits) if last_holds_all else parts.unit + max(parts.working, parts.logits)
-    return max(held + parts.working, last), waiting * offload
+    if last_holds_all:
+        head = head_units * (parts.unit + parts.logits)
+    else:
+        head = parts.unit + max(head_units - 1.0, 0.0) * parts.unit * (1 - offload) + max(parts.working, parts.logits)
+    return max(held + parts.working, head), waiting * offload
 
 
 def state_bytes(m: ModelSpec, plan: Plan, c: Cluster) -> tuple[float, float, float, float, float]:
@@ -182,10 +186,10 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster) -> tuple[float, float, flo
     return params, grads, optimizer, buffers, host
 
 
-def memory(m: ModelSpec, plan: Plan, c: Cluster, seq: int, peak_units: float) -> Memory:
-    """Everything a rank holds at its peak; `peak_units` from the pipeline schedule."""
+def memory(m: ModelSpec, plan: Plan, c: Cluster, seq: int, peak_units: float, head_units: float) -> Memory:
+    """Everything a rank holds at its peak; `peak_units` / `head_units` from the pipeline schedule."""
     params, grads, optimizer, buffers, host = state_bytes(m, plan, c)
     parts = activation_parts(m, plan, seq, c.dtype_bytes)
-    acts, host_acts = combine_activations(parts, plan.pp, peak_units, plan.offload.activations,
+    acts, host_acts = combine_activations(parts, plan.pp, peak_units, head_units, plan.offload.activations,
                                           plan.schedule == "gpipe")
     return Memory(params, grads, optimizer, acts, buffers, c.overhead_bytes, host + host_acts)

@@ -3,7 +3,8 @@
 Closed forms (DESIGN.md section 4; the zero-bubble and controllable-memory papers), with
 F = B = W for the zero-bubble family. The bubble fraction is bubble time / total pipeline time.
 Peak activations are in units of one microbatch's activations of one whole pipeline stage (all
-its layers, all its virtual chunks), on the rank that holds the most.
+its layers, all its virtual chunks), on the rank that holds the most and on the rank that holds
+the head (which also keeps the logits).
 
 When `perfmodel/schedule_tables.json` (written from the simulator of parallel/schedules.py)
 holds the exact (schedule, pp, microbatches, virtual_stages) entry, its numbers win.
@@ -24,11 +25,17 @@ class ScheduleCost:
     bubble_fraction: float
     peak_activations: float  # stage-microbatch units, max over ranks
     source: str  # "closed-form" or "table"
+    head_activations: float = 1.0  # units on the rank holding the last chunk (the head; rank 0 in a V)
 
 
 def _fraction(idle_units: float, m: int) -> float:
     """Bubble fraction when `idle_units` microbatch-slots of idle time precede m busy ones."""
     return idle_units / (m + idle_units) if idle_units > 0 else 0.0
+
+
+def _v(bubble: float, peak: float) -> ScheduleCost:
+    """A V-shaped schedule: the last chunk (the head) is on rank 0, the most loaded one."""
+    return ScheduleCost(bubble, peak, "closed-form", peak)
 
 
 def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
@@ -37,21 +44,24 @@ def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
         return ScheduleCost(0.0, 1.0, "closed-form")
     p = pp
     if schedule == "gpipe":  # all forwards, then all backwards
-        return ScheduleCost(_fraction(p - 1, m), float(m), "closed-form")
-    if schedule == "1f1b":
+        return ScheduleCost(_fraction(p - 1, m), float(m), "closed-form", float(m))
+    if schedule == "1f1b":  # the last stage runs each backward right after its forward
         return ScheduleCost(_fraction(p - 1, m), float(min(m, p)), "closed-form")
     if schedule == "interleaved":  # (p-1)/(vm+p-1); the first rank warms up 2(p-1) + (v-1)p chunks,
-        # so p(1 + (p-1)/(pv)) stages of activations (Korthikanti), capped by the m*v chunks there are
-        return ScheduleCost(_fraction((p - 1) / v, m), min(m * v, 2 * (p - 1) + (v - 1) * p + 1) / v, "closed-form")
-    if schedule == "zbh1":  # B and W split: bubble (p-1)(F+B-W) = a third of 1F1B's
-        return ScheduleCost(_fraction((p - 1) / 3, m), float(min(m, p)), "closed-form")
-    if schedule == "zbv":  # near-zero bubble once the V is full, 1F1B memory
+        # so p(1 + (p-1)/(pv)) stages of activations (Korthikanti), capped by the m*v chunks there are;
+        # the last rank warms up (v-1)p chunks
+        return ScheduleCost(_fraction((p - 1) / v, m), min(m * v, 2 * (p - 1) + (v - 1) * p + 1) / v, "closed-form",
+                            min(m * v, (v - 1) * p + 1) / v)
+    if schedule == "zbh1":  # B and W split: bubble (p-1)(F+B-W) = a third of 1F1B's; the last stage
+        # defers its Ws into the cool-down, so it too holds up to p microbatches (each until its W)
+        return ScheduleCost(_fraction((p - 1) / 3, m), float(min(m, p)), "closed-form", float(min(m, p)))
+    if schedule == "zbv":  # near-zero bubble once the V is full, 1F1B memory; the head is on rank 0
         idle = 0.0 if m >= 2 * p else (p - 1) / 2
-        return ScheduleCost(_fraction(idle, m), float(min(m, p)), "closed-form")
+        return _v(_fraction(idle, m), float(min(m, p)))
     if schedule == "vhalf":  # half 1F1B's bubble and activations
-        return ScheduleCost(_fraction((p - 1) / 2, m), float(min(m, (p + 2) // 2)), "closed-form")
+        return _v(_fraction((p - 1) / 2, m), float(min(m, (p + 2) // 2)))
     if schedule == "vmin":  # two thirds of 1F1B's bubble, a third of its activations
-        return ScheduleCost(_fraction(2 * (p - 1) / 3, m), float(min(m, (p + 4) // 3)), "closed-form")
+        return _v(_fraction(2 * (p - 1) / 3, m), float(min(m, (p + 4) // 3)))
     raise ValueError(f"parallel.schedule={schedule!r} has no cost model")
 
 
@@ -67,7 +77,9 @@ def _load_tables(path: str, mtime: float) -> dict[tuple[str, int, int, int], Sch
     out = {}
     for e in data["entries"]:
         key = (e["schedule"], int(e["pp"]), int(e["microbatches"]), int(e["virtual_stages"]))
-        out[key] = ScheduleCost(float(e["bubble_fraction"]), float(max(e["peak_activations"])), "table")
+        peaks = e["peak_activations"]
+        head = peaks[0] if key[0] in V_SHAPED else peaks[-1]
+        out[key] = ScheduleCost(float(e["bubble_fraction"]), float(max(peaks)), "table", float(head))
     return out
 
 

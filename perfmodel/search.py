@@ -201,8 +201,8 @@ def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], 
                     cost = pipeline.schedule_cost(sched, pp, micro, v, table)
                     p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
                     for frac in facts:  # more offload only adds time: stop once the fastest states fit
-                        acts, host_acts = combine_activations(parts, pp, cost.peak_activations, frac,
-                                                              sched == "gpipe")
+                        acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations,
+                                                              frac, sched == "gpipe")
                         busy = micro * (mb.total + p2p + est.offload_time(frac, parts.unit, c, mb.compute))
                         for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
                             if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:

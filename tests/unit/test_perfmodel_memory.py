@@ -1,6 +1,7 @@
 """Memory formulas against the ZeRO paper and Korthikanti et al. (hand-computed values)."""
 import pytest
 
+from perfmodel import pipeline
 from perfmodel.memory import (activation_parts, combine_activations, layer_activation_bytes, model_states,
                               stage_params)
 from perfmodel.flops import layer_params, n_params
@@ -65,14 +66,31 @@ def test_pipeline_in_flight_and_offload():
     parts = activation_parts(GPT, plan, S, 2)
     per_layer = layer_activation_bytes(GPT, S, B, dtype_bytes=2)
     assert parts.unit == pytest.approx(per_layer * GPT.n_layers / 4)  # one layer per stage
-    device, host = combine_activations(parts, 4, peak_units=4, offload=0.0)
+    device, host = combine_activations(parts, 4, peak_units=4, head_units=1, offload=0.0)
     assert device == pytest.approx(max(4 * parts.unit, parts.unit + parts.logits))
-    device_half, host_half = combine_activations(parts, 4, peak_units=4, offload=0.5)
+    device_half, host_half = combine_activations(parts, 4, peak_units=4, head_units=1, offload=0.5)
     assert device_half == pytest.approx(max(parts.unit + 1.5 * parts.unit, parts.unit + parts.logits))
     assert host_half == pytest.approx(1.5 * parts.unit) and host == 0.0
     # GPipe: all forwards first, so the last stage also keeps every microbatch's logits
-    gpipe, _ = combine_activations(parts, 4, peak_units=4, offload=0.0, last_holds_all=True)
+    gpipe, _ = combine_activations(parts, 4, peak_units=4, head_units=4, offload=0.0, last_holds_all=True)
     assert gpipe == pytest.approx(4 * (parts.unit + parts.logits))
+    # zbh1 / V shapes: the head's rank holds several microbatches (each until its W) and the logits
+    zb, _ = combine_activations(parts, 4, peak_units=4, head_units=4, offload=0.0)
+    assert zb == pytest.approx(4 * parts.unit + parts.logits)
+
+
+def test_head_rank_units_match_the_simulated_tables():
+    """The closed forms' units on the head's rank equal the simulator's (last rank; rank 0 in a V)."""
+    checked = 0
+    for (sched, p, m, v), entry in pipeline.tables().items():
+        if sched == "none" or p == 1 or pipeline.valid_virtual_stages(sched, v):
+            continue
+        assert pipeline.closed_form(sched, p, m, v).head_activations == pytest.approx(entry.head_activations), \
+            (sched, p, m, v)
+        checked += 1
+    assert checked > 100
+    assert pipeline.schedule_cost("zbh1", 8, 2).head_activations == 2  # the validation's pp8 zbh1 mbs8
+    assert pipeline.schedule_cost("1f1b", 8, 16).head_activations == 1
 
 
 def test_stage_params_cover_the_model():
