@@ -58,7 +58,7 @@ class Trainer:
         self.tps = [tensor.apply(chunk, spec, plan, grid) for chunk in chunks] if plan.tp > 1 else []
         self.cp = [context.apply(chunk, spec, plan, grid) for chunk in chunks][0]
         for i, chunk in enumerate(chunks):
-            recompute.apply(chunk, plan)
+            recompute.apply(chunk, plan, self.pipe.recompute_meter)
             tp = self.tps[i] if self.tps else None
             materialize(chunk, spec, cfg.train.seed, device, shards=tp.shards if tp else {},
                         full_shapes=tp.full_shapes if tp else {})

@@ -138,6 +138,11 @@ class ActivationStore:
             if s.tensor is None:
                 self._reload_one(s)
 
+    def note_transient(self, nbytes: int) -> None:
+        """Count `nbytes` that exist briefly on top of what is held now (a Block rematerialized
+        inside backward under full recomputation) toward the peak."""
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_bytes + nbytes)
+
     def hold(self, key: Key, tensors: list[torch.Tensor]) -> None:
         """Count tensors kept after B for the deferred weight gradients (W) of `key`."""
         nbytes = sum(t.numel() * t.element_size() for t in tensors)

@@ -28,6 +28,7 @@ from parallel import schedules
 from parallel.activation_offload import ActivationStore, MemoryStats
 from parallel.executor import Executor, Microbatch, WeightGradStash, defer_weight_grads
 from parallel.p2p import P2P
+from parallel.recompute import RecomputeMeter
 from perfmodel.specs import ModelSpec, Plan, PlanError
 
 BuildChunk = Callable[[range, bool, bool], nn.Module]
@@ -90,6 +91,7 @@ class Pipeline:
         self._actions: dict[int, list[schedules.Action]] = {}
         self._executor: Executor | None = None
         self.last_memory = MemoryStats()
+        self.recompute_meter = RecomputeMeter()  # pass to recompute.apply: full recomputation's reruns
 
     @property
     def holds_loss(self) -> bool:
@@ -133,14 +135,19 @@ class Pipeline:
         Returns the summed loss on the rank holding the last chunk, 0 elsewhere.
 
         `track_memory`: count the saved activations (Python saved-tensor hooks on every saved
-        tensor, a few percent of a small model's step) into `last_memory`; steps whose schedule
-        offloads activations always run the hooks."""
+        tensor, a few percent of a small model's step; and the Blocks full recomputation reruns,
+        through `recompute_meter`) into `last_memory`; steps whose schedule offloads activations
+        always run the hooks."""
         if self._executor is None:
             self._executor = self._build_executor(microbatches[0])
         ex = self._executor
         ex.store.reset_stats()
-        loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, grad_sync, autocast,
-                      track_memory)
+        self.recompute_meter.sink = ex.store.note_transient if track_memory else None
+        try:
+            loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, grad_sync, autocast,
+                          track_memory)
+        finally:
+            self.recompute_meter.sink = None
         stats = ex.store.reset_stats()
         if track_memory:
             self.last_memory = stats

@@ -2,7 +2,7 @@
 "Reducing activation recomputation in large transformer models".
 
 - full: a Block keeps only its input; its forward runs again inside its backward
-  (torch.utils.checkpoint, non-reentrant).
+  (torch.utils.checkpoint, non-reentrant). A `RecomputeMeter` reports what each rerun keeps.
 - selective: only the attention core (scores, softmax, attention x V: the s^2 terms) is
   recomputed; the projections and the MLP keep their activations.
 
@@ -12,10 +12,14 @@ hooks (ZeRO-3 gathers run around it) and checkpoints are unchanged.
 """
 from __future__ import annotations
 
+import weakref
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from perfmodel.specs import Plan
@@ -36,11 +40,54 @@ class KeptInput(torch.autograd.Function):
         return grad
 
 
-def _full(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+class RecomputeMeter:
+    """The bytes a Block rematerialized by full recomputation keeps for its backward. They exist
+    only inside backward (saved-tensor accounting of the forward sees just the Block input), so a
+    memory measurement that ignored them would be low by one Block's activations. While `sink` is
+    set (the pipeline sets it on steps that track memory), each rematerialization reports them."""
+
+    def __init__(self) -> None:
+        self.sink: Callable[[int], None] | None = None
+
+    def contexts(self) -> tuple[Any, Any]:
+        """torch.utils.checkpoint's context_fn: (forward context, recomputation context)."""
+        return nullcontext(), (_Rematerialized(self.sink) if self.sink is not None else nullcontext())
+
+
+class _Rematerialized(TorchDispatchMode):
+    """Active while checkpoint reruns a Block's forward: notes every storage an op creates (views
+    of their inputs excluded) and, when the rerun ends, reports the bytes of those still alive,
+    i.e. what the rerun keeps for the backward (the temporaries are gone by then)."""
+
+    def __init__(self, sink: Callable[[int], None]):
+        super().__init__()
+        self.sink = sink
+        self.created: dict[int, tuple[weakref.ref, int]] = {}  # storage id -> (its weak ref, bytes)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in inputs:  # a new storage (the id of a freed one can be reused: replace it)
+                    seen = self.created.get(key)
+                    if seen is None or seen[0]() is None:
+                        self.created[key] = (weakref.ref(storage), storage.nbytes())
+        return out
+
+    def __exit__(self, *exc: Any) -> Any:
+        self.sink(sum(n for ref, n in self.created.values() if ref() is not None))
+        self.created.clear()
+        return super().__exit__(*exc)
+
+
+def _full(forward: Callable[..., torch.Tensor], meter: RecomputeMeter) -> Callable[..., torch.Tensor]:
     def recomputed(x: torch.Tensor, *args: Any) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return forward(x, *args)
-        return checkpoint(forward, KeptInput.apply(x), *args, use_reentrant=False)
+        return checkpoint(forward, KeptInput.apply(x), *args, use_reentrant=False, context_fn=meter.contexts)
     return recomputed
 
 
@@ -52,8 +99,9 @@ def _selective(core: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return recomputed
 
 
-def apply(model: nn.Module, plan: Plan) -> list[str]:
-    """Wrap this stage's Blocks per `plan.recompute`; returns the names of the wrapped layers."""
+def apply(model: nn.Module, plan: Plan, meter: RecomputeMeter | None = None) -> list[str]:
+    """Wrap this stage's Blocks per `plan.recompute`; returns the names of the wrapped layers.
+    `meter` (full recomputation) receives the rematerialized bytes while memory is tracked."""
     if plan.recompute == "none":
         return []
     if plan.recompute not in ("full", "selective"):
@@ -64,7 +112,7 @@ def apply(model: nn.Module, plan: Plan) -> list[str]:
     for name in names:
         block = model.layers[name]
         if plan.recompute == "full":
-            block.forward = _full(block.forward)
+            block.forward = _full(block.forward, meter or RecomputeMeter())
         else:
             block.attn.core = _selective(block.attn.core)
     return [f"layers.{n}" for n in names]

@@ -100,3 +100,22 @@ def test_meter_counts_shared_storage_once_and_tracks_peak_across_microbatches():
     assert meter.live == 2 * 8 * 64 * 4  # y2's graph still holds x and its relu output
     y2.sum().backward()
     assert meter.live == 0 and meter.peak == 3 * 8 * 64 * 4
+
+
+def test_full_recompute_meter_reports_the_rematerialized_block():
+    """What each rerun of a fully recomputed Block keeps for its backward: one Block's activations
+    (perfmodel's `working` term), reported only while a sink is set."""
+    model = build(LLAMA)
+    meter = recompute.RecomputeMeter()
+    recompute.apply(model, Plan(recompute="full"), meter)
+    materialize(model, LLAMA, 0, torch.device("cpu"))
+    rope = model.rope(torch.arange(S))
+    reported: list[int] = []
+    for sink in (None, reported.append):
+        meter.sink = sink
+        x = torch.randn(B, S, LLAMA.d_model, requires_grad=True)  # [B, S, h]
+        model.layers["1"](model.layers["0"](x, rope), rope).sum().backward()
+    assert len(reported) == 2  # one rerun per Block, only on the metered pass
+    full_block = layer_activation_bytes(LLAMA, S, B, dtype_bytes=4)
+    for nbytes in reported:  # early stop leaves the last op's inputs referenced too: within 10%
+        assert nbytes == pytest.approx(full_block, rel=0.10)
