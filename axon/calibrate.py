@@ -1,18 +1,22 @@
 """Calibrate the performance model on this machine (`axon tune --calibrate`).
 
 Starts `ranks` local processes on gloo (127.0.0.1) and measures, while all ranks run at once:
-the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim), the forward +
-backward time of a transformer Block of the configured model at two batch sizes (giving how far
-below the GEMM rate a whole Block runs: norms, RoPE, softmax, elementwise ops and autograd, i.e.
-compute_efficiency, and a fixed cost per Block pass, block_overhead_s), the memory copy rate, and the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ...
-ranks over a few message sizes. Collectives are timed as training sees them: every rank is in a
-group of that size, all groups run at once, and each call follows a short GEMM; the time a call
-adds to the GEMM loop is its cost. When there are more ranks than cores this includes waiting
-for a descheduled peer, which dominates small messages (an idle-machine ping-pong would
-under-state it several times). alpha and beta are fitted by least squares to the ring formulas
-(DESIGN.md section 4), per collective and group size (recorded as comments) and jointly (the
-values the model uses). Writes configs/cluster/local-cpu.yaml. Takes about a minute on an idle
-machine; longer when the cores are busy.
+- the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim);
+- the forward + backward time of a transformer Block of the configured model at two batch sizes
+  (giving compute_efficiency, how far below the GEMM rate a whole Block runs: norms, RoPE,
+  softmax, elementwise ops and autograd; and block_overhead_s, a fixed cost per Block pass);
+- the memory copy rate;
+- the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ... ranks over
+  a few message sizes.
+
+Collectives are timed as training sees them: every rank is in a group of that size, all groups
+run at once, and each call follows a short GEMM; the time a call adds to the GEMM loop is its
+cost. When there are more ranks than cores this includes waiting for a descheduled peer, which
+dominates small messages (an idle-machine ping-pong would under-state it several times). alpha
+and beta are fitted by least squares to the ring formulas (DESIGN.md section 4), per collective
+and group size (recorded as comments) and jointly (the values the model uses). Writes
+configs/cluster/local-cpu.yaml. Takes about a minute on an idle machine; longer when the cores
+are busy.
 """
 from __future__ import annotations
 
