@@ -1,8 +1,6 @@
-"""Worker pools (one per world size) shared by the distributed tests of this package.
-
-A pool lives while this package's tests run (package scope: the integration tests that follow
-do not share the cores with idle workers) and is replaced after RECYCLE_AFTER tasks, because
-gloo keeps some threads of every destroyed group alive in a long-lived worker."""
+"""Worker pools (one per world size) shared by the distributed tests of this package. A pool
+lives while this package's tests run (package scope: the integration tests that follow do not
+share the cores with idle workers)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,9 +8,6 @@ from typing import Any, Callable
 import pytest
 
 from tests.distributed.harness import WorkerPool
-
-
-RECYCLE_AFTER = 25
 
 
 class Pools:
@@ -31,9 +26,6 @@ class Pools:
             raise
         finally:
             if pool.broken:
-                pool.close()
-                del self._pools[world]
-            elif pool.tasks_run >= RECYCLE_AFTER:
                 pool.close()
                 del self._pools[world]
 

@@ -8,6 +8,7 @@ A pool that failed or timed out is torn down so the next test gets a fresh one.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -40,6 +41,7 @@ def _worker(rank: int, world: int, port: int, tasks: Any, results: Any, timeout_
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((rank, False, traceback.format_exc()))
         _destroy_subgroups()
+        gc.collect()  # the task's groups are unreachable now: free them (and their gloo threads) at once
     dist.destroy_process_group()
 
 
@@ -73,10 +75,8 @@ class WorkerPool:
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
         self.broken = False
-        self.tasks_run = 0
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        self.tasks_run += 1
         for q in self.tasks:
             q.put((fn, args, kwargs))
         out: dict[int, Any] = {}
