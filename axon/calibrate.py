@@ -109,10 +109,8 @@ def block_fit(spec: ModelSpec, seq: int, block_s: dict[int, float], peak: float,
     i1, i2 = (3 * (bc.gemm + bc.attn) for bc in
               (block_compute(spec, Plan(micro_batch_size=b), ideal, seq) for b in (b1, b2)))
     inv_eff = (t2 - t1) / (i2 - i1)
-    if inv_eff <= 1.0:  # too noisy to separate the terms (or faster than the GEMM rate): rate only
-        return min(1.0, i2 / t2), 0.0
     overhead = t1 - i1 * inv_eff
-    if overhead < 0:
+    if inv_eff <= 1.0 or overhead < 0:  # too noisy to separate the terms (or above the GEMM rate): rate only
         return min(1.0, i2 / t2), 0.0
     return 1.0 / inv_eff, overhead
 

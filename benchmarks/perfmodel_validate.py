@@ -7,10 +7,10 @@ gloo ranks for a few steps and compare the measured step time and peak memory pe
     .venv/bin/python benchmarks/perfmodel_validate.py --quick         # a handful of plans (about 1 min)
     .venv/bin/python benchmarks/perfmodel_validate.py --rescore FILE  # re-predict saved measurements
 
-The 8 ranks start once; every plan then runs inside the same world: its Grid and Trainer are
-built, `--warmup` steps run untimed, `--steps` steps are timed (each step starts after a barrier
-and lasts until the slowest rank finishes it; the median over steps is reported), and its
-process groups are destroyed before the next plan. Measurements are saved as JSON (--out), so a
+The 8 ranks start once; every plan then runs inside the same world (benchmarks/perfmodel_world.py):
+its Grid and Trainer are built, `--warmup` steps run untimed, `--steps` steps are timed (each step
+starts after a barrier and lasts until the slowest rank finishes it; the median over steps is
+reported), and its process groups are freed before the next plan. Measurements are saved as JSON (--out), so a
 formula change is re-scored with --rescore without running anything again.
 
 Then a confirmation: the predicted-best plan and the sweep's three fastest run again in a fresh
@@ -36,38 +36,26 @@ Gathered-weight buffers and runtime overhead are not measured, so not compared.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from axon import trainer  # noqa: E402
 from axon.config import RunConfig, freeze, load  # noqa: E402
 from axon.train import check_runnable  # noqa: E402
-from launch.grid import Grid  # noqa: E402
+from benchmarks.perfmodel_world import MEMORY_KEYS, WORLD, plan_name, run_plans  # noqa: E402
 from perfmodel.estimate import estimate  # noqa: E402
 from perfmodel.search import search  # noqa: E402
 from perfmodel.specs import AXES, Plan, PlanError  # noqa: E402
 
-WORLD = 8
 SEARCH_TOP = 10  # the search's picks added to the plan set
-MEMORY_KEYS = ("params", "grads", "optimizer", "activations")
 FIGURES = ROOT / "benchmarks" / "figures"
 QUICK = ({"dp": 8}, {"pp": 2, "dp": 4}, {"tp_col": 2, "dp": 4}, {"cp": 2, "dp": 4}, {"pp": 8},
          {"tp_col": 2, "tp_row": 2, "tp_depth": 2})
@@ -131,24 +119,6 @@ def variants(deg: dict[str, int], n_layers: int, global_batch_size: int) -> list
     return out
 
 
-def plan_name(p: Plan) -> str:
-    degs = " ".join(f"{a}{getattr(p, a)}" for a in reversed(AXES) if getattr(p, a) > 1) or "single"
-    knobs = []
-    if p.pp > 1:
-        knobs.append(p.schedule + (f"/v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
-    if p.micro_batch_size > 1:
-        knobs.append(f"mbs{p.micro_batch_size}")
-    if p.zero:
-        knobs.append(f"zero{p.zero}")
-    if p.recompute != "none":
-        knobs.append(f"rc-{p.recompute}")
-    if p.sequence_parallel:
-        knobs.append("sp")
-    if p.cp > 1 and p.cp_mode != "ring":
-        knobs.append(p.cp_mode)
-    return " ".join([degs] + knobs)
-
-
 def candidate_plans(cfg: RunConfig, quick: bool) -> tuple[list[Plan], int]:
     """(runnable plans, plans rejected by the checks)."""
     degs = [{**{a: 1 for a in AXES}, **q} for q in QUICK] if quick else layouts(WORLD)
@@ -171,89 +141,6 @@ def candidate_plans(cfg: RunConfig, quick: bool) -> tuple[list[Plan], int]:
                 seen.add(plan)
                 plans.append(plan)
     return plans, rejected
-
-
-# ---- the 8 ranks ----
-def _destroy_subgroups() -> None:
-    from torch.distributed import distributed_c10d as c10d
-
-    for pg in list(c10d._world.pg_map):
-        if pg is not c10d.GroupMember.WORLD:
-            dist.destroy_process_group(pg)
-
-
-def _measure(cfg: RunConfig, warmup: int, steps: int) -> dict[str, Any]:
-    """This rank's step times and measured memory for cfg.plan (run inside the world)."""
-    grid = Grid.build(cfg.plan, dist.get_rank(), dist.get_world_size())
-    t = trainer.Trainer(cfg, grid, torch.device("cpu"))
-    times, mem = [], None
-    try:
-        for step in range(warmup + steps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            t.step(step)
-            dt = time.perf_counter() - t0
-            if step == 0:
-                mem = t.measured_memory()
-            if step >= warmup:
-                times.append(dt)
-    finally:
-        t.dp.remove()
-    return {"times": times, "memory": mem}
-
-
-def _worker(rank: int, port: int, cfg: RunConfig, plans: list[dict], warmup: int, steps: int, out: Any) -> None:
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=cfg.launch.timeout_s))
-    for i, p in enumerate(plans):
-        t0 = time.perf_counter()
-        try:
-            r = _measure(replace(cfg, plan=Plan.from_dict(p)), warmup, steps)
-        except Exception as e:  # noqa: BLE001 - report the plan as failed and go on with the next
-            r = {"error": f"{type(e).__name__}: {e}"[:300]}
-        # the plan's grid and trainer are unreachable now: free its groups (each gloo group runs
-        # threads, which would pile up over a hundred plans and load the machine)
-        _destroy_subgroups()
-        gc.collect()
-        out.put((i, rank, r, time.perf_counter() - t0))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def run_plans(cfg: RunConfig, plans: list[Plan], warmup: int, steps: int, save: Any) -> list[dict[str, Any]]:
-    """Measure every plan in one 8-rank world; per plan: step time (median over steps of the
-    slowest rank) and memory (the rank with the most model states + activations). `save(results)`
-    is called after each plan (a long run interrupted keeps what it measured)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    procs = mp.spawn(_worker, args=(port, cfg, [p.to_dict() for p in plans], warmup, steps, out),
-                     nprocs=WORLD, join=False)
-    per_plan: dict[int, dict[int, Any]] = {}
-    results = []
-    done = 0
-    while done < len(plans):
-        i, rank, r, wall = out.get()
-        per_plan.setdefault(i, {})[rank] = r
-        if len(per_plan[i]) < WORLD:
-            continue
-        done += 1
-        ranks = per_plan.pop(i)
-        errors = [r["error"] for r in ranks.values() if "error" in r]
-        if errors:
-            print(f"  [{done}/{len(plans)}] {plan_name(plans[i]):<42} FAILED {errors[0]}", flush=True)
-            continue
-        step_s = statistics.median(max(ranks[k]["times"][j] for k in ranks) for j in range(steps))
-        worst = max(ranks.values(), key=lambda r: sum(r["memory"][k] for k in MEMORY_KEYS))
-        results.append({"plan": plans[i].to_dict(), "step_time_s": step_s, "memory": worst["memory"]})
-        save(results)
-        print(f"  [{done}/{len(plans)}] {plan_name(plans[i]):<42} {step_s:7.3f} s/step  ({wall:.0f} s)", flush=True)
-    procs.join()
-    return results
 
 
 # ---- comparison ----
@@ -303,7 +190,7 @@ def report(rows: list[dict[str, Any]], verbose: bool) -> dict[str, float]:
             times = " ".join(f"{k[:-2]}={v:.3f}" for k, v in r["breakdown"].items() if v)
             print(f"    MB pred/meas: {parts}\n    s: {times}")
     rho = spearman([r["pred_s"] for r in rows], [r["meas_s"] for r in rows])
-    picked = min(rows, key=lambda r: r["pred_s"])
+    picked = predicted_best(rows)
     best = min(rows, key=lambda r: r["meas_s"])
     mem_err = sorted(abs(r["pred_mem"] / r["meas_mem"] - 1) for r in rows)
     within = sum(e <= 0.10 for e in mem_err) / len(rows)
@@ -317,9 +204,13 @@ def report(rows: list[dict[str, Any]], verbose: bool) -> dict[str, float]:
             "mem_median_err": statistics.median(mem_err), "mem_worst_err": mem_err[-1]}
 
 
+def predicted_best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(rows, key=lambda r: r["pred_s"])
+
+
 def confirm_candidates(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
     """The plans the confirmation re-measures: the predicted best, then the `top` fastest measured."""
-    picked = min(rows, key=lambda r: r["pred_s"])
+    picked = predicted_best(rows)
     out = [picked]
     for r in sorted(rows, key=lambda r: r["meas_s"])[:top]:
         if r["name"] != picked["name"]:
@@ -354,7 +245,7 @@ def confirm(cfg: RunConfig, rows: list[dict[str, Any]], rounds: int, top: int, w
 def report_confirmation(rows: list[dict[str, Any]], times: dict[str, list[float]]) -> float | None:
     """Print the confirmation's medians; the confirmed ratio, or None when the saved confirmation
     was made for another predicted-best plan (re-run it: --confirm-rounds)."""
-    picked = min(rows, key=lambda r: r["pred_s"])["name"]
+    picked = predicted_best(rows)["name"]
     if picked not in times:
         print(f"\nthe saved confirmation did not measure the current predicted best ({picked}): re-run it")
         return None

@@ -121,3 +121,19 @@ class Grid:
 
     def is_last_stage(self) -> bool:
         return self.axis("pp").coord == self.plan.pp - 1
+
+
+def free_groups() -> None:
+    """Destroy every process group but the default one and collect them at once. For long-lived
+    processes that build many grids (test worker pools, the validation benchmark): each gloo
+    group holds threads, and groups left to reference cycles keep them alive, slowing every later
+    step."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in list(c10d._world.pg_map):
+        if pg is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(pg)
+    gc.collect()

@@ -8,7 +8,6 @@ A pool that failed or timed out is torn down so the next test gets a fresh one.
 """
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import os
 import queue
@@ -16,6 +15,8 @@ import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
+
+from launch.grid import free_groups
 
 
 def _free_port() -> int:
@@ -40,20 +41,8 @@ def _worker(rank: int, world: int, port: int, tasks: Any, results: Any, timeout_
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((rank, False, traceback.format_exc()))
-        _destroy_subgroups()
-        gc.collect()  # the task's groups are unreachable now: free them (and their gloo threads) at once
+        free_groups()  # the task's groups are unreachable now: free them (and their gloo threads) at once
     dist.destroy_process_group()
-
-
-def _destroy_subgroups() -> None:
-    """Free the groups a task created (each gloo group holds threads; a long-lived pool would
-    otherwise pile up hundreds of them and load the machine)."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
-    for pg in list(c10d._world.pg_map):
-        if pg is not c10d.GroupMember.WORLD:
-            dist.destroy_process_group(pg)
 
 
 class WorkerPool:
