@@ -13,7 +13,7 @@ Collectives are timed as training sees them: every rank is in a group of that si
 run at once, and each call follows a short GEMM; the time a call adds to the GEMM loop is its
 cost. When there are more ranks than cores this includes waiting for a descheduled peer, which
 dominates small messages (an idle-machine ping-pong would under-state it several times). alpha
-and beta are fitted by least squares to the ring formulas (DESIGN.md section 4), per collective
+and beta are fitted by least squares to the ring formulas (docs/architecture.md, Formulas), per collective
 and group size (recorded as comments) and jointly (the values the model uses). Writes
 configs/cluster/local-cpu.yaml. Takes about a minute on an idle machine; longer when the cores
 are busy.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import statistics
 import time
 import warnings
@@ -30,9 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from axon.model import Block, rope_tables
+from launch.local import spawn
 from perfmodel.estimate import block_compute
 from perfmodel.specs import Cluster, ModelSpec, Plan
 
@@ -43,12 +42,6 @@ GEMM_REPEATS = 5
 REPEATS = 3
 BLOCK_BATCHES, BLOCK_CALLS = (1, 4), 3  # sequences per timed Block call, calls per sample
 LOAD_DIM, LOAD_CALLS = 256, 8  # GEMM before each timed collective call (~10 ms with every rank busy), calls per sample
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(fn, repeats: int = REPEATS) -> float:
@@ -127,10 +120,10 @@ def _p2p_time(peer: int, size: int, a: torch.Tensor, base: float) -> float:
     return max(_timed(lambda: [(a @ a, exchange()) for _ in range(LOAD_CALLS)]) / LOAD_CALLS - base, 0.0)
 
 
-def _worker(rank: int, world: int, port: int, queue, spec: ModelSpec, seq: int) -> None:
+def _worker(spec: ModelSpec, seq: int) -> dict:
+    """This rank's measurements (run by launch.local.spawn on every rank)."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # *_into_tensor names are being renamed
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rank, world = dist.get_rank(), dist.get_world_size()
     out: dict = {"gemm": _gemm_rates(), "block": _block_times(spec, seq)}
     buf = torch.empty(8 * 2**20 // 4)
     out["copy"] = 2 * buf.numel() * 4 / _timed(lambda: buf.clone())
@@ -161,9 +154,7 @@ def _worker(rank: int, world: int, port: int, queue, spec: ModelSpec, seq: int) 
                 coll.append((kind, g, size, max(t, 0.0)))
     out["collectives"] = coll
     out["p2p"] = {size: _p2p_time(rank ^ 1, size, a, base) for size in SIZES}  # pairs exchange, all at once
-    queue.put((rank, out))
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 def _fit(samples: list[tuple[str, int, int, float]]) -> tuple[float, float]:
@@ -190,11 +181,7 @@ def _fit(samples: list[tuple[str, int, int, float]]) -> tuple[float, float]:
 
 def measure(ranks: int, spec: ModelSpec, seq: int) -> dict:
     """Run the workers and gather rank 0's collective timings and every rank's GEMM rate and Block time."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = mp.spawn(_worker, args=(ranks, _free_port(), queue, spec, seq), nprocs=ranks, join=False)
-    results = dict(queue.get() for _ in range(ranks))
-    procs.join()
+    results = dict(enumerate(spawn(ranks, _worker, spec, seq)))
     return {"gemm": {n: min(r["gemm"][n] for r in results.values()) for n in GEMM_DIMS},
             "copy": min(r["copy"] for r in results.values()),
             "block": {b: max(r["block"][b] for r in results.values()) for b in BLOCK_BATCHES},

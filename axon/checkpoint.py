@@ -3,9 +3,10 @@
 Layout: `<run_dir>/checkpoints/step_00000042/` holding DCP shards, `axon.json` (step, sampler
 state, model shape, layout) and `rng/rank<N>.pt`. Every rank writes into a temporary directory
 that rank 0 renames into place only after all ranks finished, so a crash mid-save leaves the
-previous checkpoint intact. State is keyed by layout-independent parameter names; sharded
-parameters are presented as DTensors by their mechanism so DCP reshards on load, so a
-checkpoint written under one layout resumes under another.
+previous checkpoint intact. State is keyed by layout-independent parameter names, as the
+gradient engine presents it (`GradEngine.state_dict`: sharded tensors as DTensors or
+ShardedTensors of the full tensor), so DCP reshards on load and a checkpoint written under one
+layout resumes under another.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,21 +59,6 @@ def resolve(resume: str, root: Path) -> Optional[Path]:
         raise CheckpointError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no {META}); "
                               f"point it at a step_* directory or use checkpoint.resume=auto|never")
     return path
-
-
-def optimizer_state(named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    wrap: Callable[[str, torch.Tensor], Any]) -> dict[str, Any]:
-    """Adam state keyed `<param>.<exp_avg|exp_avg_sq|step>`, creating zero state if none yet."""
-    out: dict[str, Any] = {}
-    for name, p in named.items():
-        st = optimizer.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for key, value in st.items():
-            out[f"{name}.{key}"] = wrap(name, value) if value.dim() > 0 else value
-    return out
 
 
 def save(root: Path, step: int, model_state: dict[str, Any], optim_state: dict[str, Any],

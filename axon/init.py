@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from parallel.layout import ParamLayout
 from parallel.shard import Shard
 from perfmodel.specs import ModelSpec
 
@@ -60,17 +61,19 @@ def param_std(spec: ModelSpec, name: str) -> Optional[float]:
 
 
 def materialize(model: nn.Module, spec: ModelSpec, seed: int, device: torch.device,
-                shards: Mapping[str, Shard] = {}, full_shapes: Mapping[str, tuple[int, ...]] = {}) -> None:
+                layouts: Optional[Mapping[str, ParamLayout]] = None) -> None:
     """Allocate a meta-device model on `device` and fill each parameter with its shard's values.
 
-    `shards` / `full_shapes` come from the parallel mechanisms (keyed by the parameter's
-    layout-independent name); parameters not listed are whole.
+    `layouts` come from the parallel mechanisms (keyed by the parameter's layout-independent
+    name: the full shape and this rank's `shard` of it); parameters not listed are whole.
     """
+    layouts = layouts or {}
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            shard = shards.get(name, Shard())
-            shape = tuple(full_shapes.get(name, tuple(p.shape)))
+            layout = layouts.get(name)
+            shard = layout.shard if layout is not None else Shard()
+            shape = layout.full_shape if layout is not None else tuple(p.shape)
             std = param_std(spec, name)
             if std is None:
                 fill = 0.0 if name.endswith("bias") else 1.0

@@ -38,18 +38,11 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int] | None 
 
 
 def model_state_bytes(roles: Mapping[str, list[torch.Tensor]]) -> dict[str, int]:
-    """{role: bytes} for tensors grouped by role ("params", "grads", "optimizer", "host"), each
-    storage counted once, under the first role that names it."""
+    """{role: bytes} for tensors grouped by role ("params", "grads", "optimizer", "host"; a
+    gradient engine's `state_tensors()`), each storage counted once, under the first role that
+    names it."""
     seen: set[int] = set()
     return {role: storage_bytes(tensors, seen) for role, tensors in roles.items()}
-
-
-def data_parallel_roles(model: nn.Module, dp: Any, optimizer: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
-    """Roles of the plain data-parallel path: parameters, DataParallel's flat gradient buckets,
-    torch.optim state tensors."""
-    states = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    return {"params": list(model.parameters()), "grads": [b.buffer for b in dp.buckets], "optimizer": states,
-            "host": []}
 
 
 def _is_param(t: torch.Tensor) -> bool:

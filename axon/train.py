@@ -25,51 +25,26 @@ from axon.config import RunConfig, freeze, load
 from launch import dist as launch_dist
 from launch.env import LaunchEnvError, detect
 from launch.grid import Grid
-from parallel import pipeline, tensor
+from perfmodel import rules
 from perfmodel.specs import PlanError
 
 
-AUTO_CANDIDATES = 200  # the search's best plans considered by parallel=auto
-
-
-def check_runnable(spec: Any, plan: Any) -> None:
-    """The runtime's own checks beyond `Plan.check` (pipeline split and schedule, tensor-parallel
-    shapes); raise PlanError naming the setting. Pure: runs before any process group exists."""
-    pipeline.check(spec, plan)
-    if plan.tp > 1:
-        tensor.check(spec, plan)
-
-
-def _runnable(spec: Any, plan: Any) -> bool:
-    """Whether the runtime accepts `plan` (the search prices some layouts the runtime rejects)."""
-    try:
-        check_runnable(spec, plan)
-    except PlanError:
-        return False
-    return True
-
-
 def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig, dict[str, Any]]:
-    """The layout to run (the performance model's pick for `parallel=auto`), checked."""
+    """The layout to run (the performance model's pick for `parallel=auto`), checked against
+    every rule of perfmodel/rules.py; pure, so it runs before any process group exists."""
     info: dict[str, Any] = {"auto": False}
     if cfg.auto_plan:
-        from perfmodel.search import parse_constraints, search
+        from perfmodel.search import best_plan, parse_constraints
 
-        ranked = search(cfg.model, cfg.cluster, world, parse_constraints(argv), cfg.train.global_batch_size,
-                        cfg.train.seq_len, top=AUTO_CANDIDATES).estimates
-        runnable = [e for e in ranked if _runnable(cfg.model, e.plan)]
-        if not runnable:
-            raise PlanError(f"parallel=auto found no runnable layout of {world} ranks that fits "
-                            f"(cluster={cfg.cluster.name}); relax the parallel.* constraints, lower "
-                            f"train.seq_len or the batch, or use more ranks")
-        cfg = replace(cfg, plan=runnable[0].plan)
-        info = {"auto": True, "estimate": runnable[0].to_dict()}
-    cfg.plan.check(cfg.model, world, cfg.train.global_batch_size, cfg.train.seq_len)
-    check_runnable(cfg.model, cfg.plan)
+        plan, est = best_plan(cfg.model, cfg.cluster, world, parse_constraints(argv), cfg.train.global_batch_size,
+                              cfg.train.seq_len)
+        cfg = replace(cfg, plan=plan)
+        info = {"auto": True, "estimate": est.to_dict()}
+    rules.check(cfg.model, cfg.plan, world, cfg.train.global_batch_size, cfg.train.seq_len)
     if not cfg.auto_plan:
-        from perfmodel.estimate import estimate
+        from perfmodel.estimate import evaluate
 
-        info["estimate"] = estimate(cfg.model, cfg.plan, cfg.cluster, cfg.train.global_batch_size,
+        info["estimate"] = evaluate(cfg.model, cfg.plan, cfg.cluster, cfg.train.global_batch_size,
                                     cfg.train.seq_len).to_dict()
     return cfg, info
 

@@ -2,10 +2,11 @@
 
     result = run(cfg, grid, device)      # torch.distributed already initialized
 
-Order (DESIGN.md section 3): model on the meta device -> parallel mechanisms (by data, from
-outside the model) -> materialize this rank's shards -> data-parallel wrapper -> optimizer.
-Every step: microbatches (forward, loss / global tokens, backward; gradients reduced in
-overlapped buckets on the last one) -> global-norm clip -> AdamW -> metrics -> checkpoint.
+Order (docs/architecture.md, "One training step"): model on the meta device -> parallel mechanisms (by data, from
+outside the model) -> materialize this rank's shards -> gradient engine (parallel/grad_engine.py:
+data parallelism or ZeRO, each with its AdamW). Every step: microbatches (forward, loss / global
+tokens, backward; the engine reduces gradients overlapped with backward) -> global-norm clip ->
+AdamW -> metrics -> checkpoint.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from axon import checkpoint as ckpt
 from axon.config import RunConfig
@@ -27,10 +27,10 @@ from axon.init import materialize
 from axon import memory
 from axon.metrics import Reporter, peak_memory_bytes, write_json_atomic, write_run_files
 from axon.model import GPT
-from axon.optim import build_optimizer, clip_, global_grad_norm, lr_at, set_lr
+from axon.optim import lr_at
 from launch.grid import Grid
-from parallel import context, pipeline, recompute, tensor, zero
-from parallel.data import DataParallel
+from parallel import grad_engine, layout, pipeline, recompute
+from parallel.parallelize import parallelize
 from perfmodel.flops import mfu, n_params
 from perfmodel.specs import PlanError
 
@@ -50,35 +50,25 @@ class Trainer:
         self.cfg, self.grid, self.device = cfg, grid, device
         plan, spec = cfg.plan, cfg.model
         torch.manual_seed(cfg.train.seed)
-        # this rank's pipeline chunks on the meta device; parallelism applied from outside, by
-        # data (TP per chunk, CP swaps attention cores); then only this rank's shards materialize
+        # this rank's pipeline chunks on the meta device (in chunk order); each parallelized in
+        # one order (parallel/parallelize.py: TP -> CP -> recompute, the recomputed Blocks counted
+        # per stage); then only this rank's shards materialize, read off the layouts
         self.pipe = pipeline.apply(spec, plan, grid, lambda ids, emb, head: GPT(spec, ids, emb, head),
                                    cfg.train.seq_len, timeout_s=cfg.launch.timeout_s)
         chunks = list(self.pipe.chunks.values())
-        self.tps = [tensor.apply(chunk, spec, plan, grid) for chunk in chunks] if plan.tp > 1 else []
-        self.cp = [context.apply(chunk, spec, plan, grid) for chunk in chunks][0]
-        for i, chunk in enumerate(chunks):
-            recompute.apply(chunk, plan, self.pipe.recompute_meter)
-            tp = self.tps[i] if self.tps else None
-            materialize(chunk, spec, cfg.train.seed, device, shards=tp.shards if tp else {},
-                        full_shapes=tp.full_shapes if tp else {})
-        self.named = self.pipe.named_parameters()
-        self.tp_of = {name: tp for tp in self.tps for name in tp.shards}
-        self.loss_fn = self.tps[-1].loss_fn if self.tps else _cross_entropy_sum
+        ks = recompute.per_chunk([len(chunk.layers) for chunk in chunks], plan.recompute_layers)
+        self.parts = [parallelize(chunk, spec, plan, grid, k, self.pipe.recompute_meter)
+                      for chunk, k in zip(chunks, ks)]
+        for chunk, part in zip(chunks, self.parts):
+            materialize(chunk, spec, cfg.train.seed, device, part.layouts)
+        self.named = self.pipe.named_parameters()  # this rank's parameters by name
+        self.layouts = layout.complete(layout.merge(*(part.layouts for part in self.parts)), self.named)
+        self.cp = self.parts[0].context
+        self.loss_fn = self.parts[-1].loss_fn  # used on the last chunk (it holds the head)
         self.data_group = grid.group("dp", "cp", "tp_depth")
-        self.norm_weights = {name: self._pieces(name) / plan.tp for name in self.named}
-        # gradient reduction + optimizer: the ZeRO engine (stages 1-3, optimizer offload) or
-        # bucketed data parallelism + AdamW; both expose zero_grad / sync / finish / remove
-        self.engine = zero.apply(chunks, plan, grid, cfg.optim, self.tps) \
-            if plan.zero > 0 or plan.offload.optimizer else None
-        if self.engine is not None:
-            self.dp, self.optimizer = self.engine, None
-        else:
-            self.dp = DataParallel(self._reduction_groups(), bucket_mb=plan.bucket_mb,
-                                   overlap=plan.overlap_grad_reduce)
-            full_dims = {self.named[name]: len(shape) for tp in self.tps for name, shape in tp.full_shapes.items()
-                         if name in self.named}
-            self.optimizer = build_optimizer(torch.nn.ModuleList(chunks), cfg.optim, cfg.train.lr, full_dims)
+        # gradient reduction, norm, clip and AdamW: ZeRO (stages 1-3, optimizer offload) or
+        # bucketed data parallelism, by the plan (parallel/grad_engine.py)
+        self.engine = grad_engine.build(chunks, self.named, self.layouts, plan, grid, cfg.optim)
         dataset = open_dataset(cfg.data, vocab_size=spec.vocab_size)
         self.train_data = dataset.split("train")
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size,
@@ -87,31 +77,11 @@ class Trainer:
         self.autocast = _autocast(cfg.train.dtype, device)
         self._memory_tracked = False
 
-    def _reduction_groups(self) -> list[tuple[list[torch.nn.Parameter], Any, int]]:
-        """Parameters grouped by the grid axes their gradients are summed over."""
-        by_axes: dict[tuple[str, ...], list[torch.nn.Parameter]] = {}
-        for name, p in self.named.items():
-            tp = self.tp_of.get(name)
-            axes = tp.grad_axes[name] if tp else ("dp", "cp")
-            by_axes.setdefault(tuple(axes), []).append(p)
-        return [(params, self.grid.group(*axes).group, self.grid.group(*axes).size)
-                for axes, params in by_axes.items()]
-
-    def _pieces(self, name: str) -> int:
-        """How many distinct pieces of parameter `name` the tensor-parallel group holds."""
-        tp = self.tp_of.get(name)
-        if tp is None or name not in tp.splits:
-            return 1
-        n = 1
-        for axis in tp.splits[name]:
-            n *= self.grid.axis(axis).size if axis else 1
-        if tp.shards[name].flat is not None:
-            n *= self.grid.axis("tp_depth").size
-        return n
-
-    def _wrap(self, name: str, local: torch.Tensor) -> Any:
-        tp = self.tp_of.get(name)
-        return tp.to_checkpoint(name, local) if tp else local
+    def weights_changed(self) -> None:
+        """The parameters changed outside autograd (an optimizer step, a checkpoint load): drop
+        what the mechanisms derived from their old values (gathered tensor-parallel weights)."""
+        for part in self.parts:
+            part.weights_changed()
 
     # ---- one optimizer step ----
     def step(self, step: int) -> dict[str, float]:
@@ -121,24 +91,17 @@ class Trainer:
         lr = lr_at(step, cfg.train.lr, cfg.optim, cfg.train.steps)
         local = self.sampler.local_batch(self.train_data, step, self.shard, plan.data_shards)  # [G/shards, S+1]
         micro = local.split(plan.micro_batch_size)  # m x [mbs, S+1]
-        self.dp.zero_grad()
+        self.engine.zero_grad()
         # [mbs, S/cp] inputs and targets, global positions [S/cp], per microbatch
         batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
-        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.dp, self.autocast,
+        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.engine, self.autocast,
                                   track_memory=not self._memory_tracked)
         self._memory_tracked = True  # the first step measures activations (plan.json); the rest skip the hooks
-        self.dp.finish()
-        pp_group = _group_or_none(self.grid.axis("pp"))
-        if self.engine is not None:
-            norm = self.engine.grad_norm(pp_group)
-            self.engine.clip(norm, cfg.optim.grad_clip)
-            self.engine.step(lr)
-        else:
-            norm = global_grad_norm(self.named, self.norm_weights,
-                                    _group_or_none(self.grid.group("tp_col", "tp_row", "tp_depth")), pp_group)
-            clip_(list(self.named.values()), norm, cfg.optim.grad_clip)
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
+        self.engine.finish()
+        norm = self.engine.grad_norm(_group_or_none(self.grid.axis("pp")))
+        self.engine.clip(norm, cfg.optim.grad_clip)
+        self.engine.step(lr)
+        self.weights_changed()
         for group in (self.grid.axis("pp"), self.data_group):  # the last stage holds the loss
             if group.size > 1:
                 dist.all_reduce(loss_sum, group=group.group)
@@ -147,20 +110,10 @@ class Trainer:
     # ---- checkpoints ----
     def measured_memory(self) -> dict[str, int]:
         """Bytes per rank of model states (by role) and the last step's peak saved activations."""
-        if self.engine is not None:
-            roles = self.engine.state_tensors()
-        else:
-            roles = memory.data_parallel_roles(torch.nn.ModuleList(self.pipe.chunks.values()), self.dp, self.optimizer)
-        return memory.measured(roles, self.pipe.last_memory.peak_device_bytes)
-
-    def _states(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        if self.engine is not None:
-            return self.engine.checkpoint_state()
-        model_state = {name: self._wrap(name, p.data) for name, p in self.named.items()}
-        return model_state, ckpt.optimizer_state(self.named, self.optimizer, self._wrap)
+        return memory.measured(self.engine.state_tensors(), self.pipe.last_memory.peak_device_bytes)
 
     def save(self, step: int) -> Path:
-        model_state, optim_state = self._states()
+        model_state, optim_state = self.engine.state_dict()
         meta = ckpt.plan_meta(self.cfg.model, self.cfg.plan, self.sampler.state_dict())
         return ckpt.save(self.cfg.run_dir / "checkpoints", step, model_state, optim_state, meta,
                          self.cfg.checkpoint.keep)
@@ -172,10 +125,10 @@ class Trainer:
         meta = ckpt.read_meta(path)
         ckpt.check_compatible(meta, self.cfg.model, path)
         self.sampler.load_state_dict(meta["sampler"])
-        model_state, optim_state = self._states()
+        model_state, optim_state = self.engine.state_dict()
         ckpt.load(path, model_state, optim_state)
-        if self.engine is not None:
-            self.engine.after_load()
+        self.engine.after_load()
+        self.weights_changed()
         return int(meta["step"])
 
 
@@ -222,7 +175,7 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
         if not result.preempted and cfg.checkpoint.at_end and step > start:
             result.final_checkpoint = trainer.save(step)
     finally:
-        trainer.dp.remove()
+        trainer.engine.remove()
         if reporter is not None:
             reporter.close()
     return result
@@ -241,11 +194,6 @@ def _record_memory(path: Path, info: dict[str, Any], measured: dict[str, int]) -
     predicted = (info.get("estimate") or {}).get("memory", {})
     info["memory"] = {"measured": measured, "predicted": predicted}
     write_json_atomic(path, info)
-
-
-def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies: logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def _group_or_none(axis: Any) -> Any:

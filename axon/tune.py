@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from axon.config import freeze, load
+from axon.config import ConfigError, freeze, load
 from perfmodel.estimate import Estimate, estimate
 from perfmodel.search import parse_constraints, search
 from perfmodel.specs import AXES, Plan, PlanError
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
             print(f"wrote {calibrate(cfg.model, cfg.train.seq_len, cfg.cluster.gpus_per_node)}")
             return 0
         return _tune(args, overrides)
-    except PlanError as e:
+    except (PlanError, ConfigError) as e:
         print(f"axon tune: {e}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,7 +36,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from axon.model import build
-from launch.dist import free_port
+from launch.local import free_port, init_local
 from parallel import ring_attention
 from parallel.context import RingCore, zigzag_positions
 from parallel.ring_attention import Ring, RingAttention
@@ -127,9 +126,7 @@ def _median_time(fn, trials: int) -> float:
 
 def _overlap_worker(rank: int, cp: int, port: int, seq: int, heads: int, head_dim: int, trials: int,
                     results: "mp.Queue") -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cp,
-                            timeout=timedelta(seconds=300))
+    init_local(rank, cp, port, timeout_s=300)
     ring, local = Ring(cp, rank, tuple(range(cp)), None), LocalRing(cp, rank)
     g = torch.Generator().manual_seed(rank)
     q, k, v, dout = (torch.randn(1, seq // cp, heads, head_dim, generator=g) for _ in range(4))
@@ -160,7 +157,7 @@ def _overlap_worker(rank: int, cp: int, port: int, seq: int, heads: int, head_di
 def overlap_row(cp: int, seq: int, heads: int, head_dim: int, trials: int) -> str:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port("127.0.0.1")
+    port = free_port()
     procs = [ctx.Process(target=_overlap_worker, args=(r, cp, port, seq, heads, head_dim, trials, results))
              for r in range(cp)]
     for p in procs:

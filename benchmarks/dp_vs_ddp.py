@@ -35,28 +35,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import socket
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from axon.config import Optim
 from axon.init import materialize
 from axon.model import build
-from axon.optim import build_optimizer
+from launch.local import spawn
 from parallel.data import DataParallel
+from parallel.data_engine import adamw
 from perfmodel.flops import n_params
-from perfmodel.specs import ModelSpec
+from perfmodel.specs import ModelSpec, Optim
 
 DDP_DEFAULT_MB = 25.0  # DistributedDataParallel's bucket_cap_mb when left as None
 OPTIM = Optim(name="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=0.0,
@@ -119,7 +115,7 @@ class Ours:
         self.model = model
         self.dp = DataParallel([(list(self.model.parameters()), dist.group.WORLD, b.world)], bucket_mb=bucket_mb,
                                overlap=overlap)
-        self.opt = build_optimizer(self.model, OPTIM, b.lr)
+        self.opt = adamw(dict(self.model.named_parameters()), OPTIM, b.lr)
         self.global_tokens = b.world * b.local_tokens
 
     def step(self, batch: torch.Tensor) -> Timing:
@@ -143,7 +139,7 @@ class Ours:
 class Ddp:
     def __init__(self, b: Bench, model: torch.nn.Module, bucket_mb: float):
         self.ddp = DistributedDataParallel(model, bucket_cap_mb=None if bucket_mb == DDP_DEFAULT_MB else bucket_mb)
-        self.opt = build_optimizer(model, OPTIM, b.lr)
+        self.opt = adamw(dict(model.named_parameters()), OPTIM, b.lr)
         self.local_tokens = b.local_tokens
 
     def step(self, batch: torch.Tensor) -> Timing:
@@ -193,8 +189,9 @@ def _grad_rel_diff(a: list[torch.Tensor], c: list[torch.Tensor]) -> float:
     return out.item()
 
 
-def run_rank(rank: int, b: Bench) -> dict[str, Any]:
+def run_rank(b: Bench) -> dict[str, Any]:
     """All trials on this rank; returns every rank's timings (gathered) and the sanity checks."""
+    rank = dist.get_rank()
     base = _model(b)  # materialized once; every variant trains its own copy of the same weights
     variants: dict[str, Any] = {}
     for mb in b.bucket_mb:
@@ -233,31 +230,6 @@ def run_rank(rank: int, b: Bench) -> dict[str, Any]:
 def _ddp_bucket_count(ddp: DistributedDataParallel) -> int:
     """Buckets after DDP's rebuild in backward order (done on its second iteration)."""
     return len(ddp.reducer._get_zeros_like_grad_buckets())
-
-
-def _worker(rank: int, b: Bench, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=b.world,
-                            timeout=timedelta(seconds=300))
-    try:
-        result = run_rank(rank, b)
-        if rank == 0:
-            Path(out).write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(b: Bench) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.json")
-        mp.spawn(_worker, args=(b, _free_port(), out), nprocs=b.world, join=True)
-        return json.loads(Path(out).read_text())
 
 
 # ---- reading the results (parent process) ----
@@ -386,7 +358,7 @@ def main() -> None:
     for world in args.ranks:
         b = Bench(spec, world, tuple(args.bucket_mb), args.seq_len, args.micro_batch, args.warmup, args.trials)
         start = time.perf_counter()
-        result = spawn(b)
+        result = spawn(b.world, run_rank, b, timeout_s=300)[0]
         rows += report(b, result)
         phase_rows += phases(b, result)
         checks += [f"{world} ranks, {line}" for line in sanity(b, result)]

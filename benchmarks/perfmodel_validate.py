@@ -18,14 +18,8 @@ world, interleaved over three rounds (A B C D A B C D ...), five timed steps eac
 fastest plan is the minimum of ~100 noisy single measurements (biased low); the paired,
 repeated re-measurement is what "the predicted best within 10% of the measured best" is judged on.
 
-Plans (see `variants`): every factorisation of 8 into dp x pp x cp x tp_col x tp_row x tp_depth
-that the model, the batch and this build allow, each with 1F1B, one microbatch per stage, no
-ZeRO, no recomputation; with tp_col > 1 also sequence parallelism, with cp > 1 also Ulysses.
-The four pure data x pipeline layouts also run at micro-batch 1 and 2, with ZeRO 1-3, full and
-selective recomputation and every other schedule (GPipe, zbh1; with an even number of layers
-per stage interleaved, zbv, vhalf, vmin with 2 chunks). Variants the checks reject are skipped.
-Last, the plans `axon tune` ranks highest (the search's best plan for each of its ten best
-layouts, over every knob it searches), so the plan the search would pick is always measured.
+Plans and scores: perfmodel/validation.py (every runnable layout of 8 ranks with the knobs worth
+trying, and the plans `axon tune` ranks highest).
 
 Memory compared: model states + peak saved activations on the most loaded rank, i.e. plan.json's
 `memory.measured` (params + grads + optimizer + activations: unique storages of the parameters,
@@ -36,7 +30,6 @@ Gathered-weight buffers and runtime overhead are not measured, so not compared.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -49,16 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from axon.config import RunConfig, freeze, load  # noqa: E402
-from axon.train import check_runnable  # noqa: E402
 from benchmarks.perfmodel_world import MEMORY_KEYS, WORLD, plan_name, run_plans  # noqa: E402
 from perfmodel.estimate import estimate  # noqa: E402
-from perfmodel.search import search  # noqa: E402
-from perfmodel.specs import AXES, Plan, PlanError  # noqa: E402
+from perfmodel.specs import Plan  # noqa: E402
+from perfmodel.validation import (Sweep, candidate_plans, confirm_candidates, confirmed_ratio,  # noqa: E402
+                                  headline, predicted_best)
 
-SEARCH_TOP = 10  # the search's picks added to the plan set
 FIGURES = ROOT / "benchmarks" / "figures"
-QUICK = ({"dp": 8}, {"pp": 2, "dp": 4}, {"tp_col": 2, "dp": 4}, {"cp": 2, "dp": 4}, {"pp": 8},
-         {"tp_col": 2, "tp_row": 2, "tp_depth": 2})
 
 
 def base_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -66,105 +56,12 @@ def base_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                         "checkpoint.at_end=false", f"run.dir={run_dir}", *overrides]))
 
 
-def why_not(cfg: RunConfig, plan: Plan) -> str | None:
-    """None when this build runs `plan`, else the reason (the checks `axon train` makes)."""
-    try:
-        plan.check(cfg.model, WORLD, cfg.train.global_batch_size, cfg.train.seq_len)
-        check_runnable(cfg.model, plan)
-        estimate(cfg.model, plan, cfg.cluster, cfg.train.global_batch_size, cfg.train.seq_len)
-    except PlanError as e:
-        return str(e)
-    return None
-
-
-def layouts(world: int) -> list[dict[str, int]]:
-    """Every assignment of degrees to the six axes whose product is `world`."""
-    divs = [d for d in range(1, world + 1) if world % d == 0]
-    out = []
-    for degs in itertools.product(divs, repeat=len(AXES)):
-        if _prod(degs) == world:
-            out.append(dict(zip(AXES, degs)))
-    return out
-
-
-def _prod(xs: Any) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
-
-
-def variants(deg: dict[str, int], n_layers: int, global_batch_size: int) -> list[Plan]:
-    """The plans tried for one layout (invalid or unbuilt ones are filtered later). First the
-    layout with one microbatch per pipeline stage (mbs = batch / (data shards x pp): the fewest
-    latency-bound collectives), then, for tensor / context layouts, sequence parallelism and
-    Ulysses; for pure data x pipeline layouts (cheap to run) every other knob at mbs 1:
-    mbs 2, the other schedules, ZeRO 1-3 (dp > 1), full and selective recomputation."""
-    base = Plan(**deg)
-    out = [base.replace(micro_batch_size=max(1, global_batch_size // (base.data_shards * base.pp)))]
-    if base.tp > 1 or base.cp > 1:
-        if base.tp_col > 1:
-            out.append(out[0].replace(sequence_parallel=True))
-        if base.cp > 1:
-            out.append(out[0].replace(cp_mode="ulysses"))
-        return out
-    out += [base, base.replace(micro_batch_size=2), base.replace(recompute="full"),
-            base.replace(recompute="selective")]
-    if base.dp > 1:
-        out += [base.replace(zero=z) for z in (1, 2, 3)]
-    if base.pp > 1:
-        out += [base.replace(schedule="gpipe"), base.replace(schedule="zbh1")]
-        if (n_layers // base.pp) % 2 == 0:
-            out += [base.replace(schedule=s, virtual_stages=2) for s in ("interleaved", "zbv", "vhalf", "vmin")]
-    return out
-
-
-def candidate_plans(cfg: RunConfig, quick: bool) -> tuple[list[Plan], int]:
-    """(runnable plans, plans rejected by the checks)."""
-    degs = [{**{a: 1 for a in AXES}, **q} for q in QUICK] if quick else layouts(WORLD)
-    seen, plans, rejected = set(), [], 0
-    for deg in degs:
-        tried = variants(deg, cfg.model.n_layers, cfg.train.global_batch_size)
-        for plan in (tried[:2] if quick else tried):
-            if plan in seen:
-                continue
-            seen.add(plan)
-            if why_not(cfg, plan) is None:
-                plans.append(plan)
-            else:
-                rejected += 1
-    if not quick:  # and what `axon tune` would pick: the search's best plan of each of its top layouts
-        found = search(cfg.model, cfg.cluster, WORLD, None, cfg.train.global_batch_size, cfg.train.seq_len,
-                       top=SEARCH_TOP)
-        for plan in (e.plan for e in found.estimates):
-            if plan not in seen and why_not(cfg, plan) is None:
-                seen.add(plan)
-                plans.append(plan)
-    return plans, rejected
+def sweep(cfg: RunConfig) -> Sweep:
+    """The validation's setting: cfg's model and batch on WORLD ranks."""
+    return Sweep(cfg.model, cfg.cluster, WORLD, cfg.train.global_batch_size, cfg.train.seq_len)
 
 
 # ---- comparison ----
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):  # ties share their average rank
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2
-        i = j + 1
-    return r
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-
-
 def score(cfg: RunConfig, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each measurement beside the current model's prediction."""
     rows = []
@@ -189,41 +86,16 @@ def report(rows: list[dict[str, Any]], verbose: bool) -> dict[str, float]:
             parts = " ".join(f"{k}={r['pred_parts'][k] / 1e6:.2f}/{r['meas_parts'][k] / 1e6:.2f}" for k in MEMORY_KEYS)
             times = " ".join(f"{k[:-2]}={v:.3f}" for k, v in r["breakdown"].items() if v)
             print(f"    MB pred/meas: {parts}\n    s: {times}")
-    rho = spearman([r["pred_s"] for r in rows], [r["meas_s"] for r in rows])
+    h = headline(rows)
     picked = predicted_best(rows)
     best = min(rows, key=lambda r: r["meas_s"])
-    mem_err = sorted(abs(r["pred_mem"] / r["meas_mem"] - 1) for r in rows)
-    within = sum(e <= 0.10 for e in mem_err) / len(rows)
     print(f"\n{len(rows)} plans")
-    print(f"step-time Spearman rank correlation: {rho:.3f} (goal >= 0.8)")
+    print(f"step-time Spearman rank correlation: {h['spearman']:.3f} (goal >= 0.8)")
     print(f"predicted-best plan: {picked['name']} measured {picked['meas_s']:.3f} s; measured best: "
-          f"{best['name']} {best['meas_s']:.3f} s; ratio {picked['meas_s'] / best['meas_s']:.3f} (goal <= 1.10)")
-    print(f"peak memory per rank (model states + activations): {100 * within:.0f}% of plans within 10%; "
-          f"median |error| {100 * statistics.median(mem_err):.1f}%, worst {100 * mem_err[-1]:.1f}%")
-    return {"spearman": rho, "best_ratio": picked["meas_s"] / best["meas_s"], "mem_within_10pct": within,
-            "mem_median_err": statistics.median(mem_err), "mem_worst_err": mem_err[-1]}
-
-
-def predicted_best(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return min(rows, key=lambda r: r["pred_s"])
-
-
-def confirm_candidates(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
-    """The plans the confirmation re-measures: the predicted best, then the `top` fastest measured."""
-    picked = predicted_best(rows)
-    out = [picked]
-    for r in sorted(rows, key=lambda r: r["meas_s"])[:top]:
-        if r["name"] != picked["name"]:
-            out.append(r)
-    return out
-
-
-def confirmed_ratio(times: dict[str, list[float]], picked: str) -> tuple[float, str]:
-    """(median time of `picked` / the lowest median, the plan with that median) over the
-    confirmation's rounds (`times`: plan name -> one step time per round)."""
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
-    best = min(medians, key=medians.__getitem__)
-    return medians[picked] / medians[best], best
+          f"{best['name']} {best['meas_s']:.3f} s; ratio {h['best_ratio']:.3f} (goal <= 1.10)")
+    print(f"peak memory per rank (model states + activations): {100 * h['mem_within_10pct']:.0f}% of plans "
+          f"within 10%; median |error| {100 * h['mem_median_err']:.1f}%, worst {100 * h['mem_worst_err']:.1f}%")
+    return h
 
 
 def confirm(cfg: RunConfig, rows: list[dict[str, Any]], rounds: int, top: int, warmup: int, steps: int
@@ -316,7 +188,7 @@ def main() -> None:
         results, quick = saved["results"], saved["quick"]
     else:
         cfg = base_config(Path(tempfile.mkdtemp(prefix="perfmodel_validate_")), args.overrides)
-        plans, rejected = candidate_plans(cfg, args.quick)
+        plans, rejected = candidate_plans(sweep(cfg), args.quick)
         plans = [p for p in plans if plan_name(p) not in args.skip]
         kept = json.loads(args.out.read_text())["results"] if args.resume and args.out.exists() else []
         plans = [p for p in plans if p.to_dict() not in [r["plan"] for r in kept]]

@@ -4,12 +4,10 @@ after a barrier and lasting until the slowest rank finishes it), its groups free
 """
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 import warnings
 from dataclasses import replace
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -19,6 +17,7 @@ import torch.multiprocessing as mp
 from axon import trainer
 from axon.config import RunConfig
 from launch.grid import Grid, free_groups
+from launch.local import free_port, init_local
 from perfmodel.specs import AXES, Plan
 
 WORLD = 8
@@ -65,9 +64,7 @@ def _measure(cfg: RunConfig, warmup: int, steps: int) -> dict[str, Any]:
 
 def _worker(rank: int, port: int, cfg: RunConfig, plans: list[dict], warmup: int, steps: int, out: Any) -> None:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=cfg.launch.timeout_s))
+    init_local(rank, WORLD, port, cfg.launch.timeout_s)
     for i, p in enumerate(plans):
         t0 = time.perf_counter()
         try:
@@ -84,9 +81,7 @@ def run_plans(cfg: RunConfig, plans: list[Plan], warmup: int, steps: int, save: 
     """Measure every plan in one 8-rank world; per plan: step time (median over steps of the
     slowest rank) and memory (the rank with the most model states + activations). `save(results)`
     is called after each plan (a long run interrupted keeps what it measured)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     procs = mp.spawn(_worker, args=(port, cfg, [p.to_dict() for p in plans], warmup, steps, out),

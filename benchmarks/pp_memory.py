@@ -7,7 +7,7 @@ Spawns `pp` gloo ranks; each runs one training step of every schedule below and 
 bytes held by the saved-tensor hooks (plus the W stash of split backwards) on the device and the
 peak bytes offloaded to host memory (`parallel.activation_offload.ActivationStore`). The unit is
 one microbatch through one full stage, measured as the bytes one F of a middle 1F1B stage saves;
-the predicted bytes are the simulator's peak (parallel.schedule_sim, in those units) times it.
+the predicted bytes are the simulator's peak (perfmodel.schedule_sim, in those units) times it.
 The first / last chunk also hold the embedding / head-and-loss activations, so the ranks holding
 them read a little above the prediction. A second table gives the busiest rank's device peak in
 units of one microbatch through the whole model (pp units), comparable across --pp: with 1F1B it
@@ -19,10 +19,11 @@ import argparse
 
 import torch.distributed as dist
 
-from benchmarks.pp_common import NoSync, build_pipeline, loss_fn, microbatches, plan_for, spawn
+from benchmarks.pp_common import build_pipeline, loss_fn, microbatches, plan_for
 from launch.grid import Grid
-from parallel import schedules
-from parallel.schedule_sim import simulate
+from launch.local import spawn
+from perfmodel import schedules
+from perfmodel.schedule_sim import simulate
 from perfmodel.specs import ModelSpec
 
 ROWS = [("1f1b", 0.0), ("vhalf", 0.0), ("vmin", 0.0), ("zbv", 0.0), ("zbh1", 0.0),
@@ -39,7 +40,7 @@ def _rank(pp: int, m: int, seq: int, layers: int) -> list[dict]:
     grid = Grid.build(plan_for(pp, "1f1b"), dist.get_rank(), dist.get_world_size())
     for schedule, frac in [("1f1b", 0.0), ("gpipe", 0.0)] + ROWS:
         pipe = build_pipeline(spec, plan_for(pp, schedule, offload=frac), grid, seq)
-        pipe.step(microbatches(spec, m, 1, seq, 0), loss_fn, m * seq, NoSync(), track_memory=True)
+        pipe.step(microbatches(spec, m, 1, seq, 0), loss_fn, m * seq, None, track_memory=True)
         out.append({"schedule": schedule, "offload": frac, "device": pipe.last_memory.peak_device_bytes,
                     "host": pipe.last_memory.peak_host_bytes})
     return out

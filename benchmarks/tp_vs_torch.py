@@ -22,15 +22,15 @@ after warm-up, and the median of the per-trial ratio to `torch t` (paired, secon
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from launch.local import free_port, init_local
 
 SPEC = dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_ff=688, vocab_size=2048)
 SEQ, BATCH, MICRO, SEED = 256, 4, 2, 0
@@ -88,7 +88,7 @@ def _axon_variant(spec, plan_kw: dict):
     grid = Grid.build(plan, dist.get_rank(), dist.get_world_size())
     model = build(spec)
     tp = apply(model, spec, plan, grid)
-    materialize(model, spec, SEED, torch.device("cpu"), shards=tp.shards, full_shapes=tp.full_shapes)
+    materialize(model, spec, SEED, torch.device("cpu"), tp.layouts)
     z, zc = plan.tp_depth, grid.axis("tp_depth").coord
     depth_group = grid.axis("tp_depth").group
 
@@ -100,7 +100,7 @@ def _axon_variant(spec, plan_kw: dict):
             loss = tp.loss_fn(model(mb[:, :-1]), mb[:, 1:])
             (loss / n_tokens).backward()
         for name, p in model.named_parameters():  # the data-parallel wrapper's job, here over depth only
-            if "tp_depth" in tp.grad_axes[name] and z > 1:
+            if "tp_depth" in tp.layouts[name].grad_axes and z > 1:
                 dist.all_reduce(p.grad, group=depth_group)
     return model, step
 
@@ -124,9 +124,7 @@ def variants(t: int) -> list[tuple[str, dict]]:
 def _worker(rank: int, world: int, port: int, trials: int, warmup: int, queue) -> None:
     from perfmodel.specs import ModelSpec
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
+    init_local(rank, world, port)
     spec = ModelSpec(max_seq_len=SEQ, **SPEC)
     built = []
     for name, kw in variants(world):
@@ -158,9 +156,7 @@ def _worker(rank: int, world: int, port: int, trials: int, warmup: int, queue) -
 
 
 def run(world: int, trials: int, warmup: int) -> dict[str, list[float]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, trials, warmup, queue)) for r in range(world)]

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,10 +39,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from axon.memory import ActivationMeter, model_state_bytes
-from benchmarks import zero_driver as drv
 from launch.grid import Grid
+from launch.local import free_port, init_local
 from perfmodel.flops import n_params
 from perfmodel.specs import ModelSpec, Offload, Plan
+from tests.distributed import zero_driver as drv  # the ZeRO tests' driver (one copy of the step)
 
 BENCH = ModelSpec(n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_ff=688, vocab_size=256, max_seq_len=128)
 CAP_MODEL = ModelSpec(n_layers=6, d_model=384, n_heads=6, n_kv_heads=6, d_ff=1024, vocab_size=256, max_seq_len=64)
@@ -58,61 +57,8 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-class FSDP2:
-    """PyTorch FSDP2 behind the engine interface of benchmarks.zero_driver."""
-
-    def __init__(self, model: torch.nn.Module, grid: Grid):
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard
-
-        from axon.optim import build_optimizer
-
-        dpc = grid.group("dp", "cp")
-        mesh = DeviceMesh.from_group(dpc.group, "cpu")
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        for m in [*model.layers.values(), model]:  # sum, as we do (gloo has no PREMUL_SUM)
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
-        self.model = model
-        self.opt = build_optimizer(model, drv.OPTIM, drv.LR)
-        self.sync = True
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def finish(self) -> None:
-        pass  # FSDP2 waits for its reduce-scatters at the end of backward
-
-    def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
-        return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None]).full_tensor()
-
-    def clip(self, norm: torch.Tensor, max_norm: float) -> None:
-        torch.nn.utils.clip_grads_with_norm_(list(self.model.parameters()), max_norm, norm)
-
-    def step(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
-
-    def remove(self) -> None:
-        pass
-
-    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        local = [p.to_local() for p in self.model.parameters()]
-        states = [v.to_local() if hasattr(v, "to_local") else v for st in self.opt.state.values() for v in st.values()]
-        grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
-        return {"params": local, "grads": grads, "optimizer": states, "host": []}
-
-
 def setup(kind: str, plan: Plan, spec: ModelSpec) -> tuple[torch.nn.Module, Any, Grid]:
-    grid = Grid.build(plan, dist.get_rank(), dist.get_world_size())
-    model = drv.build_model(plan, spec)
-    from parallel import zero
-
-    engine = FSDP2(model, grid) if kind == "fsdp2" else zero.apply(model, plan, grid, drv.OPTIM)
-    return model, engine, grid
+    return drv.make(plan, spec) if kind != "fsdp2" else drv.make_fsdp2(plan, spec)
 
 
 def _step(model: torch.nn.Module, engine: Any, grid: Grid, plan: Plan, step: int, spec: ModelSpec, seq: int) -> float:
@@ -120,7 +66,7 @@ def _step(model: torch.nn.Module, engine: Any, grid: Grid, plan: Plan, step: int
 
 
 def speed(rank: int, world: int, port: int, trials: int, out: Any) -> None:
-    _init(rank, world, port)
+    init_local(rank, world, port)
     plan = Plan(dp=world, zero=3, micro_batch_size=GLOBAL_BATCH // world)
     runs = {k: setup(k, plan, BENCH) for k in ("ours", "fsdp2")}
     times: dict[str, list[float]] = {"ours": [], "fsdp2": []}
@@ -140,7 +86,7 @@ def speed(rank: int, world: int, port: int, trials: int, out: Any) -> None:
 
 
 def peak_memory(rank: int, world: int, port: int, kind: str, steps: int, out: Any) -> None:
-    _init(rank, world, port)
+    init_local(rank, world, port)
     base = _status_kb("VmRSS")
     plan = Plan(dp=world, zero=3, micro_batch_size=GLOBAL_BATCH // world)
     run = setup(kind, plan, BENCH)
@@ -155,8 +101,8 @@ def peak_memory(rank: int, world: int, port: int, kind: str, steps: int, out: An
 
 
 def capped(rank: int, world: int, port: int, plan: Plan, steps: int, out: Any) -> None:
-    _init(rank, world, port)
-    model, engine, grid = drv.make(plan, True, CAP_MODEL)
+    init_local(rank, world, port)
+    model, engine, grid = drv.make(plan, CAP_MODEL)
     losses = []
     with ActivationMeter() as meter:
         for s in range(steps):
@@ -172,18 +118,10 @@ def capped(rank: int, world: int, port: int, plan: Plan, steps: int, out: Any) -
     dist.destroy_process_group()
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
-
-
 def _spawn(fn: Any, world: int, *args: Any) -> list[Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [ctx.Process(target=fn, args=(r, world, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()

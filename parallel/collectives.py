@@ -2,7 +2,7 @@
 
 `Collectives(grid)` runs all-reduce / all-gather / reduce-scatter on one named axis, blocking or
 asynchronous (`async_op=True` returns a handle with `wait()`), and adds each message's size to
-`bytes[(axis, kind)]` so tests and benchmarks can compare against DESIGN.md section 4. The size
+`bytes[(axis, kind)]` so tests and benchmarks can compare against docs/architecture.md, Formulas. The size
 counted is the message size S of the alpha-beta formulas: the tensor for an all-reduce, the
 gathered (output) tensor for an all-gather, the input for a reduce-scatter. A group of one rank
 runs the same code path, moves nothing and counts nothing.

@@ -3,7 +3,7 @@
 Layout (both modes): the sequence is cut into 2*cp equal chunks and rank i holds chunks i and
 2cp-1-i (zig-zag), so each rank does the same work under the causal mask; RoPE / learned
 positions stay the global ones (`shard` returns them). Attention is the only op that mixes
-tokens, so `apply` only swaps each layer's `attn.core`:
+tokens, so `apply` only replaces each Block's attention core (`parallel.attach`):
 
 - `ring` (default): exact ring attention, K/V blocks travel around the cp ring overlapped with
   the attention of the block in hand (parallel/ring_attention.py).
@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from launch.grid import Grid
+from parallel.attach import Core, blocks, wrap_attention_core
 from parallel.ring_attention import Ring, RingAttention
 from perfmodel.specs import ModelSpec, Plan, PlanError
-
-Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def zigzag_positions(seq_len: int, cp: int, coord: int) -> torch.Tensor:
@@ -130,18 +129,18 @@ class ContextParallel:
 
 
 def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid) -> ContextParallel:
-    """Swap every layer's `attn.core` for the cp-sharded one (at cp=1 the model's own core is
-    the same math, fused, and is left in place). `Plan.check` has validated train.seq_len and
-    the Ulysses head split; the cores check again on the shapes they get."""
+    """Replace every Block's attention core by the cp-sharded one: ring attention, or the Block's
+    own core wrapped by the Ulysses all-to-alls (at cp=1 the model's own core is the same math,
+    fused, and is left in place). `Plan.check` has validated train.seq_len and the Ulysses head
+    split; the cores check again on the shapes they get."""
     axis = grid.axis("cp")
     ctx = ContextParallel(plan.cp, axis.coord, plan.cp_mode)
     if plan.cp == 1:
         return ctx
     ring = Ring(axis.size, axis.coord, axis.ranks, axis.group)
-    for layer in model.layers.values():
-        attn = layer.attn
+    for _, block in blocks(model):
         if plan.cp_mode == "ring":
-            attn.core = RingCore(ring)
+            wrap_attention_core(block, lambda core: RingCore(ring))
         else:
-            attn.core = UlyssesCore(attn.core, plan.cp, axis.group)
+            wrap_attention_core(block, lambda core: UlyssesCore(core, plan.cp, axis.group))
     return ctx

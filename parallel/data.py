@@ -10,9 +10,9 @@ launched when backward ends: no overlap at all); and the last bucket, the earlie
 parameters (embedding, first layer) whose gradients are ready only as backward ends, is kept
 to at most EDGE_MB, since whatever it holds is exposed. (DDP keeps its first bucket small
 instead; a small first bucket hides only what it holds, a small last one shortens the exposed
-tail: BENCHMARKS.md, data parallel what-if.) On the
-non-final microbatches of an accumulation (`sync=False`) nothing is reduced; `finish()` launches
-any bucket that was not launched (unused parameters) and waits for all before the optimizer.
+tail: BENCHMARKS.md, data parallel what-if.) On the non-final backwards of an accumulation
+(`set_last_backward(False)`) nothing is reduced; `finish()` launches any bucket that was not
+launched (unused parameters) and waits for all before the optimizer.
 Gradients are SUMMED: the trainer divides the loss by the global token count. A group of size 1
 runs the same code path and skips only the collective itself.
 """
@@ -91,7 +91,7 @@ class DataParallel:
     def __init__(self, groups: Iterable[tuple[list[nn.Parameter], Any, int]], bucket_mb: float = 4.0,
                  overlap: bool = True):
         self.overlap = overlap
-        self.sync = True
+        self._last = True  # this backward is the last of the step: reduce what it completes
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
         self.stats = CommStats()
@@ -123,8 +123,12 @@ class DataParallel:
             b.ready.clear()
             b.handle = None
 
+    def set_last_backward(self, last: bool) -> None:
+        """Whether the coming backward is the step's last for its parameters (default True)."""
+        self._last = last
+
     def _on_grad(self, p: torch.Tensor) -> None:
-        if not self.sync:
+        if not self._last:
             return
         b = self._bucket_of[p]
         b.ready.add(id(p))  # a set: a parameter reported twice still counts once

@@ -1,8 +1,8 @@
-"""One executor for every pipeline schedule: runs this rank's action list (parallel/schedules.py)
+"""One executor for every pipeline schedule: runs this rank's action list (perfmodel/schedules.py)
 on its model chunks.
 
     ex = Executor(chunks, n_chunks, p2p, store, stash, b_params)   # the last two: split backward only
-    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, grad_sync, autocast)
+    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, engine, autocast)
 
 F runs a chunk's forward (embedding on the first chunk; head and `loss_fn` on the last) under the
 activation store's saved-tensor hooks. B runs its backward; when the schedule splits the backward
@@ -21,24 +21,26 @@ data-parallel bucket triggers) fire only when W really produces the gradient. (A
 returning None for a leaf still runs the leaf's post-accumulate hooks, which would mark the
 bucket ready at B and reduce it before W wrote into it.)
 
-`grad_sync.sync` (the DataParallel bucket trigger) is True exactly during the last backward
-action that produces each chunk's gradients: its last B and, when split, its last W.
+`engine.set_last_backward(True)` (the gradient engine's reduction trigger; None: nothing to
+reduce) holds exactly during the last backward action that produces each chunk's gradients: its
+last B and, when split, its last W.
 Messages: a maximal run of SEND/RECV actions is posted as one batch; a RECV is waited for just
 before the compute that consumes it; sends are waited for at the end of the step.
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from parallel.activation_offload import ActivationStore
+from parallel.grad_engine import GradEngine
 from parallel.p2p import P2P
-from parallel.schedules import B, COMM, OFFLOAD, RECV_B, RECV_F, RELOAD, SEND_B, SEND_F, W, Action
-from parallel.schedules import F as FWD
+from perfmodel.schedules import B, COMM, OFFLOAD, RECV_B, RECV_F, RELOAD, SEND_B, SEND_F, W, Action
+from perfmodel.schedules import F as FWD
 
 Microbatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [b, S], targets [b, S], positions [S]
 
@@ -121,11 +123,13 @@ class Executor:
         self.b_params = b_params or {}
 
     def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
-            grad_sync: Any, autocast: AbstractContextManager | None = None, track: bool = True) -> torch.Tensor:
+            engine: GradEngine | None, autocast: AbstractContextManager | None = None,
+            track: bool = True) -> torch.Tensor:
         """Run one step's actions; returns the summed loss of the microbatches (0 unless this rank
         holds the last chunk). `track`: run the activation store's saved-tensor hooks (memory
         accounting); they run anyway when the actions offload."""
         autocast = autocast if autocast is not None else nullcontext()
+        last_backward = engine.set_last_backward if engine is not None else lambda last: None
         split = any(a.kind == W for a in actions)
         hooks = track or any(a.kind == OFFLOAD for a in actions)
         last_grad = {(a.chunk, a.kind): k for k, a in enumerate(actions) if a.kind in (B, W)}
@@ -149,10 +153,10 @@ class Executor:
                 if loss is not None:
                     loss_sum += loss.detach()
             elif a.kind == B:
-                grad_sync.sync = k in final
+                last_backward(k in final)
                 self._backward(a, global_tokens, split, state)
             elif a.kind == W:
-                grad_sync.sync = k in final
+                last_backward(k in final)
                 self.stash.flush(state.deferred.pop((a.chunk, a.microbatch)))
                 self.store.release((a.chunk, a.microbatch), saved=False)
             elif a.kind == OFFLOAD:
@@ -160,7 +164,7 @@ class Executor:
             elif a.kind == RELOAD:
                 self.store.reload((a.chunk, a.microbatch))
             k += 1
-        grad_sync.sync = True
+        last_backward(True)
         self.p2p.wait_sends()
         return loss_sum
 

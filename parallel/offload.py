@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from parallel.zero_optim import Optim, adamw_
+from parallel.zero_optim import adamw_
+from perfmodel.specs import Optim
 
 
 class HostAdamW:

@@ -11,7 +11,7 @@ sender. A batch is posted with `batch_isend_irecv` (one coalesced launch on NCCL
 series of isend/irecv). Sends complete in the background while the rank computes and are waited
 for at the end of the step. Each message carries a tag naming (direction, microbatch, chunk), so
 gloo matches it exactly; NCCL ignores tags and matches in posting order, which the schedule
-builder guarantees (parallel/schedules.py). A wait that exceeds `timeout_s`, or a peer whose
+builder guarantees (perfmodel/schedules.py). A wait that exceeds `timeout_s`, or a peer whose
 connection drops, raises P2PError naming the message and the peer instead of hanging.
 """
 from __future__ import annotations

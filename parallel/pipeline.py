@@ -2,7 +2,7 @@
 
     pipe = apply(spec, plan, grid, build_chunk, seq_len)    # chunks on the meta device
     for chunk in pipe.chunks.values(): materialize(chunk, spec, seed, device)
-    loss_sum = pipe.step(microbatches, loss_fn, global_tokens, grad_sync)   # one optimizer step
+    loss_sum = pipe.step(microbatches, loss_fn, global_tokens, engine)   # one optimizer step
 
 `build_chunk(layer_ids, has_embedding, has_head) -> nn.Module` comes from the trainer (parallel/
 does not import the model); a chunk exposes `embed(tokens, positions)`, `blocks(x, positions)` and
@@ -18,15 +18,16 @@ trainer calls `step` for every run.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from launch.grid import Grid
-from parallel import schedules
+from perfmodel import flops, rules, schedules
 from parallel.activation_offload import ActivationStore, MemoryStats
 from parallel.executor import Executor, Microbatch, WeightGradStash, defer_weight_grads
+from parallel.grad_engine import GradEngine
 from parallel.p2p import P2P
 from parallel.recompute import RecomputeMeter
 from perfmodel.specs import ModelSpec, Plan, PlanError
@@ -36,12 +37,9 @@ BuildChunk = Callable[[range, bool, bool], nn.Module]
 
 def _costs(spec: ModelSpec, tokens_per_microbatch: int, seq_len: int) -> tuple[float, float, float]:
     """Forward FLOPs per token of one layer, the embedding and the head."""
-    h, kv = spec.d_model, spec.n_kv_heads * spec.head_dim
-    mlp_mats = 3 if spec.mlp == "swiglu" else 2
-    layer = 2 * (2 * h * h + 2 * h * kv + mlp_mats * h * spec.d_ff) + 2 * h * seq_len  # GEMMs + causal attention
-    embedding = spec.vocab_size * h / tokens_per_microbatch
-    head = 2 * h * spec.vocab_size
-    return layer, embedding, head
+    layer = flops.layer_gemm_flops(spec) + flops.attention_flops(spec, seq_len)
+    embedding = spec.vocab_size * spec.d_model / tokens_per_microbatch  # the lookup's gradient scatter
+    return layer, embedding, flops.head_flops(spec)
 
 
 def split_layers(spec: ModelSpec, n_chunks: int, seq_len: int, micro_batch_size: int = 1,
@@ -127,11 +125,12 @@ class Pipeline:
         return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params), stash, b_params)
 
     def step(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             global_tokens: int, grad_sync: Any, autocast: AbstractContextManager | None = None,
+             global_tokens: int, engine: GradEngine | None, autocast: AbstractContextManager | None = None,
              track_memory: bool = False) -> torch.Tensor:
         """Forward and backward of every microbatch (inputs [b, S], targets [b, S], positions [S])
         under the schedule; gradients of (sum of loss_fn) / global_tokens accumulate into the
-        parameters, reduced by `grad_sync` (DataParallel) during the last backward of each chunk.
+        parameters, reduced by `engine` (parallel.grad_engine; None: not reduced) during the last
+        backward of each chunk.
         Returns the summed loss on the rank holding the last chunk, 0 elsewhere.
 
         `track_memory`: count the saved activations (Python saved-tensor hooks on every saved
@@ -144,7 +143,7 @@ class Pipeline:
         ex.store.reset_stats()
         self.recompute_meter.sink = ex.store.note_transient if track_memory else None
         try:
-            loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, grad_sync, autocast,
+            loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, engine, autocast,
                           track_memory)
         finally:
             self.recompute_meter.sink = None
@@ -159,19 +158,12 @@ def _virtual(plan: Plan) -> int:
 
 
 def check(spec: ModelSpec, plan: Plan) -> None:
-    """Raise PlanError (naming the setting) when the schedule cannot run this layout; pure, so
-    the launcher calls it before any process group exists."""
-    v = _virtual(plan)
-    try:
-        schedules.check(plan.schedule, plan.pp, plan.pp, v, plan.offload.activations)
-    except schedules.ScheduleError as e:
-        raise PlanError(str(e)) from None
-    if plan.schedule != "interleaved" and plan.virtual_stages != v:
-        raise PlanError(f"parallel.schedule={plan.schedule} places {v} chunk(s) per rank; set "
-                        f"parallel.virtual_stages={v}")
-    if spec.tied_embeddings and plan.pp * v > 1:
-        raise PlanError("model.tied_embeddings=true with several pipeline chunks is not supported yet; "
-                        "set model.tied_embeddings=false or parallel.pp=1 with a one-chunk schedule")
+    """Raise PlanError (naming the setting) when the schedule cannot run this model (perfmodel/
+    rules.py; the layer split is `split_layers`' (an explicit layout may be uneven), the
+    microbatch count is checked when the step's schedule is built)."""
+    tied = [v for v in rules.split_rules(spec, plan, 0) if v.knob == "model.tied_embeddings"]
+    rules.raise_if(rules.setting_rules(plan) + rules.schedule_rules(plan, None) + tied
+                   + [v for v in rules.chunk_rules(spec, plan) if v.knob == "model.tied_embeddings"])
 
 
 def apply(spec: ModelSpec, plan: Plan, grid: Grid, build_chunk: BuildChunk, seq_len: int,

@@ -6,15 +6,20 @@
 - selective: only the attention core (scores, softmax, attention x V: the s^2 terms) is
   recomputed; the projections and the MLP keep their activations.
 
-`plan.recompute_layers` = k recomputes the first k Blocks of this stage (-1 = all). The Block
-stays the same module (its `forward` is wrapped on the instance), so parameter names, module
-hooks (ZeRO-3 gathers run around it) and checkpoints are unchanged.
+`plan.recompute_layers` = k recomputes the first k Blocks of each pipeline stage (-1 = all), as
+the performance model prices it (perfmodel.memory, perfmodel.estimate). A stage with several
+chunks (interleaved and V schedules) counts its Blocks in chunk order, i.e. in the order of
+their global layer index: `per_chunk` splits k into how many Blocks each chunk recomputes, and
+`apply(chunk, plan, meter, layers)` wraps the first `layers` Blocks of one chunk (default k: a
+chunk that is the whole stage). The Block stays the same module (its `forward` is wrapped on the
+instance; the selective wrap goes through `parallel.attach`), so parameter names, module hooks
+(ZeRO-3 gathers run around it) and checkpoints are unchanged.
 """
 from __future__ import annotations
 
 import weakref
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
+from parallel.attach import Core, blocks, wrap_attention_core
 from perfmodel.specs import Plan
 
 
@@ -91,7 +97,7 @@ def _full(forward: Callable[..., torch.Tensor], meter: RecomputeMeter) -> Callab
     return recomputed
 
 
-def _selective(core: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _selective(core: Core) -> Core:
     def recomputed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return core(q, k, v)
@@ -99,20 +105,31 @@ def _selective(core: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return recomputed
 
 
-def apply(model: nn.Module, plan: Plan, meter: RecomputeMeter | None = None) -> list[str]:
-    """Wrap this stage's Blocks per `plan.recompute`; returns the names of the wrapped layers.
-    `meter` (full recomputation) receives the rematerialized bytes while memory is tracked."""
+def per_chunk(blocks_per_chunk: Sequence[int], stage_layers: int) -> list[int]:
+    """How many Blocks each chunk of a stage recomputes (chunks in chunk order, with that many
+    Blocks each) so that the stage recomputes its first `stage_layers` Blocks (-1 = all)."""
+    left = sum(blocks_per_chunk) if stage_layers < 0 else stage_layers
+    out = []
+    for n in blocks_per_chunk:
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
+
+
+def apply(model: nn.Module, plan: Plan, meter: RecomputeMeter | None = None,
+          layers: Optional[int] = None) -> list[str]:
+    """Wrap the first `layers` Blocks of this chunk (default `plan.recompute_layers`; -1 = all)
+    per `plan.recompute`; returns the names of the wrapped layers. `meter` (full recomputation)
+    receives the rematerialized bytes while memory is tracked."""
     if plan.recompute == "none":
         return []
     if plan.recompute not in ("full", "selective"):
         raise ValueError(f"parallel.recompute={plan.recompute!r} must be none, selective or full")
-    names = list(model.layers.keys())
-    if plan.recompute_layers >= 0:
-        names = names[:plan.recompute_layers]
-    for name in names:
-        block = model.layers[name]
+    k = plan.recompute_layers if layers is None else layers
+    chosen = blocks(model) if k < 0 else blocks(model)[:k]
+    for _, block in chosen:
         if plan.recompute == "full":
             block.forward = _full(block.forward, meter or RecomputeMeter())
         else:
-            block.attn.core = _selective(block.attn.core)
-    return [f"layers.{n}" for n in names]
+            wrap_attention_core(block, _selective)
+    return [f"layers.{name}" for name, _ in chosen]

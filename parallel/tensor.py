@@ -1,8 +1,14 @@
 """3D tensor parallelism (AxoNN-style tp_col x tp_row x tp_depth) with sequence parallelism.
 
     tp = apply(model, spec, plan, grid)      # on the meta model, before materialize
-    materialize(model, spec, seed, device, shards=tp.shards, full_shapes=tp.full_shapes)
+    materialize(model, spec, seed, device, tp.layouts)
     loss_sum = tp.loss_fn(model(tokens), targets)   # vocab-parallel, never gathers the logits
+    tp.weights_changed()                     # after every update of the weights outside autograd
+
+Which module gets which treatment is data: `styles` maps module path patterns (`*` matches one
+path component) to a style (GPT_STYLES for axon.model.GPT); a pattern with no module in the
+model (a pipeline chunk without the embedding) matches nothing. Each swapped module reports the
+`ParamLayout` of its parameters (`TensorParallel.layouts`, by parameter name).
 
 Every Linear weight [out, in] is split over two axes and its piece flattened and split again over
 tp_depth. Two orientations alternate so no re-layout happens between layers:
@@ -20,28 +26,46 @@ The embedding is split [vocab/tp_col, d/tp_row] (like the head, so tying keeps o
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from fnmatch import fnmatchcase
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.grid import Grid, rank_of
+from launch.grid import Grid
 from parallel.collectives import Collectives
+from parallel.layout import DATA_AXES, TP_AXES, ParamLayout
 from parallel.shard import Shard
 from parallel.sequence import gather_seq, local_positions, scatter_seq
 from parallel.tensor_ops import ReduceFrom, SumAcross, VocabCrossEntropy
 from parallel.tensor_weights import DepthStore, DepthWeight
-from perfmodel.specs import ModelSpec, Plan, PlanError
+from perfmodel import rules
+from perfmodel.specs import ModelSpec, Plan
 
-COL, ROW, DEPTH = "tp_col", "tp_row", "tp_depth"
-TP_AXES = (COL, ROW, DEPTH)
+COL, ROW, DEPTH = TP_AXES
 QKV = (ROW, COL)  # (in-axis, out-axis)
 OUT = (COL, ROW)
-REPLICATED = ("dp", "cp", DEPTH)  # gradient sum of a parameter replicated over depth
-SPLIT = ("dp", "cp")  # a depth-sharded weight: the depth reduce-scatter already summed depth
+REPLICATED = DATA_AXES + (DEPTH,)  # gradient sum of a parameter replicated over depth
+SPLIT = DATA_AXES  # a depth-sharded weight: the depth reduce-scatter already summed depth
+
+# The tensor-parallel treatment of axon.model.GPT's modules (module path pattern -> style).
+GPT_STYLES: dict[str, str] = {
+    "tok_emb": "vocab_embedding",
+    "pos_emb": "positions",
+    "layers.*.attn_norm": "norm",
+    "layers.*.attn.wq": "qkv",
+    "layers.*.attn.wk": "qkv",
+    "layers.*.attn.wv": "qkv",
+    "layers.*.attn.wo": "out",
+    "layers.*.mlp_norm": "norm",
+    "layers.*.mlp.w_gate": "qkv",
+    "layers.*.mlp.w_up": "qkv",
+    "layers.*.mlp.w_down": "out",
+    "norm": "norm",
+    "head": "qkv",
+}
 
 
 class _Linear(torch.autograd.Function):
@@ -129,8 +153,9 @@ class _DepthSharded(nn.Module):
         self.succ: Optional[DepthWeight] = None  # set by `_chain`
         self.defer = False
 
-    def weight_shard(self) -> tuple:
-        return Shard(self.row_span, self.col_span, self.flat), self.full, SPLIT, (self.row_axis, self.col_axis)
+    def weight_layout(self) -> ParamLayout:
+        return ParamLayout(self.full, Shard(self.row_span, self.col_span, self.flat), (self.row_axis, self.col_axis),
+                           depth_flat=self.flat is not None, grad_axes=SPLIT)
 
     def succ_param(self) -> Optional[nn.Parameter]:
         return self.succ.param if self.succ is not None else None
@@ -154,11 +179,11 @@ class TPLinear(_DepthSharded):
             y = scatter_seq(y, self.comm, COL)  # [B, S/tp_col, out_l]
         return y + self.bias if self.bias is not None else y
 
-    def param_shards(self) -> dict:
-        out = {"weight": self.weight_shard()}
+    def layouts(self) -> dict[str, ParamLayout]:
+        out = {"weight": self.weight_layout()}
         if self.bias is not None:  # replicated over the in-axis (and over tp_col's sequence chunks)
             axes = REPLICATED + ((COL,) if self.scatter else ())
-            out["bias"] = (Shard(rows=self.row_span), (self.full[0],), axes, (self.out_axis, None))
+            out["bias"] = ParamLayout((self.full[0],), Shard(rows=self.row_span), (self.out_axis, None), grad_axes=axes)
         return out
 
 
@@ -178,8 +203,8 @@ class TPEmbedding(_DepthSharded):
             return scatter_seq(out, self.comm, COL)  # [B, S/tp_col, d/tp_row]
         return ReduceFrom.apply(out, self.comm, COL)
 
-    def param_shards(self) -> dict:
-        return {"weight": self.weight_shard()}
+    def layouts(self) -> dict[str, ParamLayout]:
+        return {"weight": self.weight_layout()}
 
 
 class TPPositions(nn.Module):
@@ -197,9 +222,9 @@ class TPPositions(nn.Module):
             positions = local_positions(positions, self.env.comm, COL)
         return F.embedding(positions, self.weight)  # [S(/tp_col), d/tp_row]
 
-    def param_shards(self) -> dict:
+    def layouts(self) -> dict[str, ParamLayout]:
         axes = REPLICATED + ((COL,) if self.env.sp else ())
-        return {"weight": (Shard(cols=self.cols), self.full, axes, (None, ROW))}
+        return {"weight": ParamLayout(self.full, Shard(cols=self.cols), (None, ROW), grad_axes=axes)}
 
 
 class TPNorm(nn.Module):
@@ -230,93 +255,36 @@ class TPNorm(nn.Module):
             y = y + self.bias
         return gather_seq(y, self.env.comm, COL) if self.env.sp else y
 
-    def param_shards(self) -> dict:
+    def layouts(self) -> dict[str, ParamLayout]:
         axes = REPLICATED + ((COL,) if self.env.sp else ())
-        out = {"weight": (Shard(rows=self.span), (self.d,), axes, (ROW, None))}
-        if self.bias is not None:
-            out["bias"] = (Shard(rows=self.span), (self.d,), axes, (ROW, None))
-        return out
+        one = ParamLayout((self.d,), Shard(rows=self.span), (ROW, None), grad_axes=axes)
+        return {"weight": one, "bias": one} if self.bias is not None else {"weight": one}
 
 
 @dataclass
 class TensorParallel:
-    """What `apply` did: shards and full shapes for materialize, gradient reduction axes, the
-    vocab-parallel loss, and the byte counters of its collectives (`comm.bytes`)."""
+    """What `apply` did: the layout of every parameter it sharded (by name, for materialize, the
+    gradient engines and checkpoints), the vocab-parallel loss, and the byte counters of its
+    collectives (`comm.bytes`)."""
 
     comm: Collectives
     store: DepthStore
-    shards: dict[str, Shard] = field(default_factory=dict)
-    full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    grad_axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    splits: dict[str, tuple[Optional[str], Optional[str]]] = field(default_factory=dict)  # (rows, cols) axis
+    layouts: dict[str, ParamLayout] = field(default_factory=dict)
     vocab_start: int = 0
-    _mesh: Any = None
-
-    def mesh(self, device_type: str) -> Any:
-        """DeviceMesh (tp_col, tp_row, tp_depth) over the grid's existing groups (no new groups)."""
-        if self._mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            grid = self.comm.grid
-            sizes = [grid.plan.tp_col, grid.plan.tp_row, grid.plan.tp_depth]
-            ranks = torch.empty(sizes, dtype=torch.int)
-            for c, r, z in itertools.product(*map(range, sizes)):
-                ranks[c, r, z] = rank_of(grid.plan, dict(grid.coords(), tp_col=c, tp_row=r, tp_depth=z))
-            self._mesh = DeviceMesh.from_group([grid.axis(a).group for a in TP_AXES], device_type, mesh=ranks,
-                                               mesh_dim_names=TP_AXES)
-        return self._mesh
-
-    def to_checkpoint(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """The local piece of `name` (a parameter or a same-shaped optimizer state) as a DTensor of
-        the full tensor, sharing `local`'s memory, so torch.distributed.checkpoint reshards it."""
-        from torch.distributed.tensor import DTensor, Replicate
-        from torch.distributed.tensor import Shard as DShard
-
-        if name not in self.splits:
-            return local
-        full, (row_axis, col_axis) = self.full_shapes[name], self.splits[name]
-        placements = [Replicate()] * 3
-        if row_axis is not None:
-            placements[TP_AXES.index(row_axis)] = DShard(0)
-        if col_axis is not None:
-            placements[TP_AXES.index(col_axis)] = DShard(1)
-        view = local
-        if self.shards[name].flat is not None:  # the depth slice is a row block of the piece (see check)
-            placements[2] = DShard(0)
-            view = local.view(-1, full[1] // self.comm.size(col_axis))
-        stride = torch.empty(full, device="meta").stride()
-        return DTensor.from_local(view, self.mesh(local.device.type), placements, run_check=False, shape=torch.Size(full), stride=stride)
-
-    def from_checkpoint(self, name: str, loaded: torch.Tensor) -> torch.Tensor:
-        """The local tensor of what `to_checkpoint` returned after a load (same memory)."""
-        local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
-        return local.reshape(-1) if self.shards.get(name, Shard()).flat is not None else local
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum of token cross-entropies of local logits [B, S, V/tp_col] against global targets."""
         return VocabCrossEntropy.apply(logits, targets, self.comm, COL, self.vocab_start)
 
+    def weights_changed(self) -> None:
+        """Call after the parameters change outside autograd (an optimizer step, a checkpoint
+        load): the weights gathered over depth (prefetched or cached) are dropped."""
+        self.store.weights_changed()
+
 
 def check(spec: ModelSpec, plan: Plan) -> None:
     """Raise PlanError (naming the setting) when the model does not split over this layout."""
-    x, y, z = plan.tp_col, plan.tp_row, plan.tp_depth
-    rules = (("model.n_heads", spec.n_heads, x, "parallel.tp_col"),
-             ("model.n_kv_heads", spec.n_kv_heads, x, "parallel.tp_col"),
-             ("model.d_ff", spec.d_ff, x, "parallel.tp_col"),
-             ("model.vocab_size", spec.vocab_size, x, "parallel.tp_col"),
-             ("model.d_model", spec.d_model, y * z, "parallel.tp_row * parallel.tp_depth"),
-             # depth slices are row blocks of each piece (layout-independent checkpoints)
-             ("model.d_model", spec.d_model, x * z, "parallel.tp_col * parallel.tp_depth"),
-             ("model.n_kv_heads * head_dim", spec.n_kv_heads * spec.head_dim, x * z,
-              "parallel.tp_col * parallel.tp_depth"),
-             ("model.d_ff", spec.d_ff, x * z, "parallel.tp_col * parallel.tp_depth"),
-             ("model.vocab_size", spec.vocab_size, x * z, "parallel.tp_col * parallel.tp_depth"))
-    for name, value, by, knob in rules:
-        if value % by:
-            raise PlanError(f"{name}={value} is not divisible by {knob} = {by}; change {name} or {knob}")
-    if spec.tied_embeddings and plan.tp > 1:
-        raise PlanError("model.tied_embeddings=true is not supported with tensor parallelism "
-                        "(parallel.tp_col * tp_row * tp_depth > 1); untie the embeddings or use tp = 1")
+    rules.raise_if(rules.tensor_rules(spec, plan))
 
 
 def _chain(ops: list[_DepthSharded], plan: Plan) -> None:
@@ -327,36 +295,55 @@ def _chain(ops: list[_DepthSharded], plan: Plan) -> None:
         prev.succ, nxt.defer = nxt.dw, True
 
 
-def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid) -> TensorParallel:
-    """Swap the meta model's layers for their 3D tensor-parallel versions (names unchanged)."""
+Style = Callable[[nn.Module, _Env], nn.Module]
+STYLES: dict[str, Style] = {
+    "vocab_embedding": TPEmbedding,
+    "positions": TPPositions,
+    "norm": TPNorm,
+    "qkv": lambda module, env: TPLinear(module, env, QKV),
+    "out": lambda module, env: TPLinear(module, env, OUT),
+}
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Whether module `path` matches `pattern` component by component (`*` is one component)."""
+    want, got = pattern.split("."), path.split(".")
+    return len(want) == len(got) and all(fnmatchcase(g, w) for w, g in zip(want, got))
+
+
+def _targets(model: nn.Module, styles: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(module path, style) of every module of `model` some pattern of `styles` matches, in
+    registration order (for GPT: forward order, which `_chain` relies on)."""
+    unknown = set(styles.values()) - set(STYLES)
+    if unknown:
+        raise ValueError(f"unknown tensor-parallel styles {sorted(unknown)}; known: {sorted(STYLES)}")
+    out = []
+    for path, _ in model.named_modules():
+        hits = [style for pattern, style in styles.items() if matches(pattern, path)]
+        if len(hits) > 1:
+            raise ValueError(f"module {path} matches several tensor-parallel styles {hits}")
+        if hits:
+            out.append((path, hits[0]))
+    return out
+
+
+def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid, styles: Mapping[str, str] = GPT_STYLES,
+          prefetch: Optional[bool] = None) -> TensorParallel:
+    """Swap the meta model's modules named by `styles` for their 3D tensor-parallel versions (names
+    unchanged). `prefetch`: whether depth gathers are launched one weight ahead (default
+    `plan.prefetch_tp_weights`; `parallel.parallelize` turns it off under ZeRO-3)."""
     check(spec, plan)
     comm = Collectives(grid)
-    env = _Env(spec, plan, comm, DepthStore(comm, plan.prefetch_tp_weights, plan.cache_tp_weights))
-    ops: list[_DepthSharded] = []
-    if hasattr(model, "tok_emb"):
-        model.tok_emb = TPEmbedding(model.tok_emb, env)
-        ops.append(model.tok_emb)
-        if hasattr(model, "pos_emb"):
-            model.pos_emb = TPPositions(model.pos_emb, env)
-    for block in model.layers.values():
-        block.attn_norm, block.mlp_norm = TPNorm(block.attn_norm, env), TPNorm(block.mlp_norm, env)
-        mlp_in = ("w_gate", "w_up") if hasattr(block.mlp, "w_gate") else ("w_up",)
-        for parent, names, orient in ((block.attn, ("wq", "wk", "wv"), QKV), (block.attn, ("wo",), OUT),
-                                      (block.mlp, mlp_in, QKV), (block.mlp, ("w_down",), OUT)):
-            for name in names:
-                setattr(parent, name, TPLinear(getattr(parent, name), env, orient))
-                ops.append(getattr(parent, name))
-    if hasattr(model, "norm"):
-        model.norm = TPNorm(model.norm, env)
-        if hasattr(model, "head"):
-            model.head = TPLinear(model.head, env, QKV)
-            ops.append(model.head)
-    _chain(ops, plan)
+    prefetch = plan.prefetch_tp_weights if prefetch is None else prefetch
+    env = _Env(spec, plan, comm, DepthStore(comm, prefetch, plan.cache_tp_weights))
+    swapped: list[tuple[str, nn.Module]] = []
+    for path, style in _targets(model, styles):
+        parent, _, leaf = path.rpartition(".")
+        module = STYLES[style](model.get_submodule(path), env)
+        setattr(model.get_submodule(parent), leaf, module)
+        swapped.append((path, module))
+    _chain([m for _, m in swapped if isinstance(m, _DepthSharded)], plan)
     tp = TensorParallel(comm, env.store, vocab_start=env.span(COL, spec.vocab_size).start)
-    for prefix, module in model.named_modules():
-        if hasattr(module, "param_shards"):
-            for leaf, (shard, full, axes, split) in module.param_shards().items():
-                name = f"{prefix}.{leaf}"
-                tp.shards[name], tp.full_shapes[name], tp.grad_axes[name] = shard, tuple(full), axes
-                tp.splits[name] = split
+    for path, module in swapped:
+        tp.layouts.update({f"{path}.{leaf}": layout for leaf, layout in module.layouts().items()})
     return tp

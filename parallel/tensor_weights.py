@@ -2,13 +2,16 @@
 
 Each 3D tensor-parallel weight is stored as a flat 1/tp_depth slice of its [rows, cols] piece.
 `DepthStore.weight(w, phase)` returns the whole piece, all-gathered over `tp_depth`, taking it from a
-prefetched or cached copy when one is valid (same parameter `_version`, so an optimizer step
-or a checkpoint load invalidates it). The store learns the order in which weights are used
+prefetched or cached copy when there is one. Gathered copies stay valid until
+`weights_changed()`, which whoever changes the parameters outside autograd calls (the trainer
+after each optimizer step and checkpoint load). The store learns the order in which weights are used
 (which use followed each (weight, forward|backward) use last time) and, with `prefetch`,
 launches the next gather as soon as a weight is used: forward order in forward, reverse in
 backward, recomputed forwards and pipeline schedules included, because the order is observed
 rather than assumed. The one misprediction per step is the first weight of the next step,
-gathered at the end of backward and discarded after the optimizer changes it.
+gathered at the end of backward and discarded by `weights_changed()` after the optimizer step.
+Prefetching reads a parameter before its use, so it is off where something else decides when a
+parameter holds its values (ZeRO-3 gathers Blocks just in time: `parallel.parallelize`).
 `reduce_grad` reduce-scatters a weight gradient over `tp_depth`; with `defer` it only launches
 it and queues the handle, and the tensor-parallel op that runs next in backward (the weight's
 forward predecessor, which takes this weight as an extra autograd input) collects it with
@@ -47,9 +50,8 @@ class DepthWeight:
 
 @dataclass
 class _Slot:
-    handle: Any
+    handle: Any  # the in-flight all-gather, None once it is done
     buf: torch.Tensor  # [rows*cols] gathered
-    version: int
 
 
 class DepthStore:
@@ -71,7 +73,20 @@ class DepthStore:
     def _launch(self, w: DepthWeight) -> _Slot:
         buf = torch.empty(w.rows * w.cols, dtype=w.param.dtype, device=w.param.device)
         src = w.param.detach().clone()  # the optimizer may update the parameter while this runs
-        return _Slot(self.comm.all_gather(buf, src, AXIS, async_op=True), buf, w.param._version)
+        return _Slot(self.comm.all_gather(buf, src, AXIS, async_op=True), buf)
+
+    @staticmethod
+    def _wait(slot: _Slot) -> None:
+        if slot.handle is not None:
+            slot.handle.wait()
+            slot.handle = None
+
+    def weights_changed(self) -> None:
+        """The parameters changed outside autograd (an optimizer step, a checkpoint load): drop
+        every gathered copy (in-flight gathers are finished first) so the next use gathers anew."""
+        for slot in self._slots.values():
+            self._wait(slot)
+        self._slots.clear()
 
     def weight(self, w: DepthWeight, phase: str) -> torch.Tensor:
         """The whole [rows, cols] piece of `w` (gathered over depth); `phase` is "fwd" or "bwd"."""
@@ -79,15 +94,11 @@ class DepthStore:
             return w.param.detach()
         slot = self._slots.pop(w.key, None)
         if slot is not None:
-            if slot.handle is not None:
-                slot.handle.wait()
-                slot.handle = None
-            if slot.version != w.param._version:
-                slot = None
-        if slot is None:
+            self._wait(slot)
+        else:
             buf = torch.empty(w.rows * w.cols, dtype=w.param.dtype, device=w.param.device)
             self.comm.all_gather(buf, w.param.detach(), AXIS)
-            slot = _Slot(None, buf, w.param._version)
+            slot = _Slot(None, buf)
         if self.cache:
             self._slots[w.key] = slot
         self._used((w.key, phase))
@@ -100,8 +111,7 @@ class DepthStore:
         if not self.prefetch or use not in self._next_after:
             return
         nxt = self._next_after[use][0]
-        slot = self._slots.get(nxt)
-        if slot is None or (slot.handle is None and slot.version != self.weights[nxt].param._version):
+        if nxt not in self._slots:
             self._slots[nxt] = self._launch(self.weights[nxt])
 
     def reduce_grad(self, w: DepthWeight, grad: torch.Tensor, defer: bool) -> Optional[torch.Tensor]:

@@ -2,9 +2,9 @@
 tensor-parallel parameter is replicated over), with an AdamW that updates only this rank's shard
 (optionally on the host: `parallel.offload`).
 
-    engine = zero.apply(chunks, plan, grid, optim_cfg, tps)   # after materialize; replaces
-                                                               # DataParallel + torch.optim.AdamW
-    engine.zero_grad(); per microbatch: engine.sync = last; forward; backward
+    engine = zero.apply(chunks, plan, grid, optim_cfg, layouts)   # after materialize; usually
+                                                                   # through parallel.grad_engine.build
+    engine.zero_grad(); per backward: engine.set_last_backward(last); backward
     engine.finish(); norm = engine.grad_norm(pp_group); engine.clip(norm, max); engine.step(lr)
 
 Parameters are grouped in units (per pipeline chunk: one per transformer Block and reduction
@@ -12,7 +12,7 @@ group, one "root" unit per group for the embeddings, final norm and head), each 
 flat buffer split evenly over the d ranks of its group (`parallel.zero_units`). Collectives work
 on whole units, never one tensor at a time. Under tensor parallelism a rank's local pieces are
 what gets sharded: depth-sharded weights over dp x cp, parameters replicated over tp_depth (norms,
-biases) over dp x cp x tp_depth (`TensorParallel.grad_axes`), so each unit's group holds ranks
+biases) over dp x cp x tp_depth (`ParamLayout.grad_axes`), so each unit's group holds ranks
 with identical values. Several chunks per rank (interleaved, V schedules) simply give more
 units; a unit's reduction starts when all its parameters' gradients have arrived in this backward,
 so under a split backward (B/W) it waits for the W action that completes the weights.
@@ -26,7 +26,7 @@ so under a split backward (B/W) it waits for the W action that completes the wei
   buffer (on its first gradient the parameters' `.grad` become views of it: no per-parameter
   gradient tensors, no copy), is reduce-scattered into my shard as soon as it is complete
   (asynchronously, at most MAX_INFLIGHT pending) and the staging buffer is dropped at launch, so
-  `sync` is not needed (no full gradient outlives its unit's backward).
+  `set_last_backward` is not needed (no full gradient outlives its unit's backward).
 - stage 3: plus parameters: a Block's flat buffer is gathered just before its forward and its
   backward (prefetching the next / previous Block) and freed after its forward and as soon as its
   gradient is complete, before the reduce-scatter allocates (`parallel.zero_stage3`: the
@@ -34,8 +34,8 @@ so under a split backward (B/W) it waits for the W action that completes the wei
 
 Gradients are SUMMED over the group (the trainer divides the loss by the global token count).
 
-Checkpoints (`checkpoint_state`): keyed by the layout-independent parameter names, optimizer
-state `<param>.<exp_avg|exp_avg_sq|step>` as `axon.checkpoint` writes it. Replicated tensors are
+Checkpoints (`state_dict`): keyed by the layout-independent parameter names, optimizer
+state `<param>.<exp_avg|exp_avg_sq|step>` as the data-parallel engine keys it. Replicated tensors are
 plain; a sharded piece is a ShardedTensor of the parameter's full shape whose local shards are
 row-aligned boxes viewing the flat buffers (see `parallel.zero_units`), so DCP reshards between
 any stages and group sizes and loads in place. Call `after_load()` after loading.
@@ -44,19 +44,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from launch.grid import Axis, Grid
+from parallel.grad_norm import clip_, total_norm
+from parallel.layout import ParamLayout
+from parallel.layout import complete as complete_layouts
 from parallel.offload import HostAdamW
 from parallel.zero_comm import gather
 from parallel.zero_stage3 import Residency
-from parallel.zero_optim import Optim, ShardAdamW
+from parallel.zero_optim import ShardAdamW
 from parallel.zero_units import Layout, Place, Slot, sharded_view, split_blocks, tp_place, whole_place
-from perfmodel.specs import Plan
+from perfmodel.specs import Optim, Plan
 
 MAX_INFLIGHT = 2  # stage 2/3: reduce-scatters pending before the oldest is waited on (bounds memory)
 
@@ -89,12 +92,13 @@ class ZeroStats:
 
 
 class ZeroEngine:
+    """The ZeRO implementation of `parallel.grad_engine.GradEngine` (see the module docstring);
+    `stage` is 0-3 (perfmodel/rules.py validated it), 0 only with optimizer offload."""
+
     def __init__(self, chunks: list[nn.Module], stage: int, grid: Grid, optim_cfg: Optim, offload: bool,
-                 tps: Sequence[Any] = ()):
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero={stage} must be 0, 1, 2 or 3")
+                 layouts: Mapping[str, ParamLayout] | None = None):
         self.stage, self.grid = stage, grid
-        self.sync = True
+        self._last_backward = True  # stage 0/1: this backward is the step's last; reduce what it completes
         self.stats = ZeroStats()
         self._inflight: list[tuple[Unit, Any, torch.Tensor | None]] = []
         self._unit_of: dict[nn.Parameter, tuple[Unit, Slot]] = {}
@@ -102,14 +106,12 @@ class ZeroEngine:
         self._hooks: list[Any] = []
         self._res = Residency(lambda: self.stats)
         self._dpc, self._tp = grid.group("dp", "cp"), grid.group("tp_col", "tp_row", "tp_depth")
-        tp_of = {name: tp for tp in tps for name in tp.shards}
-        if stage == 3:  # a depth prefetch would read a unit that is free or still being gathered:
-            for tp in tps:  # ZeRO-3's own gathers prefetch, the depth gather runs at each use
-                tp.store.prefetch = False
+        params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
+        self.layouts = complete_layouts(layouts or {}, params)
         for c, chunk in enumerate(chunks):
             blocks, root_named = split_blocks(chunk)
-            by_block = [(m, self._make_units(name, named, tp_of)) for name, m, named in blocks]
-            root = self._make_units(f"chunk{c}", root_named, tp_of, root=True)
+            by_block = [(m, self._make_units(name, named)) for name, m, named in blocks]
+            root = self._make_units(f"chunk{c}", root_named, root=True)
             if stage == 3:
                 self._hooks += self._res.register(chunk, by_block, root)
         for p in self._unit_of:
@@ -120,19 +122,17 @@ class ZeroEngine:
         self.zero_grad()
 
     # ---- layout ----
-    def _make_units(self, name: str, named: list[tuple[str, nn.Parameter]], tp_of: dict[str, Any],
-                    root: bool = False) -> list[Unit]:
-        """One unit per gradient-reduction group among `named` (a Block's, or a chunk's others)."""
+    def _make_units(self, name: str, named: list[tuple[str, nn.Parameter]], root: bool = False) -> list[Unit]:
+        """One unit per gradient-reduction group (`ParamLayout.grad_axes`) among `named` (a
+        Block's parameters, or a chunk's others)."""
         by_axes: dict[tuple[str, ...], list[tuple[str, nn.Parameter, Place]]] = {}
         for pname, p in named:
-            tp = tp_of.get(pname)
-            axes = tuple(tp.grad_axes[pname]) if tp is not None else ("dp", "cp")
-            group = self.grid.group(*axes)
-            if tp is not None and pname in tp.splits:
-                place = tp_place(tp.full_shapes[pname], tp.splits[pname], tp.shards[pname].flat is not None,
-                                 self.grid, axes)
+            layout = self.layouts[pname]
+            axes = tuple(layout.grad_axes)
+            if layout.sharded:
+                place = tp_place(layout, self.grid)
             else:
-                place = whole_place(tuple(p.shape), group.ranks)
+                place = whole_place(layout.full_shape, self.grid.group(*axes).ranks)
             by_axes.setdefault(axes, []).append((pname, p, place))
         units = [self._make_unit(f"{name}/{'x'.join(axes)}", self.grid.group(*axes), entries, root)
                  for axes, entries in by_axes.items()]
@@ -169,13 +169,13 @@ class ZeroEngine:
         """[a, b) ranges of my shard with the weight of their squares in the gradient norm, so that
         summing over dp x cp (ZeRO 1-3) and the tensor group counts every element once: a piece
         held (after ZeRO sharding) by r ranks of those groups weighs 1/r. A parameter in n
-        distinct pieces over t tensor ranks has each piece on t/n of them, of which the ZeRO
-        group (dp x cp x g tensor ranks) covers g: r = (t/n)/g."""
+        distinct pieces (`ParamLayout.pieces`) over t tensor ranks has each piece on t/n of them,
+        of which the ZeRO group (dp x cp x g tensor ranks) covers g: r = (t/n)/g."""
         g = group.size // self._dpc.size if self.stage >= 1 else 1
         lo = layout.owned()[0]
         out: list[tuple[int, int, float]] = []
         for s, a, b in layout.pieces():
-            w = len(s.place.pieces) * g / self._tp.size
+            w = self.layouts[s.name].pieces(self.grid.plan) * g / self._tp.size
             a, b = s.start + a - lo, s.start + b - lo
             if out and out[-1][1] == a and out[-1][2] == w:
                 a = out.pop()[0]
@@ -194,11 +194,16 @@ class ZeroEngine:
             u.pending = len(u.layout.slots)
             u.launched = False
 
+    def set_last_backward(self, last: bool) -> None:
+        """Stage 0/1: whether the coming backward is the step's last for its units (only then
+        are their gradients reduced); stages 2-3 reduce every backward."""
+        self._last_backward = last
+
     def _on_grad(self, p: torch.Tensor) -> None:
         u, s = self._unit_of[p]
         if self.stage >= 2 and u.staging is None:
             self._stage(u, s)
-        elif self.stage <= 1 and not self.sync:
+        elif self.stage <= 1 and not self._last_backward:
             return
         u.pending -= 1
         if u.pending == 0:
@@ -259,7 +264,7 @@ class ZeroEngine:
         for u in self.units:
             if self.stage >= 2 and u.staging is not None:
                 self._launch(u)
-            elif self.stage <= 1 and self.sync and not u.launched:
+            elif self.stage <= 1 and self._last_backward and not u.launched:
                 self._launch(u)
         while self._inflight:
             self._complete(self._inflight.pop(0))
@@ -277,21 +282,12 @@ class ZeroEngine:
             g = u.grad_shard.float()
             for a, b, w in u.norm:
                 sq += g[a:b].pow(2).sum() * w
-        groups = ([self._dpc] if self.stage >= 1 else []) + [self._tp]
-        for axis in groups:
-            if axis.size > 1:
-                dist.all_reduce(sq, group=axis.group)
-        if stage_group is not None:
-            dist.all_reduce(sq, group=stage_group)
-        return sq.sqrt()
+        axes = ([self._dpc] if self.stage >= 1 else []) + [self._tp]
+        return total_norm(sq, [a.group for a in axes if a.size > 1] + [stage_group])
 
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
-        """Scale gradients so their global norm is at most `max_norm` (0 disables), as optim.clip_."""
-        if max_norm <= 0:
-            return
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for u in self.units:
-            u.grad_shard.mul_(scale.to(u.grad_shard.device))
+        """Scale my gradient shards so the global norm is at most `max_norm` (0 disables)."""
+        clip_([u.grad_shard for u in self.units], norm, max_norm)
 
     # ---- optimizer ----
     def step(self, lr: float) -> None:
@@ -303,11 +299,9 @@ class ZeroEngine:
                 h.wait()
             self.stats.bytes_gathered += sum(u.full.numel() * u.full.element_size() for u in self.units
                                              if u.group.size > 1)
-        for p in self._unit_of:  # the flat buffers changed under the parameters: invalidate caches
-            torch.autograd.graph.increment_version(p)  # keyed by version (parallel.tensor_weights)
 
     # ---- checkpoints ----
-    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(model_state, optim_state) keyed by parameter name; see the module docstring."""
         opt = self.optimizer
         model_state: dict[str, Any] = {}
@@ -329,7 +323,7 @@ class ZeroEngine:
         return model_state, optim_state
 
     def after_load(self) -> None:
-        """Refresh derived copies after DCP filled `checkpoint_state()` in place."""
+        """Refresh derived copies after DCP filled `state_dict()` in place."""
         self.optimizer.reload_params()
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
@@ -349,11 +343,11 @@ class ZeroEngine:
 
 
 def apply(model: nn.Module | Sequence[nn.Module], plan: Plan, grid: Grid, optim_cfg: Optim,
-          tps: Sequence[Any] = ()) -> ZeroEngine:
+          layouts: Mapping[str, ParamLayout] | None = None) -> ZeroEngine:
     """The ZeRO engine for `plan.zero` / `plan.offload.optimizer` on this rank's materialized
-    pipeline chunks (one module or a list), after tensor parallelism (`tps`: the
-    `parallel.tensor.apply` results of the chunks, or none): each parameter is sharded over the
-    group its gradient is summed over (`grad_axes`; dp x cp without TP). The learning rate is
-    given to each `step(lr)`."""
+    pipeline chunks (one module or a list), given every parameter's `ParamLayout` by name
+    (`layouts`; parameters not in it are replicated, `parallel.layout.complete`): each parameter's
+    local piece is sharded over the group its gradient is summed over (`grad_axes`). The learning
+    rate is given to each `step(lr)`."""
     chunks = [model] if isinstance(model, nn.Module) else list(model)
-    return ZeroEngine(chunks, plan.zero, grid, optim_cfg, plan.offload.optimizer, tps)
+    return ZeroEngine(chunks, plan.zero, grid, optim_cfg, plan.offload.optimizer, layouts)

@@ -5,18 +5,9 @@ parameters' device; `parallel.offload.HostAdamW` is the host-memory variant.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
-
-class Optim(Protocol):
-    """The AdamW settings read here (axon.config.Optim satisfies it; parallel/ does not import axon)."""
-
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
+from perfmodel.specs import Optim
 
 
 def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -17,6 +17,11 @@ A chunk's root units (embeddings, final norm, head) are gathered on first use in
 engine frees them in `finish()`. Freeing resizes the flat buffer's storage to zero: parameters
 stay views of it, so autograd's saved references see the regathered values, and recomputation
 (which runs inside the Block's backward) finds the Block gathered.
+Under tensor parallelism with tp_depth > 1 a weight's depth gather reads the parameter at its
+use, inside the Block's forward or backward, when the Block is gathered; nothing may read it
+ahead, so `parallel.parallelize.depth_prefetch` turns the depth prefetch off under ZeRO-3. The
+values a regather restores are the ones freed, so gathered depth copies stay valid until the
+optimizer step (`TensorParallel.weights_changed`).
 """
 from __future__ import annotations
 

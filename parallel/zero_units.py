@@ -31,6 +31,8 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from launch.grid import Grid, group_ranks, rank_of
+from parallel.attach import blocks as chunk_blocks
+from parallel.layout import ParamLayout
 
 Origin = tuple[int, ...]
 
@@ -53,17 +55,17 @@ def whole_place(shape: tuple[int, ...], ranks: tuple[int, ...]) -> Place:
     return Place(tuple(shape), tuple(shape), ((zero, tuple(ranks)),), zero)
 
 
-def tp_place(full: tuple[int, ...], split: tuple[str | None, str | None], flat: bool, grid: Grid,
-             axes: tuple[str, ...]) -> Place:
+def tp_place(layout: ParamLayout, grid: Grid) -> Place:
     """A tensor-parallel piece: the rows of the full tensor's 2-D view split over `split[0]`, the
-    columns over `split[1]`, and with `flat` the piece's rows again over tp_depth (a depth slice
-    is a row block of the piece: parallel.tensor.check); `axes` name the ZeRO group."""
-    plan = grid.plan
+    columns over `split[1]`, and with `depth_flat` the piece's rows again over tp_depth (a depth
+    slice is a row block of the piece: the model divides so); the ZeRO group of each piece is the
+    group its gradient is summed over (`grad_axes`)."""
+    plan, full, axes, flat = grid.plan, layout.full_shape, tuple(layout.grad_axes), layout.depth_flat
 
     def n(axis: str | None) -> int:
         return getattr(plan, axis) if axis else 1
 
-    row_axis, col_axis = split
+    row_axis, col_axis = layout.split
     z = plan.tp_depth if flat else 1
     rows, cols = full[0] // n(row_axis) // z, math.prod(full[1:]) // n(col_axis)
     me = grid.coords()
@@ -82,8 +84,7 @@ def split_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, list]], l
     """Blocks (`layers.<i>`, in execution order) with their named parameters, and the rest."""
     blocks = []
     in_block: set[int] = set()
-    layers = getattr(model, "layers", {})
-    for key, block in layers.items():
+    for key, block in chunk_blocks(model):
         named = [(f"layers.{key}.{n}", p) for n, p in block.named_parameters() if p.requires_grad]
         blocks.append((f"layers.{key}", block, named))
         in_block.update(id(p) for _, p in named)

@@ -1,6 +1,7 @@
-"""Axon's performance model: pure Python (standard library, numpy at most), no torch.
+"""Axon's performance model: pure Python (standard library only), no torch.
 
-Holds the shared vocabulary (`ModelSpec`, `Plan`, `Cluster`) and the formulas that predict
+Holds the shared vocabulary (`ModelSpec`, `Plan`, `Cluster`), the rules that decide whether a plan can run
+(`perfmodel/rules.py`), the pipeline schedules, and the formulas that predict
 step time and memory for a parallel layout.
 """
 from perfmodel.specs import Cluster, ModelSpec, Offload, Plan, PlanError

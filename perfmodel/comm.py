@@ -1,6 +1,6 @@
 """Communication cost: alpha-beta ring collectives, group placement, per-layer volumes.
 
-Formulas are DESIGN.md section 4. A group's bandwidth is the intra-node one when every group
+Formulas are docs/architecture.md, Formulas. A group's bandwidth is the intra-node one when every group
 of that kind sits inside one node under the grid's rank order (innermost first: tp_col, tp_row,
 tp_depth, cp, dp, pp; the few lines of stride math are repeated here so perfmodel never
 imports launch), else the inter-node one (the slowest link of the ring sets its pace).
@@ -124,7 +124,7 @@ class TensorVolumes:
 
 
 def tensor_volumes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> TensorVolumes:
-    """AxoNN 3D TP per block (DESIGN section 4): with X = tp_col, Y = tp_row, Z = tp_depth and
+    """AxoNN 3D TP per block (docs/architecture.md, Formulas): with X = tp_col, Y = tp_row, Z = tp_depth and
     `tokens` = this rank's tokens of the microbatch (already / Z, / cp), a first-of-pair Linear
     all-reduces its output (tokens x n/X) over Y and its dX (tokens x k/Y) over X; the second
     all-reduces its output (tokens x n/Y) over X and its dX (tokens x k/X) over Y. With sequence

@@ -5,7 +5,7 @@ The step is m microbatches through the bottleneck pipeline stage (the last: it a
 head), stretched by the schedule's bubble, then the data-parallel / ZeRO gradient exchange that
 the backward did not hide, then the optimizer step. Per microbatch the stage computes
 forward + backward (+ recomputation) of its blocks and waits for whatever tensor, context and
-pipeline communication is not overlapped (DESIGN.md section 4 for every volume).
+pipeline communication is not overlapped (docs/architecture.md, Formulas for every volume).
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from perfmodel import comm, pipeline
+from perfmodel import comm, flops, pipeline
 from perfmodel.flops import mfu, n_params
 from perfmodel.memory import Memory, memory, optimizer_bytes_per_param, stage_activation_bytes, stage_params
-from perfmodel.specs import Cluster, ModelSpec, Plan, PlanError
+from perfmodel.specs import Cluster, ModelSpec, Plan
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ def block_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockComput
     tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
     smallest = min(tokens, m.d_model / max(x, y))
     rate = c.peak_flops * c.compute_efficiency * smallest / (smallest + c.gemm_half_dim)
-    gemm = 2 * tokens * sum(lin.k * lin.n for lin in comm.block_linears(m)) / (x * y) / rate
-    attn = 2 * tokens * seq * m.d_model / x / rate  # causal attention core (heads split over tp_col only)
-    head = 2 * tokens * m.vocab_size * m.d_model / (x * y) / rate
+    gemm = tokens * flops.layer_gemm_flops(m) / (x * y) / rate
+    attn = tokens * flops.attention_flops(m, seq) / x / rate  # causal attention core (heads split over tp_col only)
+    head = tokens * flops.head_flops(m) / (x * y) / rate
     return BlockCompute(gemm, attn, head)
 
 
@@ -208,12 +208,6 @@ def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:
     return shard * (2 * e + e + 2 * k) / c.mem_bw
 
 
-def check_schedule(plan: Plan) -> None:
-    reason = pipeline.valid_virtual_stages(plan.schedule, plan.virtual_stages) if plan.pp > 1 else None
-    if reason:
-        raise PlanError(reason)
-
-
 def step_time(busy: float, bubble_fraction: float, sync: float, opt: float, ranks_per_unit: float = 1.0
               ) -> tuple[float, float]:
     """(bubble seconds, step seconds): `busy` pipeline work stretched by the bubble, then the
@@ -256,5 +250,4 @@ def fits(mem: Memory, c: Cluster) -> bool:
 def estimate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_len: int) -> Estimate:
     """Check `plan` (raising PlanError naming the setting to change) and predict its step."""
     plan.check(m, plan.world_size, global_batch_size, seq_len)
-    check_schedule(plan)
     return evaluate(m, plan, c, global_batch_size, seq_len)

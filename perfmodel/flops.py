@@ -1,4 +1,5 @@
-"""Parameter count and model FLOPs (DESIGN.md section 4); the trainer's MFU uses these too."""
+"""Parameter count and model FLOPs: the one home of the FLOPs formula (docs/architecture.md);
+the trainer's MFU, the performance model's compute time and the pipeline's layer balancing use it."""
 from __future__ import annotations
 
 from perfmodel.specs import ModelSpec
@@ -23,16 +24,37 @@ def n_params(m: ModelSpec) -> int:
     return m.n_layers * layer_params(m) + emb + head + pos + final_norm
 
 
+def layer_matmul_params(m: ModelSpec) -> int:
+    """Weights of one Block that take part in matmuls: q, k, v, out and the MLP."""
+    kv = m.n_kv_heads * m.head_dim
+    return m.d_model * m.d_model * 2 + m.d_model * kv * 2 + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
+
+
 def dense_params(m: ModelSpec) -> int:
     """Parameters that take part in matmuls (the embedding lookup and norms excluded; the head included)."""
-    kv = m.n_kv_heads * m.head_dim
-    per_layer = m.d_model * m.d_model * 2 + m.d_model * kv * 2 + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
-    return m.n_layers * per_layer + m.vocab_size * m.d_model
+    return m.n_layers * layer_matmul_params(m) + m.vocab_size * m.d_model
+
+
+def layer_gemm_flops(m: ModelSpec) -> float:
+    """Forward FLOPs per token of one Block's Linears."""
+    return 2.0 * layer_matmul_params(m)
+
+
+def attention_flops(m: ModelSpec, seq_len: int) -> float:
+    """Forward FLOPs per token of one Block's causal attention core (QK^T and AV over half the
+    sequence on average)."""
+    return 2.0 * m.d_model * seq_len
+
+
+def head_flops(m: ModelSpec) -> float:
+    """Forward FLOPs per token of the output head."""
+    return 2.0 * m.d_model * m.vocab_size
 
 
 def flops_per_token(m: ModelSpec, seq_len: int) -> float:
-    """Useful training FLOPs per token: 6 * Psi_dense + 6 * L * h * s (causal attention)."""
-    return 6.0 * dense_params(m) + 6.0 * m.n_layers * m.d_model * seq_len
+    """Useful training FLOPs per token (forward + backward = 3 x forward): 6 * Psi_dense + 6 * L * h * s
+    (causal attention)."""
+    return 3.0 * (m.n_layers * (layer_gemm_flops(m) + attention_flops(m, seq_len)) + head_flops(m))
 
 
 def mfu(m: ModelSpec, seq_len: int, tokens_per_s: float, devices: int, peak_flops: float) -> float:

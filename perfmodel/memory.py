@@ -3,8 +3,8 @@ schedule, recomputation, sequence/context parallelism, activation offload), buff
 
 Model states follow the ZeRO paper: bytes per parameter w (weights) + g (gradients) + K
 (optimizer), K = 12 for mixed precision (fp32 master + Adam m, v) and 8 for pure fp32 training
-(m, v only: the weights are already fp32). Activations follow Korthikanti et al. (DESIGN.md
-section 4), generalised to grouped-query attention, SwiGLU and the 3D tensor split. All sizes
+(m, v only: the weights are already fp32). Activations follow Korthikanti et al. (docs/architecture.md,
+Formulas), generalised to grouped-query attention, SwiGLU and the 3D tensor split. All sizes
 are bytes on the most loaded rank.
 """
 from __future__ import annotations

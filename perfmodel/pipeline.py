@@ -1,30 +1,32 @@
 """Pipeline schedules: bubble fraction and peak in-flight activations.
 
-Closed forms (DESIGN.md section 4; the zero-bubble and controllable-memory papers), with
+Closed forms (docs/architecture.md, Formulas; the zero-bubble and controllable-memory papers), with
 F = B = W for the zero-bubble family. The bubble fraction is bubble time / total pipeline time.
 Peak activations are in units of one microbatch's activations of one whole pipeline stage (all
 its layers, all its virtual chunks), on the rank that holds the most and on the rank that holds
 the head (which also keeps the logits).
 
-When `perfmodel/schedule_tables.json` (written from the simulator of parallel/schedules.py)
-holds the exact (schedule, pp, microbatches, virtual_stages) entry, its numbers win.
+Within `SIMULATED_PP` stages and `SIMULATED_MICROBATCHES` microbatches the numbers come from
+simulating the very action lists the runtime executes (perfmodel/schedules.py built,
+perfmodel/schedule_sim.py simulated, memoized); beyond, from the closed forms.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
-TABLES = Path(__file__).resolve().parent / "schedule_tables.json"
-V_SHAPED = ("zbv", "vhalf", "vmin")  # two chunks per rank in a V: virtual_stages must be 2
+from perfmodel.schedules import V_SHAPED, build
+from perfmodel.schedule_sim import simulate
+
+SIMULATED_PP = 16  # simulate schedules up to this many stages ...
+SIMULATED_MICROBATCHES = 64  # ... and this many microbatches per step
 
 
 @dataclass(frozen=True)
 class ScheduleCost:
     bubble_fraction: float
     peak_activations: float  # stage-microbatch units, max over ranks
-    source: str  # "closed-form" or "table"
+    source: str  # "simulated" or "closed-form"
     head_activations: float = 1.0  # units on the rank holding the last chunk (the head; rank 0 in a V)
 
 
@@ -65,49 +67,22 @@ def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
     raise ValueError(f"parallel.schedule={schedule!r} has no cost model")
 
 
-@lru_cache(maxsize=4)
-def _load_tables(path: str, mtime: float) -> dict[tuple[str, int, int, int], ScheduleCost]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); regenerate it with the schedule simulator "
-                         f"(parallel/schedule_sim.py) or delete it to use the closed forms") from None
-    if data.get("version") != 1:
-        raise ValueError(f"{path}: unsupported schedule table version {data.get('version')!r}; regenerate it")
-    out = {}
-    for e in data["entries"]:
-        key = (e["schedule"], int(e["pp"]), int(e["microbatches"]), int(e["virtual_stages"]))
-        peaks = e["peak_activations"]
-        head = peaks[0] if key[0] in V_SHAPED else peaks[-1]
-        out[key] = ScheduleCost(float(e["bubble_fraction"]), float(max(peaks)), "table", float(head))
-    return out
+@lru_cache(maxsize=4096)
+def simulated(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
+    """Bubble and peak activations of the runtime's own action lists, simulated (unit costs)."""
+    result = simulate(build(schedule, pp, m, v))
+    peaks = result.peak_activations
+    head = peaks[0] if schedule in V_SHAPED else peaks[-1]
+    return ScheduleCost(result.bubble_fraction, float(max(peaks)), "simulated", float(head))
 
 
-def tables(path: Path = TABLES) -> dict[tuple[str, int, int, int], ScheduleCost]:
-    """The simulator's tables (empty when the file is absent); reloaded when the file changes."""
-    if not path.exists():
-        return {}
-    return _load_tables(str(path), path.stat().st_mtime)
-
-
-def schedule_cost(schedule: str, pp: int, m: int, v: int = 1,
-                  table: dict[tuple[str, int, int, int], ScheduleCost] | None = None) -> ScheduleCost:
-    """The table entry when there is one (`table` defaults to the simulator's file), else the closed form."""
-    hit = (tables() if table is None else table).get((schedule, pp, m, v))
-    return hit if hit is not None else closed_form(schedule, pp, m, v)
+def schedule_cost(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
+    """The simulated cost within the simulated range, else the closed form."""
+    if pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES:
+        return simulated(schedule, pp, m, v)
+    return closed_form(schedule, pp, m, v)
 
 
 def p2p_per_microbatch(schedule: str, v: int) -> int:
     """Activation sends per rank per microbatch in each direction (one per chunk boundary)."""
     return 2 if schedule in V_SHAPED else max(1, v)
-
-
-def valid_virtual_stages(schedule: str, v: int) -> str | None:
-    """None when `v` suits `schedule`, else the reason (naming the setting to change)."""
-    if schedule in V_SHAPED and v != 2:
-        return f"parallel.schedule={schedule} is V-shaped: set parallel.virtual_stages=2 (got {v})"
-    if schedule == "interleaved" and v < 2:
-        return "parallel.schedule=interleaved needs parallel.virtual_stages >= 2 (or use schedule=1f1b)"
-    if schedule not in V_SHAPED and schedule != "interleaved" and v != 1:
-        return f"parallel.schedule={schedule} runs one chunk per rank: set parallel.virtual_stages=1"
-    return None

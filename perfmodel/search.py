@@ -1,9 +1,10 @@
 """The autotuner: enumerate every valid layout, keep those that fit, rank them by step time.
 
-Searched: dp, pp, cp, tp_col, tp_row, tp_depth (every factorisation of the world size that the
-model's shape allows), ZeRO stage, schedule with its virtual stages, micro-batch size, cp_mode,
+Searched: dp, pp, cp, tp_col, tp_row, tp_depth (every factorisation of the world size), ZeRO stage, schedule with its virtual stages, micro-batch size, cp_mode,
 recomputation, optimizer offload and the activation-offload fraction. Anything in
-`constraints` (the `parallel.*` settings the user fixed) is held.
+`constraints` (the `parallel.*` settings the user fixed) is held. Validity is perfmodel/rules.py's,
+checked group by group as each knob is fixed, so the search proposes exactly the plans
+`Plan.check` accepts.
 
 Pruning keeps it fast (405B on 4,096 GPUs: a few seconds) without losing the optimum:
 - the expensive per-microbatch costs are computed once per (layout, micro-batch, cp_mode,
@@ -21,11 +22,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
 from perfmodel import estimate as est
-from perfmodel import pipeline
+from perfmodel import pipeline, rules
 from perfmodel.memory import activation_parts, combine_activations, state_bytes
+from perfmodel.schedules import V_SHAPED
 from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 
-RECOMPUTE_ORDER = ("none", "selective", "full")
+SCHEDULE_ORDER = ("1f1b", "gpipe", "zbh1", "interleaved", "zbv", "vhalf", "vmin")
 ACT_OFFLOAD = (0.0, 0.5, 1.0)
 MAX_MICRO_BATCH = 16
 MAX_INTERLEAVE = 8
@@ -79,45 +81,53 @@ def _choices(constraints: dict[str, Any], name: str, default: tuple) -> tuple:
     return (constraints[name],) if name in constraints else default
 
 
-def _layouts(m: ModelSpec, world: int, cons: dict[str, Any], gbs: int, seq: int) -> Iterator[dict[str, int]]:
-    """Degree tuples whose product is `world` and that the model's shape and the batch allow."""
-    def options(axis: str, rest: int) -> list[int]:
-        return [cons[axis]] if axis in cons and rest % cons[axis] == 0 else ([] if axis in cons else divisors(rest))
-
-    for pp in options("pp", world):
-        if m.n_layers % pp:
-            continue
-        for cp in options("cp", world // pp):
-            if cp > 1 and seq % (2 * cp):
-                continue
-            for x in options("tp_col", world // (pp * cp)):
-                for y in options("tp_row", world // (pp * cp * x)):
-                    if m.n_heads % (x * y) or m.n_kv_heads % (x * y):
-                        continue
-                    for z in options("tp_depth", world // (pp * cp * x * y)):
-                        tp = x * y * z
-                        if tp > 1 and (m.d_model % tp or m.d_ff % tp or m.vocab_size % tp):
-                            continue
-                        dp = world // (pp * cp * tp)
-                        if "dp" in cons and cons["dp"] != dp:
-                            continue
-                        if gbs % (dp * z):
-                            continue
-                        yield {"dp": dp, "pp": pp, "cp": cp, "tp_col": x, "tp_row": y, "tp_depth": z}
+def _factorisations(world: int, axes: tuple[str, ...], cons: dict[str, Any]) -> Iterator[dict[str, int]]:
+    """Every assignment of degrees to `axes` whose product is `world`, pinned ones held."""
+    if not axes:
+        if world == 1:
+            yield {}
+        return
+    axis, rest = axes[0], axes[1:]
+    for d in ([cons[axis]] if axis in cons else divisors(world)):
+        if d >= 1 and world % d == 0:
+            for tail in _factorisations(world // d, rest, cons):
+                yield {axis: d, **tail}
 
 
-def _schedules(m: ModelSpec, pp: int, cons: dict[str, Any]) -> list[tuple[str, int]]:
-    if pp == 1:
-        return [(cons.get("schedule", "1f1b"), cons.get("virtual_stages", 1))]
-    per_stage = m.n_layers // pp
+def _layouts(m: ModelSpec, world: int, cons: dict[str, Any], seq: int) -> Iterator[Plan]:
+    """Plans with the degrees (and sequence parallelism) set, whose product is `world` and that
+    the split rules accept for this model and sequence."""
+    base = _base(cons)
+    for degrees in _factorisations(world, AXES, cons):
+        sp = _choices(cons, "sequence_parallel", (degrees["tp_col"] * degrees["tp_row"] > 1,))[0]
+        plan = base.replace(sequence_parallel=sp, **degrees)
+        if not rules.split_rules(m, plan, seq):
+            yield plan
+
+
+def _schedules(m: ModelSpec, plan: Plan, micro: int, cons: dict[str, Any]) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) pairs the rules accept for this layout and microbatch count."""
+    if plan.pp == 1:
+        candidates = [(cons.get("schedule", "1f1b"), cons.get("virtual_stages", 1))]
+    else:
+        candidates = [(sched, v) for sched in _choices(cons, "schedule", SCHEDULE_ORDER)
+                      for v in _choices(cons, "virtual_stages", tuple(range(2, MAX_INTERLEAVE + 1))
+                                        if sched == "interleaved" else (2,) if sched in V_SHAPED else (1,))]
     out = []
-    for sched in _choices(cons, "schedule", ("1f1b", "gpipe", "zbh1", "interleaved", "zbv", "vhalf", "vmin")):
-        vs = [v for v in range(2, MAX_INTERLEAVE + 1) if per_stage % v == 0] if sched == "interleaved" else \
-            [2] if sched in pipeline.V_SHAPED else [1]
-        for v in _choices(cons, "virtual_stages", tuple(vs)):
-            if per_stage % v == 0 and pipeline.valid_virtual_stages(sched, v) is None:
-                out.append((sched, v))
+    for sched, v in candidates:
+        p = plan.replace(schedule=sched, virtual_stages=v)
+        if not rules.chunk_rules(m, p) and not rules.schedule_rules(p, micro):
+            out.append((sched, v))
     return out
+
+
+def _base(cons: dict[str, Any]) -> Plan:
+    """The plan holding every non-degree constraint."""
+    base = Plan(**{k: v for k, v in cons.items() if "." not in k and k not in AXES})
+    if "offload.optimizer" in cons or "offload.activations" in cons:
+        base = base.replace(offload=Offload(bool(cons.get("offload.optimizer", False)),
+                                            float(cons.get("offload.activations", 0.0))))
+    return base
 
 
 def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
@@ -125,17 +135,14 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     """Every valid plan that fits, ranked by predicted step time (best per distinct layout)."""
     t0 = time.perf_counter()
     cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
-    base = Plan(**{k: v for k, v in cons.items() if "." not in k and k not in AXES})
-    if "offload.optimizer" in cons or "offload.activations" in cons:
-        base = base.replace(offload=Offload(bool(cons.get("offload.optimizer", False)),
-                                            float(cons.get("offload.activations", 0.0))))
     best: dict[tuple[int, ...], tuple[float, tuple]] = {}
     n_layouts = n_cands = 0
-    table = pipeline.tables()
-    for deg in _layouts(m, world, cons, global_batch_size, seq_len):
+    if rules.model_rules(m) or rules.setting_rules(_base(cons)):
+        return SearchResult([], 0, 0, time.perf_counter() - t0)
+    for layout in _layouts(m, world, cons, seq_len):
         n_layouts += 1
-        key = tuple(deg[a] for a in AXES)
-        timed, found = _best_for_layout(m, c, base, deg, cons, global_batch_size, seq_len, table)
+        key = tuple(getattr(layout, a) for a in AXES)
+        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len)
         n_cands += timed
         if found is not None:
             best[key] = found
@@ -157,16 +164,13 @@ def _complexity(knobs: tuple) -> float:
     return sum(used) + zero / 3
 
 
-def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], cons: dict[str, Any],
-                     gbs: int, seq: int, table: dict) -> tuple[int, tuple[float, tuple] | None]:
+def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int
+                     ) -> tuple[int, tuple[float, tuple] | None]:
     """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None)."""
-    x, y, z = deg["tp_col"], deg["tp_row"], deg["tp_depth"]
-    shards, pp = deg["dp"] * z, deg["pp"]
-    sp = _choices(cons, "sequence_parallel", (x * y > 1,))[0]
-    layout = base.replace(sequence_parallel=sp, **deg)
+    pp = layout.pp
     psi = est.stage_params(m, pp) / layout.tp
     units = est.zero_units(m, layout)
-    zeros = _choices(cons, "zero", (0, 1, 2, 3) if deg["dp"] * deg["cp"] > 1 else (0,))
+    zeros = _choices(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
     states = []  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
     for zero in zeros:
@@ -176,16 +180,16 @@ def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], 
             states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
                            est.optimizer_time(plan, c, psi)))
     facts = _choices(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
-    scheds = _schedules(m, pp, cons)
-    cp_modes = _choices(cons, "cp_mode", ("ring", "ulysses") if deg["cp"] > 1 else ("ring",))
-    recomputes = _choices(cons, "recompute", RECOMPUTE_ORDER)
+    cp_modes = _choices(cons, "cp_mode", rules.CP_MODES if layout.cp > 1 else ("ring",))
+    recomputes = _choices(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
     for mbs in _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))):
-        if gbs % (shards * mbs):
+        if rules.batch_rules(layout.replace(micro_batch_size=mbs), gbs):
             continue
-        micro = gbs // (shards * mbs)
+        micro = layout.replace(micro_batch_size=mbs).microbatches(gbs)
+        scheds = _schedules(m, layout, micro, cons)
         for cp_mode in cp_modes:
-            if cp_mode == "ulysses" and deg["cp"] > 1 and m.n_heads % (deg["cp"] * x * y):
+            if rules.cp_mode_rules(m, layout.replace(cp_mode=cp_mode)):
                 continue
             options = None  # the ZeRO / optimizer-offload choices, fastest first
             for recompute in recomputes:
@@ -198,7 +202,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, base: Plan, deg: dict[str, int], 
                 parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 send = est.p2p_send(m, plan_r, c, seq)
                 for sched, v in scheds:
-                    cost = pipeline.schedule_cost(sched, pp, micro, v, table)
+                    cost = pipeline.schedule_cost(sched, pp, micro, v)
                     p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
                     for frac in facts:  # more offload only adds time: stop once the fastest states fit
                         acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations,

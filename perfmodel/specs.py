@@ -1,16 +1,14 @@
 """Central frozen types shared by the planner, launcher, mechanisms and trainer.
 
-`ModelSpec` is the model's shape, `Plan` the parallel layout (validated by `Plan.check` before
-any process group exists), `Cluster` the hardware. Standard library only.
+`ModelSpec` is the model's shape, `Plan` the parallel layout (validated by `Plan.check`, i.e. the
+rules of perfmodel/rules.py, before any process group exists), `Cluster` the hardware.
+Standard library only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zbh1", "zbv", "vhalf", "vmin")
-RECOMPUTE = ("none", "selective", "full")
-CP_MODES = ("ring", "ulysses")
 AXES = ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")  # outermost first; tp_col innermost
 
 
@@ -43,17 +41,13 @@ class ModelSpec:
         return self.d_model // self.n_heads
 
     def check(self) -> None:
-        if self.d_model % self.n_heads:
-            raise PlanError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise PlanError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise PlanError(f"RoPE needs an even head dim; change model.d_model or model.n_heads (head_dim={self.head_dim})")
-        for name, value, allowed in (("norm", self.norm, ("rmsnorm", "layernorm")),
-                                     ("pos", self.pos, ("rope", "learned")),
-                                     ("mlp", self.mlp, ("swiglu", "gelu"))):
-            if value not in allowed:
-                raise PlanError(f"model.{name}={value!r} is not one of {allowed}")
+        """Raise PlanError naming the setting when the model's own shape is invalid
+        (the rules live in perfmodel/rules.py)."""
+        from perfmodel import rules
+
+        found = rules.model_rules(self)
+        if found:
+            raise PlanError("; ".join(v.message for v in found))
 
 
 @dataclass(frozen=True)
@@ -66,19 +60,19 @@ class Offload:
 class Plan:
     """The parallel layout. tp = tp_col * tp_row * tp_depth; Megatron 1D TP is tp_col=tp."""
 
-    dp: int = 1
-    pp: int = 1
-    cp: int = 1
-    tp_col: int = 1
-    tp_row: int = 1
-    tp_depth: int = 1
+    dp: int = 1  # data parallel degree
+    pp: int = 1  # pipeline stages
+    cp: int = 1  # context (sequence) parallel degree
+    tp_col: int = 1  # tensor parallel, X axis (Megatron 1D TP is tp_col=t)
+    tp_row: int = 1  # tensor parallel, Y axis
+    tp_depth: int = 1  # tensor parallel, Z axis (weights sharded, batch split like DP)
     zero: int = 0  # 0 = plain data parallel, 1/2/3 = ZeRO stage
-    sequence_parallel: bool = False
-    cp_mode: str = "ring"
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
-    micro_batch_size: int = 1
-    recompute: str = "none"
+    sequence_parallel: bool = False  # Megatron-SP: activations split along the sequence over tp_col
+    cp_mode: str = "ring"  # ring | ulysses
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zbh1 | zbv | vhalf | vmin (none: no pipeline)
+    virtual_stages: int = 1  # chunks per rank: interleaved >= 1, V shapes (zbv, vhalf, vmin) 2, others 1
+    micro_batch_size: int = 1  # sequences per microbatch per data shard
+    recompute: str = "none"  # none | selective | full
     recompute_layers: int = -1  # how many layers per stage recompute; -1 = all
     offload: Offload = field(default_factory=Offload)
     # overlap switches
@@ -109,75 +103,11 @@ class Plan:
         return global_batch_size // (self.data_shards * self.micro_batch_size)
 
     def check(self, model: ModelSpec, world: int, global_batch_size: int, seq_len: int) -> None:
-        """Raise PlanError naming the setting to change; never touches torch.distributed."""
-        model.check()
-        for axis in AXES + ("virtual_stages", "micro_batch_size"):
-            if getattr(self, axis) < 1:
-                raise PlanError(f"parallel.{axis}={getattr(self, axis)} must be >= 1")
-        if self.world_size != world:
-            shown = " x ".join(f"{a}={getattr(self, a)}" for a in AXES)
-            raise PlanError(
-                f"the layout {shown} covers {self.world_size} ranks but the job has {world}; "
-                f"change parallel.dp (or another degree) so their product is {world}, "
-                f"or launch.nproc_per_node / the number of tasks")
-        if self.zero not in (0, 1, 2, 3):
-            raise PlanError(f"parallel.zero={self.zero} must be 0, 1, 2 or 3")
-        if self.schedule not in SCHEDULES:
-            raise PlanError(f"parallel.schedule={self.schedule!r} is not one of {SCHEDULES}")
-        if self.recompute not in RECOMPUTE:
-            raise PlanError(f"parallel.recompute={self.recompute!r} is not one of {RECOMPUTE}")
-        if self.cp_mode not in CP_MODES:
-            raise PlanError(f"parallel.cp_mode={self.cp_mode!r} is not one of {CP_MODES}")
-        if not 0.0 <= self.offload.activations <= 1.0:
-            raise PlanError(f"parallel.offload.activations={self.offload.activations} must be in [0, 1]")
-        if self.bucket_mb <= 0:
-            raise PlanError(f"parallel.bucket_mb={self.bucket_mb} must be > 0")
-        self._check_model_split(model)
-        self._check_batch(global_batch_size, seq_len, model)
+        """Raise PlanError naming every setting to change (perfmodel/rules.py); never touches
+        torch.distributed."""
+        from perfmodel import rules
 
-    def _check_model_split(self, model: ModelSpec) -> None:
-        # 3D tensor parallelism: heads split over tp_col; every weight piece split again over
-        # tp_depth in whole rows (so checkpoints reshard as blocks)
-        x, y, z = self.tp_col, self.tp_row, self.tp_depth
-        for name, value, by, knob in (
-                ("model.n_heads", model.n_heads, x, "parallel.tp_col"),
-                ("model.n_kv_heads", model.n_kv_heads, x, "parallel.tp_col"),
-                ("model.d_ff", model.d_ff, x * z, "parallel.tp_col * parallel.tp_depth"),
-                ("model.vocab_size", model.vocab_size, x * z, "parallel.tp_col * parallel.tp_depth"),
-                ("model.d_model", model.d_model, y * z, "parallel.tp_row * parallel.tp_depth"),
-                ("model.d_model", model.d_model, x * z, "parallel.tp_col * parallel.tp_depth"),
-                ("model.n_kv_heads * head_dim", model.n_kv_heads * model.head_dim, x * z,
-                 "parallel.tp_col * parallel.tp_depth")):
-            if value % by:
-                raise PlanError(f"{name}={value} is not divisible by {knob} = {by}; change {name} or {knob}")
-        if model.tied_embeddings and self.tp > 1:
-            raise PlanError("model.tied_embeddings=true is not supported with tensor parallelism; set "
-                            "model.tied_embeddings=false or parallel.tp_col = tp_row = tp_depth = 1")
-        chunks = self.pp * self.virtual_stages
-        if model.n_layers % chunks:
-            raise PlanError(f"model.n_layers={model.n_layers} is not divisible by parallel.pp * "
-                            f"parallel.virtual_stages = {chunks}; change parallel.pp or parallel.virtual_stages")
-        if self.cp_mode == "ulysses" and self.cp > 1 and model.n_heads % (self.cp * x):
-            raise PlanError(f"Ulysses context parallelism needs model.n_heads={model.n_heads} divisible by "
-                            f"parallel.cp * parallel.tp_col = {self.cp * x}; change parallel.cp or set "
-                            f"parallel.cp_mode=ring")
-
-    def _check_batch(self, global_batch_size: int, seq_len: int, model: ModelSpec) -> None:
-        per_step = self.data_shards * self.micro_batch_size
-        if global_batch_size < 1 or global_batch_size % per_step:
-            raise PlanError(
-                f"train.global_batch_size={global_batch_size} is not divisible by parallel.dp * tp_depth * "
-                f"parallel.micro_batch_size = {per_step}; change train.global_batch_size or parallel.micro_batch_size")
-        if self.cp > 1 and seq_len % (2 * self.cp):
-            raise PlanError(f"train.seq_len={seq_len} is not divisible by 2 * parallel.cp = {2 * self.cp} "
-                            f"(zig-zag context split); change train.seq_len or parallel.cp")
-        if self.sequence_parallel and self.tp_col > 1 and (seq_len // self.cp) % self.tp_col:
-            raise PlanError(f"sequence parallelism splits each rank's train.seq_len / parallel.cp = "
-                            f"{seq_len // self.cp} tokens over parallel.tp_col={self.tp_col}; change train.seq_len "
-                            f"or parallel.tp_col")
-        if seq_len > model.max_seq_len:
-            raise PlanError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
-                            f"raise model.max_seq_len or lower train.seq_len")
+        rules.check(model, self, world, global_batch_size, seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -234,3 +164,18 @@ class Cluster:
     def ranks_per_unit(self) -> float:
         """How many ranks share one processor (1 on GPUs)."""
         return max(1.0, self.gpus_per_node / self.compute_units) if self.compute_units > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW with warm-up + cosine learning-rate decay (axon/optim.py; ZeRO's flat-shard copy in
+    parallel/zero_optim.py). The learning rate itself is `train.lr`."""
+
+    name: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only; norms and biases do not decay
+    grad_clip: float = 1.0  # global-norm clipping threshold (0 disables)
+    warmup_steps: int = 10  # linear warm-up from lr / warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

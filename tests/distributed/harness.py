@@ -11,27 +11,17 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
-from datetime import timedelta
 from typing import Any, Callable
 
+import torch.distributed as dist
+
 from launch.grid import free_groups
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch.local import free_port, init_local
 
 
 def _worker(rank: int, world: int, port: int, tasks: Any, results: Any, timeout_s: float) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    init_local(rank, world, port, timeout_s)
     while True:
         task = tasks.get()
         if task is None:
@@ -50,7 +40,7 @@ class WorkerPool:
         self.world = world
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
         env_threads = os.environ.get("OMP_NUM_THREADS")

@@ -18,6 +18,7 @@ from launch.grid import Grid
 from tests.distributed.tp_driver import local_slice
 from parallel.data import DataParallel
 from parallel import tensor
+from parallel.layout import replicated
 from parallel.pipeline import apply
 from perfmodel.specs import ModelSpec, Offload, Plan
 
@@ -56,6 +57,11 @@ def parity_many(dp: int, pp: int, configs: list[dict], microbatches: int = 4) ->
     return [parity(make_plan(pp, dp=dp, **cfg), microbatches, grid=grid) for cfg in configs]
 
 
+def _die(logits, targets):
+    """A loss function that kills its rank (a peer dying in the middle of the schedule)."""
+    os._exit(3)
+
+
 def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = None,
            timeout_s: float = 60.0, grid: Grid | None = None) -> dict:
     grid = grid if grid is not None else Grid.build(plan, dist.get_rank(), dist.get_world_size())
@@ -68,10 +74,7 @@ def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = N
     global_samples = microbatches * plan.micro_batch_size * plan.dp
     global_tokens = global_samples * SEQ
     local = batch(0, grid.axis("dp").coord, microbatches * plan.micro_batch_size)
-    killer = loss_fn
-    if kill_rank is not None and grid.rank == kill_rank:
-        def killer(logits, targets):  # the peer dies in the middle of the schedule
-            os._exit(3)
+    killer = _die if kill_rank is not None and grid.rank == kill_rank else loss_fn
     loss = pipe.step(microbatches_of(local, plan.micro_batch_size), killer, global_tokens, sync, track_memory=True)
     sync.finish()
     sync.remove()
@@ -96,10 +99,6 @@ def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = N
             "names": sorted(named), "memory": pipe.last_memory, "layers": [list(r) for r in pipe.layers]}
 
 
-class _NoSync:
-    sync = True
-
-
 def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
     """pp2 x tp2 x dp2 (8 ranks): tensor parallelism applied to every chunk, gradients summed over
     each parameter's grad_axes; compared with this rank's slices of the single-process gradients."""
@@ -110,12 +109,12 @@ def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
         pipe = apply(SPEC, plan, grid, chunk_builder(SPEC), SEQ)
         tps = {c: tensor.apply(chunk, SPEC, plan, grid) for c, chunk in pipe.chunks.items()}
         for c, chunk in pipe.chunks.items():
-            materialize(chunk, SPEC, SEED, torch.device("cpu"), shards=tps[c].shards, full_shapes=tps[c].full_shapes)
+            materialize(chunk, SPEC, SEED, torch.device("cpu"), tps[c].layouts)
         last = pipe.n_chunks - 1
         global_tokens = microbatches * plan.dp * SEQ
         local = batch(0, grid.axis("dp").coord, microbatches)
         tp_loss = tps[last].loss_fn if last in tps else loss_fn
-        loss = pipe.step(microbatches_of(local, 1), tp_loss, global_tokens, _NoSync())
+        loss = pipe.step(microbatches_of(local, 1), tp_loss, global_tokens, None)
         dist.all_reduce(loss, group=grid.axis("pp").group)
         dist.all_reduce(loss, group=grid.group("dp", "cp").group)
         ref = build(SPEC)
@@ -130,10 +129,9 @@ def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
         grad_err = 0.0
         for c, chunk in pipe.chunks.items():
             for name, p in chunk.named_parameters():
-                dist.all_reduce(p.grad, group=grid.group(*tps[c].grad_axes.get(name, ("dp", "cp"))).group)
-                want = ref_named[name].grad
-                if name in tps[c].shards:
-                    want = local_slice(want, tps[c].shards[name]).reshape(p.shape)
+                layout = tps[c].layouts.get(name) or replicated(p.shape)
+                dist.all_reduce(p.grad, group=grid.group(*layout.grad_axes).group)
+                want = local_slice(ref_named[name].grad, layout.shard).reshape(p.shape)
                 grad_err = max(grad_err, ((p.grad - want).norm() / want.norm().clamp_min(1e-3)).item())
         out.append({"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err})
     return out

@@ -8,20 +8,10 @@ import shutil
 from dataclasses import replace
 
 import pytest
-import torch
-import torch.distributed as dist
 
 from axon import checkpoint as ckpt
-from axon import trainer
 from axon.checkpoint import CheckpointError
-from launch.grid import Grid
-from tests.distributed.test_data_parallel import make_cfg
-
-
-def train(cfg):
-    grid = Grid.build(cfg.plan, dist.get_rank(), dist.get_world_size())
-    r = trainer.run(cfg, grid, torch.device("cpu"))
-    return r.start_step, r.losses
+from tests.distributed.trainer_driver import make_cfg, train
 
 
 def try_train(cfg):

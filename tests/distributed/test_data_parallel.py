@@ -8,15 +8,8 @@ import torch
 import torch.distributed as dist
 
 from axon import trainer
-from axon.config import freeze, load
 from launch.grid import Grid
-
-TINY = ["model.n_layers=2", "train.seq_len=32", "train.global_batch_size=8", "train.lr=3e-3",
-        "optim.warmup_steps=2", "logger.wandb.mode=disabled", "train.progress=false", "checkpoint.at_end=false"]
-
-
-def make_cfg(tmp_path, name: str, *overrides: str):
-    return freeze(load(TINY + [f"run.dir={tmp_path / name}", *overrides]))
+from tests.distributed.trainer_driver import make_cfg
 
 
 def train_on_ranks(cfg):
@@ -29,8 +22,8 @@ def dp_bucket_stats(cfg):
     grid = Grid.build(cfg.plan, dist.get_rank(), dist.get_world_size())
     t = trainer.Trainer(cfg, grid, torch.device("cpu"))
     t.step(0)
-    stats = t.dp.reset_stats()
-    t.dp.remove()
+    stats = t.engine.reset_stats()  # the data-parallel engine's DataParallel counters
+    t.engine.remove()
     return stats.launched_in_backward, stats.buckets, stats.bytes_reduced
 
 
@@ -39,7 +32,7 @@ def test_dp4_matches_dp1_over_10_steps(tmp_path, dist_pools):
     ref = dist_pools.run(1, train_on_ranks, make_cfg(tmp_path, "dp1", *steps))[0]
     got = dist_pools.run(4, train_on_ranks, make_cfg(tmp_path, "dp4", "parallel.dp=4", *steps))
     assert all(g == got[0] for g in got)  # every rank reports the same (all-reduced) loss
-    assert ref[-1] < ref[0]
+    assert ref[-1] < ref[0] and len(ref) == len(got[0]) == 10
     for a, b in zip(ref, got[0]):
         assert a == pytest.approx(b, rel=1e-5)
 

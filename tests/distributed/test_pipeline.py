@@ -6,8 +6,8 @@ import queue
 
 import pytest
 
-from parallel.schedule_sim import simulate
-from parallel.schedules import SCHEDULES, V_SHAPED, build
+from perfmodel.schedule_sim import simulate
+from perfmodel.schedules import SCHEDULES, V_SHAPED, build
 from tests.distributed.harness import WorkerPool
 from tests.distributed.pipeline_driver import make_plan, parity, parity_many, parity_tp
 

@@ -1,5 +1,5 @@
 """A checkpoint saved under one tensor layout loads under another (and without tensor
-parallelism): parameters are DTensors of the full tensors (`TensorParallel.to_checkpoint`), so
+parallelism): parameters are DTensors of the full tensors (`parallel.layout_dtensor`), so
 torch.distributed.checkpoint reshards them; the loaded values equal the saved ones.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from axon import checkpoint as ckpt
 from axon.init import materialize
 from axon.model import build
 from launch.grid import Grid
+from parallel.layout_dtensor import TensorMesh
 from parallel.tensor import apply
 from perfmodel.specs import ModelSpec, Plan
 from tests.distributed.tp_driver import SEED, batch, build_reference, build_tp, local_slice, reference_step, sgd, tp_step
@@ -35,7 +36,8 @@ def _save(root: str, plan_kw: dict) -> None:
     model, tp = build_tp(spec, plan, grid)
     tp_step(model, tp, plan, grid, batch(spec, plan, 0))
     sgd(model)
-    state = {n: tp.to_checkpoint(n, p.data) for n, p in model.named_parameters()}
+    mesh = TensorMesh(grid)
+    state = {n: mesh.to_dtensor(tp.layouts[n], p.data) for n, p in model.named_parameters()}
     ckpt.save(Path(root), 1, state, {}, {"model": {}}, keep=1)
 
 
@@ -46,15 +48,16 @@ def _load(root: str, plan_kw: dict) -> float:
     model = build(spec)
     tp = apply(model, spec, plan, grid) if plan.tp > 1 else None
     materialize(model, spec, SEED + 1, torch.device("cpu"),  # other values, so the load must overwrite them
-                shards=tp.shards if tp else {}, full_shapes=tp.full_shapes if tp else {})
+                tp.layouts if tp else None)
     named = dict(model.named_parameters())
-    state = {n: tp.to_checkpoint(n, p.data) if tp else p.data for n, p in named.items()}
+    mesh = TensorMesh(grid)
+    state = {n: mesh.to_dtensor(tp.layouts[n], p.data) if tp else p.data for n, p in named.items()}
     ckpt.load(ckpt.step_dir(Path(root), 1), state, {})
     want, worst = _expected(), 0.0
     for n, p in named.items():
         with torch.no_grad():
-            p.copy_(tp.from_checkpoint(n, state[n]) if tp else state[n])
-        exp = local_slice(want[n], tp.shards[n]).reshape(p.shape) if tp else want[n]
+            p.copy_(mesh.from_dtensor(tp.layouts[n], state[n]) if tp else state[n])
+        exp = local_slice(want[n], tp.layouts[n].shard).reshape(p.shape) if tp else want[n]
         worst = max(worst, ((p - exp).norm() / exp.norm()).item())
     return worst
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.test_checkpoint import train
-from tests.distributed.test_data_parallel import make_cfg
-
-# clipping active: the global norm must be right; 4 layers so pipelines get several chunks
-STEPS = ["train.steps=3", "optim.grad_clip=0.5", "model.n_layers=4"]
+from tests.distributed.trainer_driver import STEPS, make_cfg, train
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from tests.distributed.test_checkpoint import train
-from tests.distributed.test_data_parallel import make_cfg
-from tests.distributed.test_trainer_4d import STEPS
+from tests.distributed.trainer_driver import STEPS, make_cfg, train
 
 
 @pytest.fixture(scope="module")

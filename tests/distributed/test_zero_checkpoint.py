@@ -1,6 +1,6 @@
 """Checkpoints stay layout-independent under ZeRO: saved under ZeRO-3 dp=4, loaded under ZeRO-1
-dp=2, saved again and loaded with no ZeRO (DataParallel + torch AdamW), every parameter and Adam
-state equal to the original at each hop."""
+dp=2, saved again and loaded with no ZeRO (the data-parallel engine: DataParallel + torch AdamW),
+every parameter and Adam state equal to the original at each hop."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +10,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from axon import checkpoint as ckpt
-from benchmarks import zero_driver as drv
 from perfmodel.specs import Plan
+from tests.distributed import zero_driver as drv
 
 
 def _local(state: dict) -> dict:
@@ -26,16 +26,16 @@ def _local(state: dict) -> dict:
 
 
 def save_after_training(plan: Plan, root: str, steps: int) -> None:
-    model, engine, grid = drv.make(plan, True)
+    model, engine, grid = drv.make(plan)
     for s in range(steps):
         drv.train_step(model, engine, grid, plan, s)
-    ckpt.save(Path(root), steps, *engine.checkpoint_state(), {"step": steps}, keep=0)
+    ckpt.save(Path(root), steps, *engine.state_dict(), {"step": steps}, keep=0)
     engine.remove()
 
 
 def load_into_engine_and_resave(plan: Plan, src: str, dst: str) -> tuple[dict, dict]:
-    model, engine, grid = drv.make(plan, True)
-    model_state, optim_state = engine.checkpoint_state()
+    model, engine, grid = drv.make(plan)
+    model_state, optim_state = engine.state_dict()
     ckpt.load(Path(src), model_state, optim_state)
     engine.after_load()
     ckpt.save(Path(dst), 1, model_state, optim_state, {}, keep=0)
@@ -44,11 +44,10 @@ def load_into_engine_and_resave(plan: Plan, src: str, dst: str) -> tuple[dict, d
 
 
 def load_plain(plan: Plan, src: str) -> tuple[dict, dict]:
-    model, plain, grid = drv.make(plan, False)
-    named = dict(model.named_parameters())
-    model_state = {n: p.data for n, p in named.items()}
-    optim_state = ckpt.optimizer_state(named, plain.opt, lambda name, t: t)
+    model, plain, grid = drv.make(plan)  # zero=0, no offload: the data-parallel engine
+    model_state, optim_state = plain.state_dict()
     ckpt.load(Path(src), model_state, optim_state)
+    plain.after_load()
     plain.remove()
     return _local(model_state), _local(optim_state)
 

@@ -1,5 +1,5 @@
 """Measured model-state bytes per rank (axon.memory, unique storages after a training step) equal
-the ZeRO formulas of DESIGN.md section 4 within 5%, for dp in {2, 4, 8} and every stage; and
+the ZeRO formulas (perfmodel.memory.model_states) within 5%, for dp in {2, 4, 8} and every stage; and
 ZeRO-3's peak memory in a training step is at most PyTorch FSDP2's on the same model and ranks.
 
 The formulas are written for mixed precision (2-byte weights and gradients, K = 12 for the fp32
@@ -16,11 +16,10 @@ import pytest
 import torch
 from torch._C._profiler import _EventType
 
-from axon.memory import data_parallel_roles, model_state_bytes
-from benchmarks import zero_driver as drv
-from benchmarks import zero_fsdp
+from axon.memory import model_state_bytes
 from perfmodel.flops import n_params
 from perfmodel.specs import ModelSpec, Offload, Plan
+from tests.distributed import zero_driver as drv
 
 # Blocks large enough that parameters and gradients, not only activations, shape the peak
 PEAK_SPEC = ModelSpec(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, d_ff=176, vocab_size=64, max_seq_len=16)
@@ -29,12 +28,9 @@ PEAK_SPEC = ModelSpec(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, d_ff=176,
 def measure(plans: list[Plan]) -> list[dict[str, int]]:
     out = []
     for plan in plans:
-        model, engine, grid = drv.make(plan, plan.zero > 0 or plan.offload.optimizer)
+        model, engine, grid = drv.make(plan)
         drv.train_step(model, engine, grid, plan, 0)
-        if isinstance(engine, drv.Plain):
-            out.append(model_state_bytes(data_parallel_roles(model, engine.dp, engine.opt)))
-        else:
-            out.append(model_state_bytes(engine.state_tensors()))
+        out.append(model_state_bytes(engine.state_tensors()))
         engine.remove()
     return out
 
@@ -80,8 +76,8 @@ def allocator_peak(fn: Callable[[], object]) -> int:
 
 def step_peaks(plan: Plan) -> dict[str, int]:
     out = {}
-    for kind in ("ours", "fsdp2"):
-        model, engine, grid = zero_fsdp.setup(kind, plan, PEAK_SPEC)
+    for kind, make in (("ours", drv.make), ("fsdp2", drv.make_fsdp2)):
+        model, engine, grid = make(plan, PEAK_SPEC)
         drv.train_step(model, engine, grid, plan, 0, PEAK_SPEC)  # optimizer states exist from here on
         out[kind] = allocator_peak(lambda: drv.train_step(model, engine, grid, plan, 1, PEAK_SPEC))
         engine.remove()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.test_zero_tp import _variants, train_all
+from tests.distributed.trainer_driver import train_all, variants
 
 
 @pytest.mark.parametrize("layout,world,extras", [
@@ -15,7 +15,7 @@ from tests.distributed.test_zero_tp import _variants, train_all
      [[], ["parallel.zero=2"], ["parallel.zero=3", "parallel.offload.optimizer=true"]]),
 ], ids=["interleaved-dp2", "zbv"])
 def test_zero_with_pipeline_chunks_matches_plain(layout, world, extras, tmp_path, dist_pools):
-    ref, *got = dist_pools.run(world, train_all, _variants(tmp_path, layout, extras))[0]
+    ref, *got = dist_pools.run(world, train_all, variants(tmp_path, layout, extras))[0]
     assert ref[-1] < ref[0]
     for losses in got:
         assert losses == pytest.approx(ref, rel=1e-5)

@@ -7,17 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.test_checkpoint import train
-from tests.distributed.test_data_parallel import make_cfg
-from tests.distributed.test_trainer_4d import STEPS
-
-
-def train_all(cfgs: list) -> list[list[float]]:
-    return [train(cfg)[1] for cfg in cfgs]
-
-
-def _variants(tmp_path, layout: list[str], extras: list[list[str]]) -> list:
-    return [make_cfg(tmp_path, f"v{i}", *layout, *extra, *STEPS) for i, extra in enumerate(extras)]
+from tests.distributed.trainer_driver import STEPS, make_cfg, train, train_all, variants
 
 
 @pytest.mark.parametrize("layout,world,extras", [
@@ -29,7 +19,7 @@ def _variants(tmp_path, layout: list[str], extras: list[list[str]]) -> list:
      [[], ["parallel.zero=1"], ["parallel.zero=3"]]),
 ], ids=["tp2-dp2", "tp2-sp-dp2", "tp2-depth2-dp2"])
 def test_zero_with_tp_matches_plain(layout, world, extras, tmp_path, dist_pools):
-    ref, *got = dist_pools.run(world, train_all, _variants(tmp_path, layout, extras))[0]
+    ref, *got = dist_pools.run(world, train_all, variants(tmp_path, layout, extras))[0]
     assert ref[-1] < ref[0]
     for losses in got:
         assert losses == pytest.approx(ref, rel=1e-5)

@@ -59,7 +59,7 @@ def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
 def build_tp(spec: ModelSpec, plan: Plan, grid: Grid):
     model = build(spec)
     tp = apply(model, spec, plan, grid)
-    materialize(model, spec, SEED, torch.device("cpu"), shards=tp.shards, full_shapes=tp.full_shapes)
+    materialize(model, spec, SEED, torch.device("cpu"), tp.layouts)
     return model, tp
 
 
@@ -77,7 +77,7 @@ def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor) -> float:
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum, group=grid.group("dp", "cp", "tp_depth").group)
     for name, p in model.named_parameters():
-        dist.all_reduce(p.grad, group=grid.group(*tp.grad_axes[name]).group)
+        dist.all_reduce(p.grad, group=grid.group(*tp.layouts[name].grad_axes).group)
     return loss_sum.item() / n_tokens
 
 
@@ -98,12 +98,13 @@ def parity(cases: list[tuple[dict, dict]], steps: int = 1) -> list[dict]:
             res["bytes"].append(tp.comm.reset())
             ref_grads = dict((n, p.grad) for n, p in ref.named_parameters())
             for name, p in model.named_parameters():
-                want = local_slice(ref_grads[name], tp.shards[name]).reshape(p.shape)
+                want = local_slice(ref_grads[name], tp.layouts[name].shard).reshape(p.shape)
                 # relative error; a gradient that is zero in exact arithmetic (the key bias with
                 # learned positions: softmax ignores a per-query constant) is compared absolutely
                 err = ((p.grad - want).norm() / want.norm().clamp_min(1e-3)).item()
                 res["grad_err"][name] = max(err, res["grad_err"].get(name, 0.0))
             sgd(ref)
             sgd(model)
+            tp.weights_changed()
         out.append(res)
     return out

@@ -8,6 +8,7 @@ usage: python -m tests.integration.launch_worker OUT_DIR MODE [TIMEOUT_S]
   MODE fail-one: rank 0 ignores SIGTERM and sleeps, the others exit with code 3.
   MODE sleep: every rank sleeps (to be stopped from outside).
 Every rank first writes its pid to OUT_DIR/pid<r>.
+Below main: functions the launch.local.spawn test runs on every rank.
 """
 from __future__ import annotations
 
@@ -60,6 +61,24 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     launch_dist.shutdown()
+
+
+# ---- functions for launch.local.spawn (run on every rank, torch.distributed initialized) ----
+
+def rank_sum() -> tuple[int, float, int]:
+    """(rank, the all-reduced sum of rank + 1, CPU threads)."""
+    x = torch.tensor([float(dist.get_rank() + 1)])  # [1]
+    dist.all_reduce(x)
+    return dist.get_rank(), x.item(), torch.get_num_threads()
+
+
+def fail_on_rank(rank: int, how: str) -> None:
+    """Rank `rank` raises (how="raise") or exits abruptly (how="exit"); the others wait in a barrier."""
+    if dist.get_rank() == rank:
+        if how == "raise":
+            raise ValueError(f"rank {rank} fails on purpose")
+        os._exit(7)
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -24,14 +24,10 @@ from typing import Optional
 
 import pytest
 
+from launch.dist import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 START_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -89,8 +85,8 @@ ClusterName=axontest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.socket},cred_expire=5

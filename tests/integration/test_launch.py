@@ -3,6 +3,7 @@ killed mid-job, `mpiexec` with the mpi4py rendezvous, a fabricated Slurm step, t
 timeout on a hung collective, and the backend choice."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,12 +18,15 @@ import torch
 
 from launch import dist as launch_dist
 from launch.env import detect
+from launch.local import spawn
 from launch.spawn import run_local
 
 WORKER = "tests.integration.launch_worker"
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS")
+
+PARENT_DEATH_S = 10.0  # a worker must be gone this soon after its supervisor is SIGKILLed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,10 +112,35 @@ def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux only")
 def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     sup, pids = _start_supervisor(tmp_path)
-    sup.kill()
-    sup.wait()
-    while any(_alive(pid) for pid in pids):  # bounded by the test timeout
+    assert all(_alive(pid) for pid in pids)
+    sup.kill()  # SIGKILL: no handler runs, only the parent-death signal can stop the workers
+    assert sup.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + PARENT_DEATH_S
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:  # do not leak them into the rest of the run
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived their SIGKILLed supervisor by {PARENT_DEATH_S} s"
+
+
+def test_local_spawn_returns_every_rank_result() -> None:
+    from tests.integration import launch_worker
+
+    assert spawn(3, launch_worker.rank_sum, timeout_s=60) == [(r, 6.0, 1) for r in range(3)]
+
+
+@pytest.mark.parametrize("how,cause", [("raise", "ValueError: rank 1 fails on purpose"),
+                                       ("exit", "exited with code 7 without a Python exception")])
+def test_local_spawn_fails_loudly_when_a_rank_fails(how: str, cause: str) -> None:
+    """The failing rank is named first (not its peer, whose barrier broke), with its own error."""
+    from tests.integration import launch_worker
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"^rank 1 failed in fail_on_rank:\n(.*\n)*{cause}"):
+        spawn(2, launch_worker.fail_on_rank, 1, how, timeout_s=300)
+    assert time.monotonic() - t0 < 90  # the survivor was stopped, not left to its 300 s collective timeout
 
 
 def _mpiexec() -> str:

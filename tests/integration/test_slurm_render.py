@@ -56,6 +56,7 @@ def test_golden(case):
 def test_every_cluster_preset_has_a_golden_script():
     presets = {p.stem for p in (Path(submit.__file__).parents[1] / "configs" / "cluster").glob("*.yaml")}
     covered = {_job(o).template for o in CASES.values()}
+    assert presets, "no cluster presets found: the configs/cluster path moved"
     assert all(submit.template_name(load([f"cluster={p}"])) in covered for p in presets)
 
 
@@ -91,7 +92,7 @@ def test_injection_reaches_the_trainer_as_text(tmp_path):
 def test_header_values_keep_their_text_under_sbatch_quoting():
     # sbatch reads '#SBATCH' arguments with shell-like quoting; shlex.quote output is what it expects
     script = render(_job(CASES["injection"]))
-    assert f"#SBATCH --job-name='x; rm -rf ~ $(touch pwned) `id` \"q\" it'\"'\"'s'" in script
+    assert "#SBATCH --job-name='x; rm -rf ~ $(touch pwned) `id` \"q\" it'\"'\"'s'" in script
 
 
 def test_auto_plan_is_recorded_as_explicit_overrides():

@@ -1,5 +1,5 @@
 """Measured activation bytes of one Block (axon.memory.ActivationMeter) against Korthikanti et al.
-(DESIGN.md section 4), adjusted to these runs, and the meter's bookkeeping.
+(docs/architecture.md, Formulas), adjusted to these runs, and the meter's bookkeeping.
 
 The paper's per-layer bytes, bf16 with dropout: sbh(34 + 5as/h). Adjusted:
 - no dropout: the two residual dropout masks (sbh each, 1 byte/element), the attention dropout

@@ -1,10 +1,10 @@
-"""Schedule bubbles and peak activations: closed forms, and the simulator's tables."""
-import json
+"""Schedule bubbles and peak activations: closed forms, and the simulator."""
 
 import pytest
 
 from perfmodel import pipeline
 from perfmodel.pipeline import ScheduleCost, closed_form, schedule_cost
+from tests.unit.schedule_grid import grid
 
 
 @pytest.mark.parametrize("sched,v,bubble,peak", [
@@ -26,41 +26,27 @@ def test_no_pipeline_no_bubble():
     assert closed_form("1f1b", 1, 8) == ScheduleCost(0.0, 1.0, "closed-form")
 
 
-def test_table_entries_win(tmp_path):
-    path = tmp_path / "tables.json"
-    path.write_text(json.dumps({"version": 1, "entries": [
-        {"schedule": "1f1b", "pp": 4, "microbatches": 8, "virtual_stages": 1, "bubble_fraction": 0.3,
-         "peak_activations": [4.0, 3.0, 2.0, 1.0]}]}))
-    table = pipeline.tables(path)
-    assert schedule_cost("1f1b", 4, 8, 1, table) == ScheduleCost(0.3, 4.0, "table")
-    assert schedule_cost("1f1b", 4, 16, 1, table).source == "closed-form"
-    path.write_text("{")
-    with pytest.raises(ValueError, match="regenerate"):
-        pipeline.tables(path)
+def test_costs_are_simulated_within_range_and_closed_form_beyond():
+    assert schedule_cost("1f1b", 4, 8).source == "simulated"
+    assert schedule_cost("1f1b", 4, 8) == pipeline.simulated("1f1b", 4, 8, 1)
+    assert schedule_cost("1f1b", 4, pipeline.SIMULATED_MICROBATCHES + 4).source == "closed-form"
+    assert schedule_cost("1f1b", pipeline.SIMULATED_PP * 2, 8).source == "closed-form"
 
 
-def test_virtual_stage_rules():
-    assert pipeline.valid_virtual_stages("zbv", 2) is None
-    assert "virtual_stages=2" in pipeline.valid_virtual_stages("vhalf", 3)
-    assert "virtual_stages >= 2" in pipeline.valid_virtual_stages("interleaved", 1)
+def test_p2p_per_microbatch():
     assert pipeline.p2p_per_microbatch("interleaved", 4) == 4 and pipeline.p2p_per_microbatch("vmin", 2) == 2
 
 
 def test_closed_forms_agree_with_the_simulator():
-    """The cross-check of DESIGN.md section 5: where the closed forms are exact (GPipe, 1F1B,
-    interleaved with m a multiple of p) and for every schedule's peak memory, they match the tables."""
-    table = pipeline.tables()
-    if not table:
-        pytest.skip("perfmodel/schedule_tables.json not generated")
+    """Where the closed forms are exact (GPipe, 1F1B, interleaved with m a multiple of p) and for
+    every schedule's peak memory, they match the simulation of the runtime's action lists."""
     checked = 0
-    for (sched, p, m, v), entry in table.items():
-        if p == 1 or sched not in ("gpipe", "1f1b", "interleaved", "zbh1", "zbv", "vhalf", "vmin"):
+    for sched, p, m, v in grid():
+        if m < p:
             continue
-        if pipeline.valid_virtual_stages(sched, v) is not None or m < p:
-            continue
-        ours = closed_form(sched, p, m, v)
+        entry, ours = pipeline.simulated(sched, p, m, v), closed_form(sched, p, m, v)
         if sched in ("gpipe", "1f1b") or (sched == "interleaved" and m % p == 0):
             assert entry.bubble_fraction == pytest.approx(ours.bubble_fraction, abs=1e-3), (sched, p, m, v)
         assert entry.peak_activations == pytest.approx(ours.peak_activations, abs=1e-6), (sched, p, m, v)
         checked += 1
-    assert checked > 0
+    assert checked > 50

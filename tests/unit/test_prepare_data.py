@@ -10,7 +10,7 @@ from axon.config import Data
 from axon.data import open_dataset
 from axon.prepare_data import main
 from axon.tokenizer import load_tokenizer
-from tests.unit.test_tokenizer import make_tokenizer_json
+from tests.unit.tokenizer_fixture import make_tokenizer_json
 
 
 def _data(path, dtype="auto", tokenizer="byte"):

@@ -1,9 +1,9 @@
-"""Pipeline schedules as data: the simulator reproduces DESIGN.md section 4's pipeline figures,
+"""Pipeline schedules as data: the simulator reproduces docs/architecture.md, Formulas's pipeline figures,
 every built schedule validates (including PipeOffload variants), and validation catches broken lists."""
 import pytest
 
-from parallel.schedule_sim import simulate, validate
-from parallel.schedules import (B, F, RECV_B, SEND_F, V_SHAPED, W, Action, ScheduleError, build,
+from perfmodel.schedule_sim import simulate, validate
+from perfmodel.schedules import (B, F, RECV_B, SEND_F, V_SHAPED, W, Action, ScheduleError, build,
                                 chunks_per_rank, placement)
 
 

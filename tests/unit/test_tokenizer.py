@@ -1,30 +1,9 @@
 """Byte and Hugging Face tokenizers: round trips, end-of-document token, errors."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from axon.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-
-SENTENCES = [
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune",
-    "must be in want of a wife.",
-    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition",
-]
-
-
-def make_tokenizer_json(path: Path, eot: str = "<|endoftext|>") -> Path:
-    """A tiny BPE tokenizer.json trained on SENTENCES, with `eot` as its special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", eot],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(SENTENCES, trainer=trainer)
-    tok.save(str(path))
-    return path
+from tests.unit.tokenizer_fixture import make_tokenizer_json
 
 
 @pytest.mark.parametrize("text", ["", "hello world", "naïve café — 日本語 🙂\n\ttabs", "\x01\x7f"])

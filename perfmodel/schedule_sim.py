@@ -1,7 +1,6 @@
 """Check and cost pipeline schedules from their action lists alone (pure Python, no torch).
 
-    python -m parallel.schedule_sim --show 1f1b --pp 4 --microbatches 8
-    python -m parallel.schedule_sim --write-table perfmodel/schedule_tables.json
+    python -m perfmodel.schedule_sim --show 1f1b --pp 4 --microbatches 8
 
 `validate` raises ScheduleError on a broken list; `simulate` runs an event-driven simulation that
 respects cross-rank dependencies and reports the bubble, step time, and peak activations.
@@ -18,16 +17,10 @@ OFFLOAD and return at the start of RELOAD; they are reported as `peak_offloaded`
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 
-from parallel.schedules import (B, COMM, COMPUTE, F, KINDS, OFFLOAD, RECV_B, RECV_F, RELOAD, SCHEDULES,
+from perfmodel.schedules import (B, COMM, COMPUTE, F, KINDS, OFFLOAD, RECV_B, RECV_F, RELOAD, SCHEDULES,
                                 SEND_B, SEND_F, W, Action, ScheduleError, build, chunks_per_rank, timeline)
-
-TABLE_PP = (1, 2, 4, 8, 16)
-TABLE_MICROBATCHES = (1, 2, 4, 8, 16, 32, 64)
-TABLE_VIRTUAL = (1, 2, 4)
-
 
 @dataclass(frozen=True)
 class SimResult:
@@ -86,7 +79,7 @@ def validate(actions: list[list[Action]], pp: int, microbatches: int, chunks: in
     """Raise ScheduleError unless every (chunk, microbatch) has one F, one B (and one W when the
     backward is split) on one rank, data dependencies hold, every cross-rank edge has its SEND
     after the producer and RECV before the consumer, memory actions are paired, and the lists
-    cannot deadlock under the execution contract of parallel.schedules."""
+    cannot deadlock under the execution contract of perfmodel.schedules."""
     if len(actions) != pp:
         raise ScheduleError(f"{len(actions)} action lists for parallel.pp={pp}")
     for r, acts in enumerate(actions):
@@ -213,31 +206,6 @@ def _check_deadlock(actions: list[list[Action]]) -> None:
 
 
 
-def table_entries() -> list[dict]:
-    """Simulated bubble and per-rank peak activations for every schedule the table covers;
-    combinations a schedule does not allow (see parallel.schedules) are left out."""
-    entries = []
-    for schedule in SCHEDULES:
-        for pp in TABLE_PP:
-            for m in TABLE_MICROBATCHES:
-                for v in (TABLE_VIRTUAL if schedule == "interleaved" else (chunks_per_rank(schedule),)):
-                    try:
-                        actions = build(schedule, pp, m, v)
-                    except ScheduleError:
-                        continue
-                    entries.append(table_entry(schedule, pp, m, v, actions))
-    return entries
-
-
-def table_entry(schedule: str, pp: int, microbatches: int, virtual_stages: int,
-                actions: list[list[Action]] | None = None) -> dict:
-    actions = actions if actions is not None else build(schedule, pp, microbatches, virtual_stages)
-    validate(actions, pp, microbatches, pp * chunks_per_rank(schedule, virtual_stages))
-    result = simulate(actions)
-    return {"schedule": schedule, "pp": pp, "microbatches": microbatches, "virtual_stages": virtual_stages,
-            "bubble_fraction": round(result.bubble_fraction, 6), "peak_activations": list(result.peak_activations)}
-
-
 def _show(args: argparse.Namespace) -> None:
     actions = build(args.show, args.pp, args.microbatches, args.virtual_stages, args.offload)
     validate(actions, args.pp, args.microbatches, args.pp * chunks_per_rank(args.show, args.virtual_stages))
@@ -250,21 +218,15 @@ def _show(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write-table", metavar="PATH", help="write the schedule table (JSON) here")
     parser.add_argument("--show", choices=SCHEDULES, help="print one schedule and its simulation")
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--virtual-stages", type=int, default=1)
     parser.add_argument("--offload", type=float, default=0.0)
     args = parser.parse_args(argv)
-    if args.show:
-        _show(args)
-    if args.write_table:
-        with open(args.write_table, "w") as f:
-            json.dump({"version": 1, "entries": table_entries()}, f, separators=(",", ":"))
-            f.write("\n")
-    if not (args.show or args.write_table):
-        parser.error("give --show SCHEDULE or --write-table PATH")
+    if not args.show:
+        parser.error("give --show SCHEDULE")
+    _show(args)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     actions = build("zbv", pp=4, microbatches=8, virtual_stages=2)
     for rank, acts in enumerate(actions): print(rank, " ".join(map(str, acts)))
 
-Pure Python (no torch), so schedules can be printed, checked (`parallel.schedule_sim.validate`)
-and costed (`parallel.schedule_sim.simulate`) anywhere; one executor runs any list.
+Pure Python (no torch), so schedules can be printed, checked (`perfmodel.schedule_sim.validate`)
+and costed (`perfmodel.schedule_sim.simulate`) anywhere; one executor runs any list.
 
 Model chunks are numbered 0..n_chunks-1 in model order; `placement` says which rank holds each:
 one chunk per rank (gpipe, 1f1b, zbh1), round-robin `c % pp` (interleaved, v chunks per rank),
@@ -95,28 +95,17 @@ def build(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
 
 
 def check(schedule: str, pp: int, m: int, v: int, offload: float) -> None:
-    """Raise ScheduleError naming the setting when the schedule cannot run (p, m, v, offload)."""
-    if schedule not in SCHEDULES:
-        raise ScheduleError(f"parallel.schedule={schedule!r} is not one of {SCHEDULES}")
+    """Raise ScheduleError naming the setting when the schedule cannot run (p, m, v, offload);
+    the rules are perfmodel/rules.py's."""
+    from perfmodel import rules
+    from perfmodel.specs import Offload, Plan
+
+    plan = Plan(pp=max(pp, 1), schedule=schedule, virtual_stages=max(v, 1), offload=Offload(activations=offload))
+    found = rules.setting_rules(plan) + rules.schedule_rules(plan, m)
     if pp < 1 or v < 1:
-        raise ScheduleError(f"parallel.pp={pp} and parallel.virtual_stages={v} must be >= 1")
-    if m < 1:
-        raise ScheduleError(f"{m} microbatches per step; raise train.global_batch_size or lower "
-                            f"parallel.micro_batch_size so each step has at least one")
-    if schedule == "none" and pp != 1:
-        raise ScheduleError(f"parallel.schedule=none runs without a pipeline but parallel.pp={pp}; "
-                            f"pick a pipeline schedule or set parallel.pp=1")
-    want_v = 2 if schedule in V_SHAPED else 1
-    if schedule != "interleaved" and v != want_v:
-        raise ScheduleError(f"parallel.schedule={schedule} places {want_v} chunk(s) per rank; set "
-                            f"parallel.virtual_stages={want_v} (or parallel.schedule=interleaved)")
-    if schedule == "interleaved" and v > 1 and m % pp:
-        raise ScheduleError(
-            f"parallel.schedule=interleaved needs the microbatches per step ({m}) to be a multiple of "
-            f"parallel.pp={pp}; change train.global_batch_size or parallel.micro_batch_size "
-            f"(microbatches = global_batch_size / (dp * tp_depth * micro_batch_size))")
-    if not 0.0 <= offload <= 1.0:
-        raise ScheduleError(f"parallel.offload.activations={offload} must be in [0, 1]")
+        found.insert(0, rules.Violation("parallel.pp", f"parallel.pp={pp} and parallel.virtual_stages={v} must be >= 1"))
+    if found:
+        raise ScheduleError("; ".join(v.message for v in found))
 
 
 def _interleaved_1f1b(rank: int, pp: int, m: int, v: int) -> list[Action]:

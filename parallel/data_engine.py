@@ -1,0 +1,128 @@
+"""The data-parallel gradient engine (`parallel.grad_engine.GradEngine` without ZeRO): every
+rank holds its whole parameters (its tensor-parallel pieces), their gradients and a torch AdamW.
+
+    engine = DataParallelEngine(named, layouts, plan, grid, optim_cfg)
+    engine.zero_grad(); per backward: engine.set_last_backward(last); backward
+    engine.finish(); norm = engine.grad_norm(pp_group); engine.clip(norm, max); engine.step(lr)
+
+Gradients are summed in overlapped buckets (`parallel.data.DataParallel`) over each parameter's
+reduction group (`ParamLayout.grad_axes`: dp x cp, plus the tensor axes a tensor-parallel
+parameter is replicated over). The norm weighs a parameter's squares by 1 / copies (the ranks of
+the tensor-parallel group holding the same piece) and sums over that group and the pipeline
+stages. Checkpoints: parameters and Adam states `<param>.<exp_avg|exp_avg_sq|step>` by name, a
+tensor-parallel piece as a DTensor of the full tensor (`parallel.layout_dtensor`), so
+torch.distributed.checkpoint reshards between layouts and loads in place.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from launch.grid import Grid
+from parallel.data import CommStats, DataParallel
+from parallel.grad_norm import clip_, total_norm
+from parallel.layout import TP_AXES, ParamLayout
+from parallel.layout_dtensor import TensorMesh
+from perfmodel.specs import Optim, Plan
+
+
+def adamw(named: Mapping[str, nn.Parameter], cfg: Optim, lr: float = 0.0,
+          layouts: Mapping[str, ParamLayout] | None = None) -> torch.optim.AdamW:
+    """torch AdamW (foreach=False, the arithmetic `parallel.zero_optim` copies per element);
+    matrices decay, vectors (norms, biases) do not, by the full tensor's shape (`layouts`;
+    default the local shape): a tp_depth slice of a matrix is flat locally but still decays."""
+    decay, no_decay = [], []
+    for name, p in named.items():
+        if p.requires_grad:
+            dims = len(layouts[name].full_shape) if layouts is not None else p.dim()
+            (decay if dims >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+
+
+def reduction_groups(named: Mapping[str, nn.Parameter], layouts: Mapping[str, ParamLayout],
+                     grid: Grid) -> list[tuple[list[nn.Parameter], Any, int]]:
+    """Parameters grouped by the grid axes their gradients are summed over, as DataParallel
+    takes them: [(params, process group, size)], groups in order of first appearance."""
+    by_axes: dict[tuple[str, ...], list[nn.Parameter]] = {}
+    for name, p in named.items():
+        by_axes.setdefault(tuple(layouts[name].grad_axes), []).append(p)
+    return [(params, grid.group(*axes).group, grid.group(*axes).size) for axes, params in by_axes.items()]
+
+
+class DataParallelEngine:
+    """See the module docstring; `named` and `layouts` are keyed by parameter name."""
+
+    def __init__(self, named: Mapping[str, nn.Parameter], layouts: Mapping[str, ParamLayout], plan: Plan,
+                 grid: Grid, optim_cfg: Optim):
+        self.named, self.layouts = dict(named), layouts
+        self.dp = DataParallel(reduction_groups(self.named, layouts, grid), bucket_mb=plan.bucket_mb,
+                               overlap=plan.overlap_grad_reduce)
+        self.optimizer = adamw(self.named, optim_cfg, layouts=layouts)
+        self.weights = {name: 1.0 / layouts[name].copies(plan) for name in self.named}
+        tp = grid.group(*TP_AXES)
+        self.tensor_group = tp.group if tp.size > 1 else None
+        self.mesh = TensorMesh(grid)
+
+    # ---- gradients ----
+    def zero_grad(self) -> None:
+        self.dp.zero_grad()
+
+    def set_last_backward(self, last: bool) -> None:
+        self.dp.set_last_backward(last)
+
+    def finish(self) -> None:
+        self.dp.finish()
+
+    def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
+        """L2 norm of the full gradient: squares weighted by 1 / copies, summed over the tensor
+        group and `stage_group` (the pipeline stages)."""
+        device = next(iter(self.named.values())).device
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for name, p in self.named.items():
+            if p.grad is not None:
+                sq += p.grad.detach().float().pow(2).sum() * self.weights[name]
+        return total_norm(sq, (self.tensor_group, stage_group))
+
+    def clip(self, norm: torch.Tensor, max_norm: float) -> None:
+        clip_([p.grad for p in self.named.values()], norm, max_norm)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    # ---- checkpoints and memory ----
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model_state, optim_state) by parameter name, viewing this rank's tensors (a load fills
+        them in place); Adam states that do not exist yet are created as zeros."""
+        present = self.mesh.to_dtensor  # a tensor-parallel piece as a DTensor; others as they are
+        model_state = {name: present(self.layouts[name], p.data) for name, p in self.named.items()}
+        optim_state: dict[str, Any] = {}
+        for name, p in self.named.items():
+            st = self.optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key, value in st.items():
+                optim_state[f"{name}.{key}"] = present(self.layouts[name], value) if value.dim() > 0 else value
+        return model_state, optim_state
+
+    def after_load(self) -> None:
+        """Nothing to refresh: the loaded tensors are the parameters and states themselves."""
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Model-state tensors by role, for `axon.memory`: parameters, the flat gradient buckets,
+        the torch AdamW states."""
+        states = [v for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        return {"params": list(self.named.values()), "grads": [b.buffer for b in self.dp.buckets],
+                "optimizer": states, "host": []}
+
+    def reset_stats(self) -> CommStats:
+        return self.dp.reset_stats()
+
+    def remove(self) -> None:
+        self.dp.remove()
