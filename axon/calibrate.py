@@ -77,7 +77,7 @@ def _block_times(spec: ModelSpec, seq: int) -> dict[int, float]:
     """Seconds of one forward + backward of a transformer Block of `spec` on b x `seq` tokens for
     each b in BLOCK_BATCHES, every rank busy (median of 5; the sizes alternate)."""
     block = Block(spec)  # default init: the values do not matter, the shapes do
-    rope = rope_tables(torch.arange(seq), spec.head_dim, spec.rope_theta) if spec.pos == "rope" else None
+    rope = rope_tables(torch.arange(seq), spec) if spec.pos == "rope" else None
     xs = {b: torch.randn(b, seq, spec.d_model, requires_grad=True) for b in BLOCK_BATCHES}  # [b, S, h]
     times: dict[int, list[float]] = {b: [] for b in BLOCK_BATCHES}
     for i in range(6):  # the first round warms up

@@ -98,10 +98,13 @@ def read_meta(path: Path) -> dict[str, Any]:
                               f"or set checkpoint.resume to another checkpoint") from e
 
 
+RUN_CHOICES = ("kernels",)  # model.* settings that choose an implementation, not the weights
+
+
 def check_compatible(meta: dict[str, Any], model: ModelSpec, path: Path) -> None:
     saved = meta.get("model", {})
     diffs = [f"model.{k}: checkpoint {saved[k]!r} vs run {v!r}" for k, v in asdict(model).items()
-             if k in saved and saved[k] != v]
+             if k in saved and saved[k] != v and k not in RUN_CHOICES]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was written for a different model ({'; '.join(diffs)}); "
                               f"set those model.* values to match or use checkpoint.resume=never")

@@ -32,6 +32,17 @@ class ConfigError(ValueError):
 
 # ---- frozen run configuration (the declaration of every train.*, data.*, ... setting) ----
 @dataclass(frozen=True)
+class Goldfish:
+    """The Goldfish loss (Hans et al. 2024; axon/goldfish.py): about 1/k of the target tokens are
+    left out of the loss, chosen by hashing the h tokens before each (the same text always drops
+    the same tokens) or, in static mode, every k-th position."""
+
+    k: int = 0  # drop about 1 in k target tokens; 0 = off
+    h: int = 13  # hash context width: the tokens before a target that decide whether it is dropped
+    mode: str = "hash"  # hash | static (every k-th position of the sequence)
+
+
+@dataclass(frozen=True)
 class Train:
     steps: int = 100
     global_batch_size: int = 16  # sequences per optimizer step
@@ -41,6 +52,12 @@ class Train:
     log_every: int = 1
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     progress: bool = True  # a progress line on rank 0's terminal
+    goldfish: Goldfish = Goldfish()  # train.goldfish.k=4 turns the Goldfish loss on
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 0), ("log_every", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= {low}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +72,10 @@ class Data:
 @dataclass(frozen=True)
 class Launch:
     nproc_per_node: int = 1  # >1 with no launcher around: start that many local workers
-    backend: str = "auto"  # auto | gloo | nccl
-    timeout_s: float = 120.0  # a collective waiting longer than this fails the job
+    backend: str = "auto"  # auto (nccl if a GPU is usable, else gloo) | gloo | nccl (RCCL on ROCm)
+    # seconds a collective of any process group may wait before the job fails; None = 120 on CPU
+    # (gloo), 600 on GPUs (nccl) (launch/dist.py DEFAULT_TIMEOUT_S)
+    timeout_s: Optional[float] = None
     master_port: int = 0  # 0 = pick a free port
 
 
@@ -78,6 +97,29 @@ class Logging:
 
 
 @dataclass(frozen=True)
+class TensorBoard:
+    """TensorBoard event files of rank 0's metrics (torch.utils.tensorboard); `logger.tensorboard.*`."""
+
+    enabled: bool = False  # write the metrics as TensorBoard scalars (pip install tensorboard)
+    dir: Optional[str] = None  # event file directory; None = <run dir>/tensorboard
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A torch.profiler trace (Chrome format: chrome://tracing, Perfetto) of some steps."""
+
+    steps: list[int] = field(default_factory=list)  # [first, last] steps to trace, inclusive, e.g. [3,5]; [] = off
+    all_ranks: bool = False  # trace every rank (trace_rank<N>.json), not only rank 0
+    dir: Optional[str] = None  # trace directory; None = <run dir>/profile
+
+    def __post_init__(self) -> None:
+        s = list(self.steps)
+        if s and (len(s) > 2 or s[0] < 1 or s[-1] < s[0]):
+            raise ConfigError(f"profile.steps={s} must be [first, last] with 1 <= first <= last (e.g. "
+                              f"profile.steps=[3,5]), or [] for no trace")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training job needs, frozen; built once from the Hydra config."""
 
@@ -94,6 +136,9 @@ class RunConfig:
     run_name: str
     run_dir: Path
     raw: dict[str, Any] = field(compare=False, hash=False, repr=False)  # resolved config, for config.yaml
+    tensorboard: TensorBoard = field(default_factory=TensorBoard)
+    profile: Profile = field(default_factory=Profile)
+    model_init: str = "random"  # model.init: random | hf:<dir> (axon/hf_load.py)
 
 
 # ---- Hydra schema: mutable mirrors generated from the frozen types ----
@@ -133,7 +178,8 @@ def _thaw(node: type, obj: Any) -> Any:
                    else getattr(obj, f.name) for f in fields(node)})
 
 
-ModelCfg = schema_of(ModelSpec, "ModelCfg", extra=(("name", str, "tiny"),))  # name: the preset's, for logs
+# name: the preset's, for logs; init: random | hf:<dir> (weights, and the model's shape from its config.json)
+ModelCfg = schema_of(ModelSpec, "ModelCfg", extra=(("name", str, "tiny"), ("init", str, "random")))
 # parallel.auto (configs/parallel/auto.yaml): the performance model picks the layout
 ParallelCfg = schema_of(Plan, "ParallelCfg", extra=(("auto", bool, False),))
 ClusterCfg = schema_of(Cluster, "ClusterCfg")
@@ -143,6 +189,8 @@ TrainCfg = schema_of(Train, "TrainCfg")
 LaunchCfg = schema_of(Launch, "LaunchCfg")
 CheckpointCfg = schema_of(Checkpointing, "CheckpointCfg")
 WandbCfg = schema_of(Logging, "WandbCfg", strip="wandb_")
+TensorBoardCfg = schema_of(TensorBoard, "TensorBoardCfg")
+ProfileCfg = schema_of(Profile, "ProfileCfg")
 
 
 @dataclass
@@ -168,6 +216,12 @@ class SlurmCfg:
     setup: list[str] = field(default_factory=list)  # module loads / environment lines
     signal_s: int = 120  # seconds before the time limit at which Slurm sends USR1
     requeue: bool = True
+    # centre-specific (axon/slurm_site.py checks them against the template)
+    rocm: Optional[str] = None  # frontier: the rocm module version, same X.Y as torch's ROCm (e.g. 6.2.4)
+    net_plugin: Optional[str] = None  # lib dir of aws-ofi-rccl (frontier, >1 node: required) or aws-ofi-nccl
+    uenv: Optional[str] = None  # alps: a uenv providing NCCL + aws-ofi-nccl (srun --uenv), e.g. prgenv-gnu/24.11:v1
+    uenv_view: str = "default"  # alps: the uenv's view (srun --view)
+    container: Optional[str] = None  # alps: a container-engine EDF with the aws_ofi_nccl hook (srun --environment)
 
 
 def _node(name: str, children: dict[str, type]) -> type:
@@ -176,15 +230,17 @@ def _node(name: str, children: dict[str, type]) -> type:
     return cls
 
 
-LoggerCfg = _node("LoggerCfg", {"wandb": WandbCfg})
+LoggerCfg = _node("LoggerCfg", {"wandb": WandbCfg, "tensorboard": TensorBoardCfg})
 GROUPS: dict[str, type] = {"model": ModelCfg, "parallel": ParallelCfg, "optim": OptimCfg, "data": DataCfg,
                            "cluster": ClusterCfg}  # config groups: configs/<group>/*.yaml
 Config = _node("Config", {**GROUPS, "train": TrainCfg, "launch": LaunchCfg, "run": RunCfg,
-                          "checkpoint": CheckpointCfg, "logger": LoggerCfg, "slurm": SlurmCfg})
+                          "checkpoint": CheckpointCfg, "logger": LoggerCfg, "slurm": SlurmCfg,
+                          "profile": ProfileCfg})
 # schema node -> the frozen type it mirrors (the others are schema-only)
 FROZEN: dict[str, type] = {"model": ModelSpec, "parallel": Plan, "parallel.offload": Offload, "cluster": Cluster,
-                           "optim": Optim, "data": Data, "train": Train, "launch": Launch,
-                           "checkpoint": Checkpointing, "logger.wandb": Logging}
+                           "optim": Optim, "data": Data, "train": Train, "train.goldfish": Goldfish, "launch": Launch,
+                           "checkpoint": Checkpointing, "logger.wandb": Logging,
+                           "logger.tensorboard": TensorBoard, "profile": Profile}
 
 
 def _register() -> None:
@@ -265,14 +321,19 @@ def freeze(cfg: DictConfig) -> RunConfig:
     p = dict(raw["parallel"])
     auto = bool(p.pop("auto"))
     plan = Plan(**{**p, "offload": Offload(**p["offload"])})
-    model = {k: v for k, v in raw["model"].items() if k != "name"}
+    model = {k: v for k, v in raw["model"].items() if k not in ("name", "init")}
+    spec = ModelSpec(**model)
+    if raw["model"]["init"] != "random":  # the shape comes from the Hugging Face config.json
+        from axon import hf_config, hf_load
+
+        spec = hf_config.spec_from_dir(hf_load.init_dir(raw["model"]["init"]))
     run_dir = Path(raw["run"]["dir"] or Path("runs") / raw["run"]["name"]).resolve()
     return RunConfig(
-        model=ModelSpec(**model),
+        model=spec,
         plan=plan,
         auto_plan=auto,
         cluster=Cluster(**raw["cluster"]),
-        train=Train(**raw["train"]),
+        train=Train(**{**raw["train"], "goldfish": Goldfish(**raw["train"]["goldfish"])}),
         optim=Optim(**raw["optim"]),
         data=Data(**raw["data"]),
         launch=Launch(**raw["launch"]),
@@ -281,4 +342,7 @@ def freeze(cfg: DictConfig) -> RunConfig:
         run_name=raw["run"]["name"],
         run_dir=run_dir,
         raw=raw,
+        model_init=raw["model"]["init"],
+        tensorboard=TensorBoard(**raw["logger"]["tensorboard"]),
+        profile=Profile(**raw["profile"]),
     )

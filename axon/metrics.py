@@ -1,8 +1,10 @@
 """Run-directory outputs and live reporting: `metrics.jsonl` (one object per logged step),
-`config.yaml`, `plan.json`, the rank-0 progress display and optional wandb logging.
+`config.yaml`, `plan.json`, the rank-0 progress display (a bar on a terminal, else a line per
+logged step with elapsed time and ETA), throughput over a window, the device peak MFU is measured
+against, and optional wandb / TensorBoard logging.
 
-wandb is optional: missing, offline or failing, it only prints a warning; a run never crashes
-because of it.
+wandb and TensorBoard are optional: missing, offline or failing, they only print a warning; a run
+never crashes because of them.
 """
 from __future__ import annotations
 
@@ -10,14 +12,50 @@ import json
 import os
 import resource
 import sys
+import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
 
-from axon.config import Logging
+from axon.config import Logging, TensorBoard
+from perfmodel.specs import Cluster
+
+WINDOW = 20  # steps the smoothed tokens/s averages over
+
+
+def device_peak_flops(cluster: Cluster, ranks_sharing: int) -> float:
+    """The peak FLOP/s one rank can reach: the device's on GPUs; on a CPU preset (compute_units > 0)
+    the machine's measured peak divided over the ranks sharing it. There `peak_flops` is a rank's
+    rate while gpus_per_node ranks share compute_units processors (perfmodel/specs.py Cluster), so
+    the machine's peak is peak_flops x gpus_per_node (docs/architecture.md, Formulas: MFU)."""
+    if cluster.compute_units <= 0:
+        return cluster.peak_flops
+    machine = cluster.peak_flops * cluster.ranks_per_unit * cluster.compute_units
+    return machine / max(1, ranks_sharing)
+
+
+class Throughput:
+    """Tokens/s over the last `window` steps (the global figure and per device)."""
+
+    def __init__(self, window: int = WINDOW):
+        self.steps: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.steps.append((tokens, seconds))
+
+    def figures(self, devices: int) -> dict[str, float]:
+        tokens, seconds = sum(t for t, _ in self.steps), sum(s for _, s in self.steps)
+        smooth = tokens / seconds if seconds > 0 else 0.0
+        return {"tokens_per_s_smooth": smooth, "tokens_per_s_per_device": smooth / max(1, devices)}
+
+
+def clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -43,11 +81,12 @@ class Reporter:
     """Rank 0's metrics sink: appends to metrics.jsonl, drives the progress display and wandb."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, logging: Logging,
-                 raw_config: dict[str, Any], progress: bool, name: str):
+                 raw_config: dict[str, Any], progress: bool, name: str, tensorboard: Optional[TensorBoard] = None):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
-        self.total = total_steps
+        self.total, self.start, self.t0 = total_steps, start_step, time.monotonic()
         self._wandb = _start_wandb(logging, run_dir, raw_config, name)
+        self._tb = _start_tensorboard(tensorboard, run_dir) if tensorboard is not None else None
         self._bar = None
         self._task = None
         if progress and sys.stdout.isatty():
@@ -61,12 +100,18 @@ class Reporter:
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
-                f"mfu {100 * record['mfu']:.2f}%")
+        tps = record.get("tokens_per_s_smooth", record["tokens_per_s"])
+        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s  mfu {100 * record['mfu']:.2f}%"
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], info=info)
-        else:
-            print(f"step {record['step']:>5}/{self.total}  {info}  grad_norm {record['grad_norm']:.3f}", flush=True)
+        else:  # a log file (Slurm): a plain line with elapsed time and ETA
+            elapsed = time.monotonic() - self.t0
+            done = max(1, record["step"] - self.start)
+            eta = elapsed / done * (self.total - record["step"])
+            print(f"step {record['step']:>5}/{self.total}  {info}  grad_norm {record['grad_norm']:.3f}  "
+                  f"elapsed {clock(elapsed)}  eta {clock(eta)}", flush=True)
+        if self._tb is not None:
+            self._tb_log(record)
         if self._wandb is not None:
             try:
                 self._wandb.log(record, step=record["step"])
@@ -74,10 +119,22 @@ class Reporter:
                 warnings.warn(f"wandb.log failed ({e}); continuing without wandb")
                 self._wandb = None
 
+    def _tb_log(self, record: dict[str, Any]) -> None:
+        try:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+            self._tb.flush()
+        except Exception as e:  # noqa: BLE001 - logging must not end a run
+            warnings.warn(f"TensorBoard logging failed ({e}); continuing without it")
+            self._tb = None
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
         self.file.close()
+        if self._tb is not None:
+            self._tb.close()
         if self._wandb is not None:
             try:
                 self._wandb.finish()
@@ -99,4 +156,20 @@ def _start_wandb(logging: Logging, run_dir: Path, raw_config: dict[str, Any], na
                           mode=logging.wandb_mode, dir=str(run_dir), config=raw_config, reinit=True)
     except Exception as e:  # noqa: BLE001 - offline/unreachable wandb must not end a run
         warnings.warn(f"wandb.init failed ({e}); logging to metrics.jsonl only")
+        return None
+
+
+def _start_tensorboard(tb: TensorBoard, run_dir: Path) -> Optional[Any]:
+    if not tb.enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("logger.tensorboard.enabled=true but tensorboard is not installed (pip install tensorboard); "
+                      "logging to metrics.jsonl only")
+        return None
+    try:
+        return SummaryWriter(log_dir=str(Path(tb.dir) if tb.dir else run_dir / "tensorboard"))
+    except Exception as e:  # noqa: BLE001 - an unwritable directory must not end a run
+        warnings.warn(f"TensorBoard writer failed ({e}); set logger.tensorboard.dir to a writable directory")
         return None

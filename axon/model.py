@@ -9,44 +9,55 @@ every pipeline split (checkpoints stay layout-independent).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from perfmodel.specs import ModelSpec
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kind: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kind = eps, kind
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return kernels.rms_norm(x, self.weight, self.eps, self.kind)  # [.., d]
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
-        return RMSNorm(spec.d_model, spec.norm_eps)
+        return RMSNorm(spec.d_model, spec.norm_eps, spec.kernels)
     return nn.LayerNorm(spec.d_model, eps=spec.norm_eps, bias=spec.bias)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(spec: ModelSpec, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama 3.1 scaling when `spec.rope_scaling` is llama3
+    (as transformers' `_compute_llama3_parameters`: long wavelengths divided by the factor, short
+    ones kept, the band between interpolated)."""
+    hd = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
+    if spec.rope_scaling != "llama3":
+        return inv
+    factor, low, high = spec.rope_factor, spec.rope_low_freq_factor, spec.rope_high_freq_factor
+    old_len = spec.rope_original_max_len
+    wavelen = 2 * math.pi / inv  # [hd/2]
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [S, head_dim/2] for global `positions` [S] (kept global under context parallelism)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv = rope_inv_freq(spec, positions.device)  # [hd/2]
     ang = positions.float()[:, None] * inv[None, :]  # [S, hd/2]
     return ang.cos(), ang.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, hd] rotated pairwise (interleaved pairs, as in Meta's Llama)."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, S, H, hd/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -63,7 +74,7 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         hd, kv = spec.head_dim, spec.n_kv_heads * spec.head_dim
-        self.head_dim = hd
+        self.head_dim, self.kernels = hd, spec.kernels
         self.wq = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
         self.wk = nn.Linear(spec.d_model, kv, bias=spec.bias)
         self.wv = nn.Linear(spec.d_model, kv, bias=spec.bias)
@@ -76,7 +87,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, S, -1, self.head_dim)  # [B, S, Hkv, hd]
         v = self.wv(x).view(B, S, -1, self.head_dim)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = kernels.rope(q, *rope, self.kernels), kernels.rope(k, *rope, self.kernels)  # interleaved pairs
         y = self.core(q, k, v).reshape(B, S, -1)  # [B, S, Hq*hd]
         return self.wo(y)
 
@@ -84,7 +95,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.swiglu = spec.mlp == "swiglu"
+        self.swiglu, self.kernels = spec.mlp == "swiglu", spec.kernels
         if self.swiglu:
             self.w_gate = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
         self.w_up = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
@@ -92,7 +103,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+            return self.w_down(kernels.swiglu(self.w_gate(x), self.w_up(x), self.kernels))  # [B, S, d]
         return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 
 
@@ -140,7 +151,7 @@ class GPT(nn.Module):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.spec.pos != "rope":
             return None
-        return rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        return rope_tables(positions, self.spec)
 
     def blocks(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rope = self.rope(positions)

@@ -22,13 +22,14 @@ from typing import BinaryIO, Iterator, Optional
 
 import numpy as np
 
+from axon.errors import Parser, guarded
 from axon.tokenizer import HFTokenizer, load_tokenizer
 
 BATCH_DOCS = 512  # documents tokenized per encode_batch call
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="axon prepare-data", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="axon prepare-data", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", type=Path, help=".txt or .jsonl files, tokenized in the order given")
     p.add_argument("--out", required=True, type=Path, help="output prefix: writes <out>.bin and <out>.json")
     p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
@@ -37,17 +38,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="token type; auto = uint16 when the vocabulary fits, else uint32")
     p.add_argument("--eot-token", default=None,
                    help="end-of-document token of a tokenizer.json (default: <|endoftext|>, </s>, ... if present)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
+    return guarded("axon prepare-data", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        meta = prepare(args.inputs, args.out, args.tokenizer, field=args.field, dtype=args.dtype,
-                       eot_token=args.eot_token)
-    except (ValueError, OSError) as err:
-        print(f"axon prepare-data: error: {err}", file=sys.stderr)
-        return 1
+    meta = prepare(args.inputs, args.out, args.tokenizer, field=args.field, dtype=args.dtype,
+                   eot_token=args.eot_token)  # ValueError / OSError: one line, exit code 2 (axon/errors.py)
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['n_docs']:,} documents, {meta['dtype']}, "
           f"vocabulary {meta['vocab_size']:,}) to {_bin_path(args.out)}")
     return 0

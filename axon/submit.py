@@ -11,7 +11,8 @@ requeued job (preemption, time limit) resumes from its last checkpoint. Every va
 shell-quoted; values on `#SBATCH` lines may not contain line breaks. The layout is checked (or,
 for `parallel=auto`, chosen by the performance model) before anything is queued, and the chosen
 plan is written into the script as explicit `parallel.*` overrides. `<run.dir>` receives the
-script (`submit.sbatch`), `submit.json` (job id, plan, settings) and the log `slurm-<job id>.out`.
+script (`submit.sbatch`), `submit.json` (job id, plan, settings) and the log `slurm-<job id>.out`;
+`--dry` writes the script and submit.json (job id null) and queues nothing.
 """
 from __future__ import annotations
 
@@ -27,12 +28,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jinja2
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from axon.config import freeze, load
-from perfmodel.specs import Plan, PlanError
+from axon.errors import Parser, guarded
+from perfmodel.specs import Plan
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 # Slurm --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
@@ -67,6 +67,7 @@ class SlurmJob:
     overrides: tuple[str, ...]
     plan: dict[str, Any]
     estimate: Optional[dict[str, Any]]  # the performance model's estimate when parallel=auto
+    site: Any = None  # axon.slurm_site.Site: backend and centre settings (None: gloo, no centre settings)
 
     @property
     def world_size(self) -> int:
@@ -131,13 +132,17 @@ def build_job(cfg: DictConfig, overrides: list[str], python: str, workdir: Path)
     trainer_overrides = [o for o in overrides if not _consumed_here(o, run_cfg.auto_plan)]
     if run_cfg.auto_plan:
         trainer_overrides += plan_overrides(run_cfg.plan)
+    from axon.slurm_site import backend_override, site_of, torch_hip
+
+    site = site_of(s, str(cfg.cluster.name), str(cfg.launch.backend), template_name(cfg), int(s.nodes), torch_hip())
+    trainer_overrides += backend_override(site, trainer_overrides)  # a GPU preset runs NCCL/RCCL, never gloo
     job = SlurmJob(
         template=template_name(cfg), run_name=str(cfg.run.name), run_dir=str(run_dir), workdir=str(workdir),
         python=python, nodes=int(s.nodes), tasks_per_node=tasks, gpus_per_node=gpus, time=str(s.time),
         account=s.account, partition=s.partition, qos=s.qos, constraint=s.constraint,
         extra_sbatch=tuple(str(x) for x in s.extra_sbatch), setup=tuple(str(x) for x in s.setup),
         signal_s=int(s.signal_s), requeue=bool(s.requeue), overrides=tuple(trainer_overrides),
-        plan=run_cfg.plan.to_dict(), estimate=plan_info.get("estimate"))
+        plan=run_cfg.plan.to_dict(), estimate=plan_info.get("estimate"), site=site)
     _check_header_values(job)
     return job
 
@@ -196,7 +201,8 @@ def render(job: SlurmJob) -> str:
               "partition": job.partition and q(job.partition), "qos": job.qos and q(job.qos),
               "constraint": job.constraint and q(job.constraint),
               "overrides": [q(o) for o in job.overrides],
-              "run_dir_override": q(f"run.dir={hydra_quote(job.run_dir)}")}
+              "run_dir_override": q(f"run.dir={hydra_quote(job.run_dir)}"),
+              "site": job.site.quoted() if job.site is not None else {}}
     return env.get_template(f"{job.template}.sbatch.j2").render(**values)
 
 
@@ -206,44 +212,69 @@ def submit(job: SlurmJob, script: str) -> str:
     if sbatch is None:
         raise SubmitError("sbatch is not on PATH: run axon submit on a Slurm login node "
                           "(or `axon submit --dry ...` to only print the script)")
-    run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the log there before the job starts
-    path = run_dir / "submit.sbatch"
-    path.write_text(script)
+    path = write_files(job, script, None)
     done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SubmitError(f"sbatch refused the job (script kept at {path}): {done.stderr.strip()}")
     job_id = done.stdout.strip().split(";")[0]  # "<id>" or "<id>;<cluster>"
-    record = {"job_id": job_id, "script": str(path), "log": str(run_dir / f"slurm-{job_id}.out"), **asdict(job)}
-    (run_dir / "submit.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_files(job, script, job_id)
     return job_id
 
 
+def write_files(job: SlurmJob, script: str, job_id: Optional[str]) -> Path:
+    """<run.dir>/submit.sbatch and submit.json (job_id null for --dry); returns the script's path."""
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the log there before the job starts
+    path = run_dir / "submit.sbatch"
+    path.write_text(script)
+    log = str(run_dir / f"slurm-{job_id}.out") if job_id else None
+    record = {"job_id": job_id, "script": str(path), "log": log, **asdict(job)}
+    (run_dir / "submit.json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="axon submit", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry", action="store_true", help="print the batch script instead of submitting it")
+    return guarded("axon submit", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = Parser(prog="axon submit", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Settings as for axon train (axon train --help lists them, slurm.* included).")
+    parser.add_argument("--dry", action="store_true", help="print the batch script and write it with submit.json "
+                        "into run.dir instead of submitting it")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for axon train")
     args = parser.parse_args(argv)
-    try:
-        cfg = load(args.overrides)
-        job = build_job(cfg, args.overrides, python=sys.executable, workdir=Path.cwd())
-        script = render(job)
-        if args.dry:
-            print(script, end="")
-            return 0
-        job_id = submit(job, script)
-    except (SubmitError, PlanError, HydraException, OmegaConfBaseException, ValueError) as e:
-        print(f"axon submit: {e}", file=sys.stderr)
-        return 2
+    cfg = load(args.overrides)
+    job = build_job(cfg, args.overrides, python=sys.executable, workdir=Path.cwd())
+    script = render(job)
+    if args.dry:
+        print(script, end="")
+        path = write_files(job, script, None)
+        print(f"axon submit: dry run, nothing queued; wrote {path} and {path.with_name('submit.json')}\n"
+              f"{pick_summary(job)}", file=sys.stderr)
+        return 0
+    job_id = submit(job, script)
     print(job_id)
-    print(f"axon submit: job {job_id} ({job.nodes} node(s) x {job.tasks_per_node} tasks, plan "
-          f"{_plan_summary(job.plan)}); log {job.run_dir}/slurm-{job_id}.out", file=sys.stderr)
+    print(f"axon submit: job {job_id}; log {job.run_dir}/slurm-{job_id}.out\n{pick_summary(job)}", file=sys.stderr)
     return 0
 
 
-def _plan_summary(plan: dict[str, Any]) -> str:
-    return " ".join(f"{k}={plan[k]}" for k in ("dp", "pp", "cp", "tp_col", "tp_row", "tp_depth") if plan[k] > 1) or "1 rank"
+def pick_summary(job: SlurmJob) -> str:
+    """The job and its layout (the performance model's pick for parallel=auto) in a few lines."""
+    from axon.tune import knobs, layout_name
+
+    plan = Plan.from_dict(job.plan)
+    lines = [f"  job:    {job.nodes} node(s) x {job.tasks_per_node} tasks = {job.world_size} ranks, "
+             f"time {job.time}, template {job.template}",
+             f"  plan:   {layout_name(plan)} | {knobs(plan)}"]
+    if job.estimate:
+        e = job.estimate
+        mem = (e.get("memory") or {}).get("total", 0) / 2**30
+        lines.append(f"  model's estimate: {e['step_time_s']:.3f} s/step, {e['tokens_per_s']:,.0f} tokens/s, "
+                     f"MFU {e['mfu']:.1%}, {mem:.2f} GiB per device")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,20 @@ import torch
 import torch.distributed as dist
 
 from axon import checkpoint as ckpt
+from axon import hf_load
+from axon import goldfish
 from axon.config import RunConfig
 from axon.data import BatchSampler, open_dataset
 from axon.init import materialize
 from axon import memory
-from axon.metrics import Reporter, peak_memory_bytes, write_json_atomic, write_run_files
+from axon.metrics import Reporter, Throughput, device_peak_flops, peak_memory_bytes, write_json_atomic, write_run_files
+from axon.profiling import StepProfiler
 from axon.model import GPT
 from axon.optim import lr_at
+from launch import dist as launch_dist
 from launch.grid import Grid
 from parallel import grad_engine, layout, pipeline, recompute
+from parallel.loss_mask import mask_targets
 from parallel.parallelize import parallelize
 from perfmodel.flops import mfu, n_params
 from perfmodel.specs import PlanError
@@ -54,7 +59,8 @@ class Trainer:
         # one order (parallel/parallelize.py: TP -> CP -> recompute, the recomputed Blocks counted
         # per stage); then only this rank's shards materialize, read off the layouts
         self.pipe = pipeline.apply(spec, plan, grid, lambda ids, emb, head: GPT(spec, ids, emb, head),
-                                   cfg.train.seq_len, timeout_s=cfg.launch.timeout_s)
+                                   cfg.train.seq_len, timeout_s=launch_dist.timeout_for(
+                                       "nccl" if device.type == "cuda" else "gloo", cfg.launch.timeout_s))
         chunks = list(self.pipe.chunks.values())
         ks = recompute.per_chunk([len(chunk.layers) for chunk in chunks], plan.recompute_layers)
         self.parts = [parallelize(chunk, spec, plan, grid, k, self.pipe.recompute_meter)
@@ -63,6 +69,8 @@ class Trainer:
             materialize(chunk, spec, cfg.train.seed, device, part.layouts)
         self.named = self.pipe.named_parameters()  # this rank's parameters by name
         self.layouts = layout.complete(layout.merge(*(part.layouts for part in self.parts)), self.named)
+        if hf_load.init_from(cfg.model_init, self.named, self.layouts, spec):  # model.init=hf:<dir>
+            self.weights_changed()
         self.cp = self.parts[0].context
         self.loss_fn = self.parts[-1].loss_fn  # used on the last chunk (it holds the head)
         self.data_group = grid.group("dp", "cp", "tp_depth")
@@ -94,6 +102,8 @@ class Trainer:
         self.engine.zero_grad()
         # [mbs, S/cp] inputs and targets, global positions [S/cp], per microbatch
         batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
+        if cfg.train.goldfish.k:  # dropped targets -> ignored; the loss is over the tokens kept
+            batches, global_tokens = self._mask_loss(local, batches)
         loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.engine, self.autocast,
                                   track_memory=not self._memory_tracked)
         self._memory_tracked = True  # the first step measures activations (plan.json); the rest skip the hooks
@@ -106,6 +116,20 @@ class Trainer:
             if group.size > 1:
                 dist.all_reduce(loss_sum, group=group.group)
         return {"loss": (loss_sum / global_tokens).item(), "lr": lr, "grad_norm": norm.item()}
+
+    def _mask_loss(self, local: torch.Tensor, batches: list) -> tuple[list, int]:
+        """The Goldfish mask of the full samples local [B, S+1], applied to each microbatch's
+        (cp-sharded) targets; and the global count of kept targets (one all-reduce over the data
+        group, whose ranks hold disjoint tokens; the same number on every rank)."""
+        keep = goldfish.keep_mask(local, self.cfg.train.goldfish).split(self.cfg.plan.micro_batch_size)  # m x [mbs, S]
+        out, count = [], torch.zeros((), dtype=torch.int64, device=self.device)
+        for (inputs, targets, positions), k in zip(batches, keep):
+            k = k.to(self.device)[:, positions]  # [mbs, S/cp]
+            out.append((inputs, mask_targets(targets, k), positions))
+            count += k.sum()
+        if self.data_group.size > 1:
+            dist.all_reduce(count, group=self.data_group.group)
+        return out, max(int(count), 1)
 
     # ---- checkpoints ----
     def measured_memory(self) -> dict[str, int]:
@@ -124,7 +148,8 @@ class Trainer:
             return 0
         meta = ckpt.read_meta(path)
         ckpt.check_compatible(meta, self.cfg.model, path)
-        self.sampler.load_state_dict(meta["sampler"])
+        if meta.get("sampler") is not None:  # a checkpoint from `axon convert` has no data position
+            self.sampler.load_state_dict(meta["sampler"])
         model_state, optim_state = self.engine.state_dict()
         ckpt.load(path, model_state, optim_state)
         self.engine.after_load()
@@ -145,18 +170,24 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
         write_run_files(cfg.run_dir, cfg.raw, info)
         _truncate_metrics(cfg.run_dir / "metrics.jsonl", start)
         reporter = Reporter(cfg.run_dir, cfg.train.steps, start, cfg.logging, cfg.raw, cfg.train.progress,
-                            cfg.run_name)
+                            cfg.run_name, tensorboard=cfg.tensorboard)
     result = TrainResult(start_step=start)
     world = dist.get_world_size()
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     every = cfg.checkpoint.every
     step = start
+    # MFU against the peak a rank can reach (on CPU: the machine's, shared by the ranks on it)
+    peak = device_peak_flops(cfg.cluster, min(world, cfg.cluster.gpus_per_node))
+    meter, profiler = Throughput(), StepProfiler(cfg.profile, cfg.run_dir, dist.get_rank())
     try:
         while step < cfg.train.steps:
+            profiler.before(step + 1)
             t0 = time.perf_counter()
             out = trainer.step(step)
             step += 1
             dt = time.perf_counter() - t0
+            profiler.after(step)
+            meter.add(tokens, dt)
             result.losses.append(out["loss"])
             result.steps.append(step)
             if step == start + 1 and rank0:
@@ -164,8 +195,8 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
             if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                 tps = tokens / dt
                 reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt,
-                              "mfu": mfu(cfg.model, cfg.train.seq_len, tps, world, cfg.cluster.peak_flops),
-                              "peak_mem_bytes": peak_memory_bytes(device)})
+                              "mfu": mfu(cfg.model, cfg.train.seq_len, tps, world, peak),
+                              "peak_mem_bytes": peak_memory_bytes(device), **meter.figures(world)})
             if preempt is not None and preempt.requested():
                 result.final_checkpoint = trainer.save(step)
                 result.preempted = True
@@ -175,6 +206,7 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
         if not result.preempted and cfg.checkpoint.at_end and step > start:
             result.final_checkpoint = trainer.save(step)
     finally:
+        profiler.close()
         trainer.engine.remove()
         if reporter is not None:
             reporter.close()

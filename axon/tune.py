@@ -22,40 +22,61 @@ from pathlib import Path
 from typing import Any
 
 from axon.config import ConfigError, freeze, load
+from axon.errors import Parser, guarded
 from perfmodel.estimate import Estimate, estimate
+from perfmodel.flops import n_params
 from perfmodel.search import parse_constraints, search
-from perfmodel.specs import AXES, Plan, PlanError
+from perfmodel.specs import AXES, ModelSpec, Plan, PlanError
 
 GiB = 2**30
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="axon tune", description="rank parallel layouts with the performance model")
+    ap = Parser(prog="axon tune", description=__doc__.split("\n\n")[0] + " Settings as for axon "
+                                 "train (axon train --help lists them).", usage="axon tune [options] [key=value ...]")
     ap.add_argument("--top", type=int, default=10, help="how many plans to show (default 10)")
     ap.add_argument("--json", action="store_true", help="print the ranked plans as JSON")
     ap.add_argument("--out", type=Path, help="write the winning plan as a parallel config YAML")
     ap.add_argument("--plot", type=Path, help="draw the top plans' time breakdown to this PNG")
     ap.add_argument("--calibrate", action="store_true", help="measure this machine, write configs/cluster/local-cpu.yaml")
+    ap.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     return ap
 
 
 def main(argv: list[str]) -> int:
+    return guarded("axon tune", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
-        print(f"axon tune: unknown option(s) {bad}; see axon tune --help", file=sys.stderr)
-        return 2
-    try:
-        if args.calibrate:
-            from axon.calibrate import calibrate
+        raise ConfigError(f"unknown option(s) {' '.join(bad)}; see axon tune --help")
+    if args.calibrate:
+        from axon.calibrate import calibrate
 
-            cfg = freeze(load(overrides))
-            print(f"wrote {calibrate(cfg.model, cfg.train.seq_len, cfg.cluster.gpus_per_node)}")
-            return 0
-        return _tune(args, overrides)
-    except (PlanError, ConfigError) as e:
-        print(f"axon tune: {e}", file=sys.stderr)
-        return 2
+        cfg = freeze(load(overrides))
+        print(f"wrote {calibrate(cfg.model, cfg.train.seq_len, cfg.cluster.gpus_per_node)}")
+        return 0
+    return _tune(args, overrides)
+
+
+def _given(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").partition("=")[0] == key for o in overrides)
+
+
+def default_batch(model: ModelSpec, gbs: int, seq: int) -> tuple[int, int, str]:
+    """A batch fit for the model (train.* defaults are sized for the tiny CPU model): the sequence
+    is the model's context up to 8192 tokens, the batch about 0.5M tokens below 1B parameters and
+    4M above (GPT-3's and Llama 3's pre-training batches). Returns (batch, seq, why)."""
+    params = n_params(model)
+    if params < 1e8:
+        return gbs, seq, ""
+    seq = min(model.max_seq_len, 8192)
+    tokens = 2**19 if params < 1e9 else 2**22
+    gbs = max(1, tokens // seq)
+    return gbs, seq, (f"batch {gbs} x {seq} tokens (~{gbs * seq / 1e6:.1f}M) chosen for a {params / 1e9:.1f}B-parameter "
+                      f"model; set train.global_batch_size and train.seq_len to change it")
 
 
 def _tune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -63,6 +84,9 @@ def _tune(args: argparse.Namespace, overrides: list[str]) -> int:
     cluster, model = cfg.cluster, cfg.model
     world = cluster.world_size
     gbs, seq = cfg.train.global_batch_size, cfg.train.seq_len
+    note = ""
+    if not (_given(overrides, "train.global_batch_size") or _given(overrides, "train.seq_len")):
+        gbs, seq, note = default_batch(model, gbs, seq)
     constraints = parse_constraints(overrides)
     searched = None
     if all(axis in constraints for axis in AXES):
@@ -76,6 +100,8 @@ def _tune(args: argparse.Namespace, overrides: list[str]) -> int:
                         f"train.global_batch_size, or relax the parallel.* constraints")
     header = {"model": cfg.raw["model"]["name"], "cluster": cluster.name, "world": world,
               "global_batch_size": gbs, "seq_len": seq, "constraints": constraints}
+    if note:
+        header["batch_note"] = note
     if searched is not None:
         header.update(layouts=searched.layouts, plans_timed=searched.candidates, search_s=searched.seconds)
     if args.json:
@@ -115,6 +141,8 @@ def report(header: dict[str, Any], estimates: list[Estimate]) -> str:
     """The ranked table, the winner's time and memory breakdown, and why it beats the runner-up."""
     lines = [f"{header['model']} on {header['world']} devices of {header['cluster']}: global batch "
              f"{header['global_batch_size']} x {header['seq_len']} tokens"]
+    if header.get("batch_note"):
+        lines.append(header["batch_note"])
     if "layouts" in header:
         lines.append(f"searched {header['layouts']} layouts, timed {header['plans_timed']} fitting plans in "
                      f"{header['search_s']:.2f} s; best plan per layout:")

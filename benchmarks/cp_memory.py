@@ -63,13 +63,13 @@ def saved_bytes(spec: ModelSpec, cp: int, seq: int, batch: int, dtype: torch.dty
     model = build(spec).to(dtype)
     for layer in model.layers.values():
         layer.attn.core = RingCore(LocalRing(cp, 0))
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    params = {id(p.untyped_storage()) for p in model.parameters()}
     positions = zigzag_positions(seq, cp, 0).to("meta")
     tokens = torch.zeros(batch, seq // cp, dtype=torch.long, device="meta")
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
+        key = id(t.untyped_storage())  # one Python object per live storage
         if key not in params:
             saved[key] = t.untyped_storage().nbytes()
         return t

@@ -4,6 +4,7 @@ after a barrier and lasting until the slowest rank finishes it), its groups free
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 import warnings
@@ -16,8 +17,9 @@ import torch.multiprocessing as mp
 
 from axon import trainer
 from axon.config import RunConfig
-from launch.grid import Grid, free_groups
-from launch.local import free_port, init_local
+from launch import dist as launch_dist
+from launch.grid import Grid
+from launch.local import free_port, join_generation, local_store
 from perfmodel.specs import AXES, Plan
 
 WORLD = 8
@@ -58,22 +60,26 @@ def _measure(cfg: RunConfig, warmup: int, steps: int) -> dict[str, Any]:
             if step >= warmup:
                 times.append(dt)
     finally:
-        t.dp.remove()
+        t.engine.remove()
     return {"times": times, "memory": mem}
 
 
 def _worker(rank: int, port: int, cfg: RunConfig, plans: list[dict], warmup: int, steps: int, out: Any) -> None:
     warnings.filterwarnings("ignore")
-    init_local(rank, WORLD, port, cfg.launch.timeout_s)
+    timeout_s = launch_dist.timeout_for("gloo", cfg.launch.timeout_s)
+    store = local_store(rank, WORLD, port, timeout_s)
     for i, p in enumerate(plans):
         t0 = time.perf_counter()
+        join_generation(store, rank, WORLD, i, timeout_s)  # a fresh world per plan
         try:
             r = _measure(replace(cfg, plan=Plan.from_dict(p)), warmup, steps)
         except Exception as e:  # noqa: BLE001 - report the plan as failed and go on with the next
             r = {"error": f"{type(e).__name__}: {e}"[:300]}
-        free_groups()  # the plan's grid and trainer are unreachable now (gloo threads would pile up)
+        dist.destroy_process_group()  # with the plan's groups (their gloo threads would pile up)
+        gc.collect()
         out.put((i, rank, r, time.perf_counter() - t0))
-    dist.barrier()
+    join_generation(store, rank, WORLD, len(plans), timeout_s)
+    dist.barrier()  # rank 0 hosts the store: it leaves last
     dist.destroy_process_group()
 
 

@@ -1,1 +1,51 @@
-"""Triton kernels, one file per op, each with an autograd.Function and a PyTorch reference."""
+"""The op registry: the one dispatch point the model, tensor parallelism and context parallelism
+call for their hot ops; each op lives in its own file with a Triton kernel, an autograd.Function
+and the PyTorch reference (docs/architecture.md, "Adding a kernel").
+
+    y = kernels.rms_norm(x, weight, eps, kind)        # kind = model.kernels: auto | triton | torch
+    q = kernels.rope(q, cos, sin, kind)
+    h = kernels.swiglu(gate, up, kind)
+
+`auto` runs Triton on GPUs (where Triton is installed) and the PyTorch reference on CPU;
+`triton` forces the kernels (on CPU under Triton's interpreter, as the tests do); `torch` forces
+the references. perfmodel/rules.py validates the setting.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kernels import rmsnorm, rope as _rope, swiglu as _swiglu
+from kernels.rmsnorm import SumAcross
+from kernels.triton_support import available
+
+
+def use_triton(kind: str, x: torch.Tensor) -> bool:
+    """Whether `kind` runs the Triton kernel for a tensor on `x`'s device."""
+    if kind == "torch":
+        return False
+    if kind == "triton":
+        if not available():
+            raise RuntimeError("model.kernels=triton needs Triton: pip install triton, or set model.kernels=torch")
+        return True
+    return x.device.type == "cuda" and available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "auto", width: Optional[int] = None,
+             sum_across: Optional[SumAcross] = None) -> torch.Tensor:
+    """RMSNorm of x [.., n] (statistics over `width` columns, summed by `sum_across` when the
+    row is split over a tensor-parallel group), kernels/rmsnorm.py."""
+    if use_triton(kind, x):
+        return rmsnorm.rms_norm_triton(x, weight, eps, width, sum_across)
+    return rmsnorm.rms_norm_reference(x, weight, eps, width, sum_across)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str = "auto") -> torch.Tensor:
+    """x [B, S, H, hd] rotated by the angles cos/sin [S, hd/2], kernels/rope.py."""
+    return _rope.rope_triton(x, cos, sin) if use_triton(kind, x) else _rope.rope_reference(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kind: str = "auto") -> torch.Tensor:
+    """silu(gate) * up, kernels/swiglu.py."""
+    return _swiglu.swiglu_triton(gate, up) if use_triton(kind, gate) else _swiglu.swiglu_reference(gate, up)

@@ -3,49 +3,88 @@
 `init` always creates the default process group, also for a single process, so one rank runs
 the same code as many. The rendezvous is a TCP store at master_addr:master_port (under torchrun
 torch connects to the agent's store by itself). Under MPI with no MASTER_ADDR, rank 0 picks its
-hostname and a free port and broadcasts them with mpi4py. `timeout_s` becomes the process-group
-timeout: a collective whose peer died or stopped fails after at most that long instead of hanging.
+hostname and a free port and broadcasts them with mpi4py. `timeout_s` (unset: DEFAULT_TIMEOUT_S of
+the backend) becomes the process-group timeout: a collective whose peer died or stopped fails after
+at most that long instead of hanging; launch/grid.py gives every subgroup the same timeout.
 """
 from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from launch.env import LaunchEnv
 
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS = ("auto", "gloo", "nccl")  # nccl is RCCL on a ROCm build of torch
+# launch.timeout_s when unset: a CPU run shows a dead peer quickly; on GPUs NCCL's start-up, the
+# first step's compilation and checkpoint barriers of a large model take minutes
+DEFAULT_TIMEOUT_S = {"gloo": 120.0, "nccl": 600.0}
+CPU_CLUSTERS = ("local-cpu",)  # cluster presets that describe CPUs (axon tune --calibrate writes local-cpu)
+INSTALL_GPU_BUILD = ("install the GPU build of torch with `AXON_TORCH=cuda bash scripts/setup.sh` "
+                     "(AMD: `AXON_TORCH=rocm AXON_ROCM=<the rocm module's X.Y> bash scripts/setup.sh`)")
 
 
-def resolve_backend(backend: str) -> str:
-    """`auto` -> nccl when CUDA is available, else gloo; nccl without CUDA is an error."""
+class BackendError(ValueError, RuntimeError):
+    """The backend cannot run here, or contradicts the cluster preset; the message names the fix."""
+
+
+def resolve_backend(backend: str, gpus_given: Optional[str] = None, cuda_available: Optional[bool] = None) -> str:
+    """`auto` -> nccl when a GPU is usable, else gloo; but a process given GPUs (`gpus_given`, from
+    `LaunchEnv`) that sees none is an error, not a silent CPU run. nccl without a GPU is an error."""
     if backend not in BACKENDS:
-        raise ValueError(f"launch.backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("launch.backend=nccl needs a CUDA GPU but none is visible; "
-                           "use launch.backend=gloo (or auto)")
-    return backend
+        raise BackendError(f"launch.backend={backend!r} is not one of {BACKENDS}")
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if cuda:
+        return "nccl" if backend == "auto" else backend
+    build = _torch_build()
+    if backend == "nccl":
+        raise BackendError(f"launch.backend=nccl needs a GPU but torch {build} sees none; "
+                           + ("use launch.backend=gloo (or auto)" if gpus_given is None else INSTALL_GPU_BUILD))
+    if backend == "auto" and gpus_given is not None:
+        fix = (INSTALL_GPU_BUILD if "CPU-only" in build else
+               "check the driver (nvidia-smi / rocm-smi on the node) and the device variables")
+        raise BackendError(f"launch.backend=auto: this process was given GPUs ({gpus_given}) but torch {build} "
+                           f"sees none; {fix}, or set launch.backend=gloo cluster=local-cpu to run on CPU on purpose")
+    return "gloo"
 
 
-def init(env: LaunchEnv, backend: str, timeout_s: float) -> str:
-    """Create the default process group for `env`; returns the backend used (gloo | nccl)."""
-    if timeout_s <= 0:
-        raise ValueError(f"launch.timeout_s={timeout_s} must be > 0")
-    chosen = resolve_backend(backend)
-    if chosen == "nccl":
-        count = torch.cuda.device_count()
-        if count == 1:  # one GPU visible per task (e.g. srun --gpus-per-task=1 --gpu-bind=closest)
-            torch.cuda.set_device(0)
-        elif env.local_rank >= count:
-            raise RuntimeError(f"local rank {env.local_rank} has no GPU: this node shows {count}; "
-                               f"start at most {count} processes per node (launch.nproc_per_node, "
-                               "srun --ntasks-per-node, mpiexec -ppn)")
-        else:
-            torch.cuda.set_device(env.local_rank)
+def check_cluster(backend: str, cluster: str) -> None:
+    """The cluster preset (peak FLOP/s, memory: MFU and parallel=auto) must describe the devices
+    the resolved backend runs on."""
+    if backend == "nccl" and cluster in CPU_CLUSTERS:
+        raise BackendError(f"cluster={cluster} describes CPUs but this job runs on GPUs (launch.backend=nccl): "
+                           "set the GPU cluster's preset, e.g. cluster=perlmutter|frontier|alps|dgx-h100 "
+                           "(configs/cluster/)")
+    if backend == "gloo" and cluster not in CPU_CLUSTERS:
+        raise BackendError(f"cluster={cluster} describes GPUs but this job runs on CPU (launch.backend=gloo): "
+                           "run on the GPU nodes with launch.backend=auto (or nccl), or use cluster=local-cpu "
+                           "for a CPU run")
+
+
+def timeout_for(backend: str, timeout_s: Optional[float]) -> float:
+    """`launch.timeout_s`, or the backend's default when unset; it must be positive."""
+    value = DEFAULT_TIMEOUT_S[backend] if timeout_s is None else float(timeout_s)
+    if value <= 0:
+        raise BackendError(f"launch.timeout_s={timeout_s} must be > 0 (seconds)")
+    return value
+
+
+def _torch_build() -> str:
+    hip, cuda = getattr(torch.version, "hip", None), torch.version.cuda
+    kind = f"ROCm {hip}" if hip else f"CUDA {cuda}" if cuda else "CPU-only"
+    return f"{torch.__version__} ({kind} build)"
+
+
+def init(env: LaunchEnv, backend: str, timeout_s: Optional[float]) -> str:
+    """Create the default process group for `env`; returns the backend used (gloo | nccl). On
+    nccl the group is bound to this rank's GPU (`device_id`), so NCCL's communicator is created
+    here rather than at the first collective, and barriers know their device."""
+    chosen = resolve_backend(backend, env.gpus_given)
+    timeout = timedelta(seconds=timeout_for(chosen, timeout_s))
+    device_id = _select_device(env) if chosen == "nccl" else None
     addr, port = env.master_addr, env.master_port
     if addr is None:
         addr, port = _mpi_rendezvous(env)
@@ -54,9 +93,24 @@ def init(env: LaunchEnv, backend: str, timeout_s: float) -> str:
             raise RuntimeError(f"{env.kind} launch of {env.world_size} processes without a master port: "
                                "set MASTER_PORT (launch.master_port for local workers)")
         port = free_port()
+    extra = {} if device_id is None else {"device_id": device_id}
     dist.init_process_group(chosen, init_method=f"tcp://{_url_host(addr)}:{port}", rank=env.rank,
-                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+                            world_size=env.world_size, timeout=timeout, **extra)
     return chosen
+
+
+def _select_device(env: LaunchEnv) -> torch.device:
+    """This rank's GPU: device 0 when one is visible per task, else the local rank's."""
+    count = torch.cuda.device_count()
+    if count == 1:  # one GPU visible per task (e.g. srun --gpus-per-task=1 --gpu-bind=closest)
+        index = 0
+    elif env.local_rank >= count:
+        raise BackendError(f"local rank {env.local_rank} has no GPU: this node shows {count}; start at most "
+                           f"{count} processes per node (launch.nproc_per_node, srun --ntasks-per-node, mpiexec -ppn)")
+    else:
+        index = env.local_rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def shutdown() -> None:

@@ -16,11 +16,14 @@ after it gets the frozen `LaunchEnv`. Supported, in order of precedence:
    PMIx (PMIX_RANK, with the world size from OpenMPI's or PMI's variable). No master address
    is known, so `launch.dist.init` rendezvouses through mpi4py unless MASTER_ADDR is set.
 4. A single process otherwise (master 127.0.0.1, port 0 = pick a free one at init).
+
+Whatever the launcher, `gpus_given` records the Slurm / CUDA / ROCm variable that gave the process
+GPUs, so launch.dist can refuse to train on CPU inside a GPU allocation.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 KINDS = ("torchrun", "slurm", "mpi", "single")
@@ -40,6 +43,9 @@ class LaunchEnv:
     node_rank: int  # index of this node among the job's nodes
     master_addr: Optional[str]  # None: not known from the environment (MPI without MASTER_ADDR)
     master_port: int  # 0: pick a free port at init (only for a single process or via mpi4py)
+    # the variable by which the launcher or scheduler gave this process GPUs ("SLURM_GPUS_ON_NODE=4"),
+    # None if none did: launch.dist refuses to fall back to CPU when GPUs were given but none is usable
+    gpus_given: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,6 +66,31 @@ class LaunchEnv:
 
 def detect(environ: Mapping[str, str]) -> LaunchEnv:
     """The launch environment of this process, from `environ` (pass `os.environ`)."""
+    env = _detect(environ)
+    given = gpus_given(environ)
+    return env if given is None else replace(env, gpus_given=given)
+
+
+# Set by Slurm for a job or step given GPUs (--gpus, --gpus-per-node, --gpus-per-task, gres) and by
+# the CUDA / ROCm runtimes' device selection: https://slurm.schedmd.com/sbatch.html (OUTPUT ENVIRONMENT
+# VARIABLES), https://rocm.docs.amd.com/en/latest/conceptual/gpu-isolation.html
+_GPU_COUNTS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")  # [type:]count
+_GPU_LISTS = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+              "HIP_VISIBLE_DEVICES")  # device indices or UUIDs
+
+
+def gpus_given(environ: Mapping[str, str]) -> Optional[str]:
+    """'NAME=value' of the first variable that gives this process GPUs, or None. A count of 0, an
+    empty list, '-1' or 'NoDevFiles' (Slurm's "no GPU here") gives none."""
+    for name in _GPU_COUNTS + _GPU_LISTS:
+        value = environ.get(name, "").strip()
+        none = value.rpartition(":")[2] == "0" if name in _GPU_COUNTS else value in ("-1", "NoDevFiles")
+        if value and not none:
+            return f"{name}={value}"
+    return None
+
+
+def _detect(environ: Mapping[str, str]) -> LaunchEnv:
     if "RANK" in environ or "WORLD_SIZE" in environ:
         return _torchrun(environ)
     mpi = _mpi(environ) if _has_mpi(environ) else None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from functools import partial
+from typing import Any, Optional
 
 from perfmodel.specs import AXES, Plan
 
@@ -83,14 +85,18 @@ class Grid:
         self._axes = axes
 
     @classmethod
-    def build(cls, plan: Plan, rank: int, world_size: int, *, create_groups: bool = True) -> "Grid":
+    def build(cls, plan: Plan, rank: int, world_size: int, *, create_groups: bool = True,
+              timeout_s: Optional[float] = None) -> "Grid":
+        """`timeout_s` (launch.timeout_s as resolved by launch.dist) bounds every collective of every
+        group, as the default group's; None leaves torch's default (10 min NCCL, 30 min gloo)."""
         if plan.world_size != world_size:
             raise ValueError(f"plan covers {plan.world_size} ranks, world has {world_size} (call Plan.check first)")
         new_group = None
         if create_groups:
             import torch.distributed as dist
 
-            new_group = dist.new_group
+            timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+            new_group = partial(dist.new_group, timeout=timeout)
         axes: dict[tuple[str, ...], Axis] = {}
         for key in [(a,) for a in INNER_FIRST] + list(COMBOS):
             mine = group_ranks(plan, rank, key)
@@ -121,19 +127,3 @@ class Grid:
 
     def is_last_stage(self) -> bool:
         return self.axis("pp").coord == self.plan.pp - 1
-
-
-def free_groups() -> None:
-    """Destroy every process group but the default one and collect them at once. For long-lived
-    processes that build many grids (test worker pools, the validation benchmark): each gloo
-    group holds threads, and groups left to reference cycles keep them alive, slowing every later
-    step."""
-    import gc
-
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
-    for pg in list(c10d._world.pg_map):
-        if pg is not c10d.GroupMember.WORLD:
-            dist.destroy_process_group(pg)
-    gc.collect()

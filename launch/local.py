@@ -2,7 +2,9 @@
 
 `init_local` makes this process rank `rank` of a `world`-rank gloo group that meets at
 127.0.0.1:`port` (`free_port()` picks one), with one CPU thread per rank so that many ranks share
-few cores. `spawn(world, fn, *args)` starts `world` fresh processes, runs the importable
+few cores. A long-lived process that runs many jobs in turn (the test worker pools, the validation
+benchmark) keeps one rendezvous store (`local_store`) and starts a fresh world per job with
+`join_generation`; `dist.destroy_process_group()` after the job frees every group it built. `spawn(world, fn, *args)` starts `world` fresh processes, runs the importable
 `fn(*args)` on each with the group initialized, and returns every rank's result; a rank that
 raises or dies stops the others and fails the call with that rank's traceback or exit code.
 Real jobs start through `launch.dist.init` (and `launch.spawn.run_local` for local workers).
@@ -24,7 +26,7 @@ import torch.multiprocessing as mp
 
 from launch.dist import free_port
 
-__all__ = ["HOST", "free_port", "init_local", "spawn"]
+__all__ = ["HOST", "free_port", "init_local", "join_generation", "local_store", "spawn"]
 
 HOST = "127.0.0.1"
 FAILURE_GRACE_S = 5.0  # after one rank fails: how long the others get to report theirs, then to exit
@@ -38,6 +40,20 @@ def init_local(rank: int, world: int, port: int, timeout_s: float = 600.0, threa
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://{HOST}:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
+
+
+def local_store(rank: int, world: int, port: int, timeout_s: float = 600.0) -> dist.TCPStore:
+    """The rendezvous store of a `world`-rank local job at 127.0.0.1:`port` (rank 0 hosts it)."""
+    return dist.TCPStore(HOST, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+
+
+def join_generation(store: dist.Store, rank: int, world: int, generation: int, timeout_s: float = 600.0,
+                    threads: int = 1) -> None:
+    """Join generation `generation` of the gloo world that meets over `store` (each generation
+    under its own key prefix, so one store serves a fresh world per job)."""
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"generation{generation}/", store), rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
 def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0) -> list[Any]:

@@ -51,8 +51,9 @@ class ActivationStore:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         # parameters are recognized by their storage object, which survives ZeRO-3 freeing and
-        # regathering it (resize in place: the address changes, the StorageImpl does not)
-        self._param_storages = {p.untyped_storage()._cdata for p in params}
+        # regathering it (resize in place: the address changes, the storage does not; torch keeps
+        # one Python object per live storage, so its id() is its identity)
+        self._param_storages = {id(p.untyped_storage()) for p in params}
         self._entries: dict[Key, list[_Saved]] = {}
         self._extra: dict[Key, int] = {}  # bytes kept for W (input, output grad) after B
         self.device_bytes = self.host_bytes = 0
@@ -74,7 +75,7 @@ class ActivationStore:
 
         def pack(t: torch.Tensor) -> Any:
             # weights (and views of them) are not activations; tensors off the device stay as they are
-            if t.device.type != self.device.type or t.untyped_storage()._cdata in self._param_storages:
+            if t.device.type != self.device.type or id(t.untyped_storage()) in self._param_storages:
                 return t
             sig = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
             if sig in seen:  # the same tensor saved by two ops is held once

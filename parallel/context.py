@@ -76,10 +76,17 @@ class UlyssesCore:
 
     def __init__(self, inner: Core, cp: int, group: Any):
         self.inner, self.cp, self.group = inner, cp, group
+        self._perms: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _rank_major(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        """Global positions [S] of the gathered sequence: rank 0's shard, rank 1's, ..."""
-        return torch.cat([zigzag_positions(seq_len, self.cp, j) for j in range(self.cp)]).to(device)
+    def _rank_major(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global positions [S] of the gathered sequence (rank 0's shard, rank 1's, ...) and their
+        inverse permutation, built once per length and device and kept there: no host-to-device
+        copy (and no argsort) per layer and microbatch."""
+        key = (seq_len, device)
+        if key not in self._perms:
+            order = torch.cat([zigzag_positions(seq_len, self.cp, j) for j in range(self.cp)]).to(device)
+            self._perms[key] = (order, torch.argsort(order))
+        return self._perms[key]
 
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S/cp, H, hd] -> [B, S, H/cp, hd], positions in natural order."""
@@ -87,12 +94,12 @@ class UlyssesCore:
         x = x.view(B, s, self.cp, H // self.cp, hd).permute(2, 0, 1, 3, 4)  # [cp, B, s, H/cp, hd]
         x = _AllToAll.apply(x, self.group)  # [cp (source rank), B, s, H/cp, hd]
         x = x.permute(1, 0, 2, 3, 4).reshape(B, self.cp * s, H // self.cp, hd)  # rank-major sequence
-        return x.index_select(1, torch.argsort(self._rank_major(self.cp * s, x.device)))
+        return x.index_select(1, self._rank_major(self.cp * s, x.device)[1])
 
     def _to_seq(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, S, H/cp, hd] (natural order) -> [B, S/cp, H, hd] (this rank's zig-zag shard)."""
         B, S, h, hd = y.shape
-        y = y.index_select(1, self._rank_major(S, y.device))
+        y = y.index_select(1, self._rank_major(S, y.device)[0])
         y = y.view(B, self.cp, S // self.cp, h, hd).permute(1, 0, 2, 3, 4)  # [cp (dest rank), B, s, h, hd]
         y = _AllToAll.apply(y, self.group)  # [cp (head group), B, s, h, hd]
         return y.permute(1, 2, 0, 3, 4).reshape(B, S // self.cp, self.cp * h, hd)

@@ -11,8 +11,9 @@ sender. A batch is posted with `batch_isend_irecv` (one coalesced launch on NCCL
 series of isend/irecv). Sends complete in the background while the rank computes and are waited
 for at the end of the step. Each message carries a tag naming (direction, microbatch, chunk), so
 gloo matches it exactly; NCCL ignores tags and matches in posting order, which the schedule
-builder guarantees (perfmodel/schedules.py). A wait that exceeds `timeout_s`, or a peer whose
-connection drops, raises P2PError naming the message and the peer instead of hanging.
+builder guarantees (perfmodel/schedules.py). On gloo a wait that exceeds `timeout_s`, or a peer
+whose connection drops, raises P2PError naming the message and the peer instead of hanging; on NCCL
+waits do not block the host and the group's timeout (NCCL's watchdog) ends a hung transfer.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ class P2P:
                  timeout_s: float = 300.0):
         self.axis, self.shape, self.dtype, self.device = axis, tuple(shape), dtype, device
         self.timeout = timedelta(seconds=timeout_s)
+        # gloo: wait with the timeout (the host thread is the transfer). NCCL: a plain wait() only
+        # makes the compute stream wait for the transfer, so the host keeps queueing work ahead;
+        # `wait(timeout)` would block the host until the transfer ends. NCCL's watchdog ends a
+        # transfer that exceeds the group's timeout (launch.timeout_s) and fails the rank.
+        self._host_wait = torch.device(device).type == "cpu"
         self._recvs: dict[int, tuple[Any, torch.Tensor, str]] = {}  # tag -> (work, buffer, what)
         self._sends: list[tuple[Any, torch.Tensor, str]] = []  # kept alive until waited
         self.bytes_sent = 0
@@ -67,7 +73,7 @@ class P2P:
 
     def _wait(self, work: Any, what: str) -> None:
         try:
-            ok = work.wait(self.timeout)
+            ok = work.wait(self.timeout) if self._host_wait else work.wait()
         except RuntimeError as e:
             raise P2PError(f"{what} failed (is the peer alive?): {e}") from e
         if ok is False:

@@ -33,6 +33,7 @@ from launch.grid import Grid
 from parallel import context, recompute, tensor
 from parallel.context import ContextParallel
 from parallel.layout import ParamLayout
+from parallel.loss_mask import IGNORE_INDEX
 from parallel.recompute import RecomputeMeter
 from parallel.tensor import TensorParallel
 from perfmodel.specs import ModelSpec, Plan
@@ -41,8 +42,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies: logits [B, S, V], targets [B, S] (no vocabulary split)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    """Sum of token cross-entropies: logits [B, S, V], targets [B, S] (no vocabulary split);
+    targets equal to IGNORE_INDEX (parallel/loss_mask.py) count for nothing."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
+                           ignore_index=IGNORE_INDEX)
 
 
 def depth_prefetch(plan: Plan) -> bool:

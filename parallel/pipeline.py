@@ -11,9 +11,9 @@ does not import the model); a chunk exposes `embed(tokens, positions)`, `blocks(
 The model is cut into pp * chunks-per-rank chunks of consecutive layers (chunk c on rank
 `schedules.placement(...)[c]`), balanced by cost: forward FLOPs per token of each layer, of the
 output head (2 h V) and of the embedding (its dense gradient, V h per microbatch, spread over the
-microbatch's tokens). The layer count must divide by the chunks unless an explicit `layout` (layers
-per chunk) is given. "No pipeline" is the schedule `none` (one chunk, F B per microbatch), so the
-trainer calls `step` for every run.
+microbatch's tokens), in perfmodel/split.py; the layer count need not divide by the chunks (each
+holds at least one layer), and an explicit `layout` (layers per chunk) may be given. "No pipeline"
+is the schedule `none` (one chunk, F B per microbatch), so the trainer calls `step` for every run.
 """
 from __future__ import annotations
 
@@ -24,55 +24,16 @@ import torch
 from torch import nn
 
 from launch.grid import Grid
-from perfmodel import flops, rules, schedules
+from perfmodel import rules, schedules
+from perfmodel.split import split_layers  # the one split, shared with the performance model
 from parallel.activation_offload import ActivationStore, MemoryStats
 from parallel.executor import Executor, Microbatch, WeightGradStash, defer_weight_grads
 from parallel.grad_engine import GradEngine
 from parallel.p2p import P2P
 from parallel.recompute import RecomputeMeter
-from perfmodel.specs import ModelSpec, Plan, PlanError
+from perfmodel.specs import ModelSpec, Plan
 
 BuildChunk = Callable[[range, bool, bool], nn.Module]
-
-
-def _costs(spec: ModelSpec, tokens_per_microbatch: int, seq_len: int) -> tuple[float, float, float]:
-    """Forward FLOPs per token of one layer, the embedding and the head."""
-    layer = flops.layer_gemm_flops(spec) + flops.attention_flops(spec, seq_len)
-    embedding = spec.vocab_size * spec.d_model / tokens_per_microbatch  # the lookup's gradient scatter
-    return layer, embedding, flops.head_flops(spec)
-
-
-def split_layers(spec: ModelSpec, n_chunks: int, seq_len: int, micro_batch_size: int = 1,
-                 layout: Sequence[int] | None = None) -> list[range]:
-    """Consecutive layer ranges, one per chunk, minimizing the most expensive chunk."""
-    L = spec.n_layers
-    if layout is not None:
-        if len(layout) != n_chunks or sum(layout) != L or min(layout) < 0:
-            raise PlanError(f"pipeline layout {list(layout)} must give {n_chunks} non-negative layer counts "
-                            f"(parallel.pp * chunks per rank) summing to model.n_layers={L}")
-        starts = [sum(layout[:c]) for c in range(n_chunks)]
-        return [range(s, s + n) for s, n in zip(starts, layout)]
-    if L % n_chunks:
-        raise PlanError(f"model.n_layers={L} is not divisible by the {n_chunks} pipeline chunks (parallel.pp * "
-                        f"chunks per rank); change parallel.pp / parallel.virtual_stages or give an explicit layout")
-    layer, embedding, head = _costs(spec, micro_batch_size * seq_len, seq_len)
-    inf = float("inf")
-    # best[c][i]: the smallest max chunk cost placing layers [0, i) into chunks [0, c)
-    best = [[inf] * (L + 1) for _ in range(n_chunks + 1)]
-    cut = [[0] * (L + 1) for _ in range(n_chunks + 1)]
-    best[0][0] = 0.0
-    for c in range(1, n_chunks + 1):
-        extra = (embedding if c == 1 else 0.0) + (head if c == n_chunks else 0.0)
-        for i in range(L + 1):
-            for j in range(i + 1):
-                cost = max(best[c - 1][j], (i - j) * layer + extra)
-                if cost < best[c][i] - 1e-9 * layer:  # ties: keep the earliest cut (more layers later)
-                    best[c][i], cut[c][i] = cost, j
-    bounds, i = [], L
-    for c in range(n_chunks, 0, -1):
-        bounds.append(range(cut[c][i], i))
-        i = cut[c][i]
-    return bounds[::-1]
 
 
 class Pipeline:
@@ -157,19 +118,19 @@ def _virtual(plan: Plan) -> int:
     return plan.virtual_stages if plan.schedule == "interleaved" else schedules.chunks_per_rank(plan.schedule)
 
 
-def check(spec: ModelSpec, plan: Plan) -> None:
-    """Raise PlanError (naming the setting) when the schedule cannot run this model (perfmodel/
-    rules.py; the layer split is `split_layers`' (an explicit layout may be uneven), the
-    microbatch count is checked when the step's schedule is built)."""
-    tied = [v for v in rules.split_rules(spec, plan, 0) if v.knob == "model.tied_embeddings"]
+def check(spec: ModelSpec, plan: Plan, seq_len: int) -> None:
+    """Raise PlanError (naming the setting) when the schedule cannot run this model: the rules of
+    perfmodel/rules.py the pipeline relies on (the microbatch count is checked when the step's
+    schedule is built)."""
+    tied = [v for v in rules.split_rules(spec, plan, seq_len) if v.knob == "model.tied_embeddings"]
     rules.raise_if(rules.setting_rules(plan) + rules.schedule_rules(plan, None) + tied
-                   + [v for v in rules.chunk_rules(spec, plan) if v.knob == "model.tied_embeddings"])
+                   + rules.chunk_rules(spec, plan))
 
 
 def apply(spec: ModelSpec, plan: Plan, grid: Grid, build_chunk: BuildChunk, seq_len: int,
           layout: Sequence[int] | None = None, timeout_s: float = 300.0) -> Pipeline:
     """Split the model for `plan.pp` / `plan.schedule` and build this rank's chunks (meta device)."""
-    check(spec, plan)
+    check(spec, plan, seq_len)
     place = schedules.placement(plan.schedule, plan.pp, _virtual(plan))
     layers = split_layers(spec, len(place), seq_len, plan.micro_batch_size, layout)
     last = len(place) - 1

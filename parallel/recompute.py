@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import weakref
 from contextlib import nullcontext
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented home of dispatch modes
 from torch.utils.checkpoint import checkpoint
 
 from parallel.attach import Core, blocks, wrap_attention_core
@@ -72,21 +71,32 @@ class _Rematerialized(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in inputs:  # a new storage (the id of a freed one can be reused: replace it)
-                    seen = self.created.get(key)
-                    if seen is None or seen[0]() is None:
-                        self.created[key] = (weakref.ref(storage), storage.nbytes())
+        inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            key = id(storage)  # torch keeps one Python object per live storage
+            if key not in inputs:  # a new storage (the id of a freed one can be reused: replace it)
+                seen = self.created.get(key)
+                if seen is None or seen[0]() is None:
+                    self.created[key] = (weakref.ref(storage), storage.nbytes())
         return out
 
     def __exit__(self, *exc: Any) -> Any:
         self.sink(sum(n for ref, n in self.created.values() if ref() is not None))
         self.created.clear()
         return super().__exit__(*exc)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an op's arguments or result (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 def _full(forward: Callable[..., torch.Tensor], meter: RecomputeMeter) -> Callable[..., torch.Tensor]:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from launch.grid import Grid
 from parallel.collectives import Collectives
 from parallel.layout import DATA_AXES, TP_AXES, ParamLayout
@@ -244,13 +245,13 @@ class TPNorm(nn.Module):
         return SumAcross.apply(t.sum(-1, keepdim=True), self.env.comm, ROW)  # [B, S, 1] over all of d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # [B, S, d/tp_row]
-        if self.rms:
-            y = xf * torch.rsqrt(self._sum(xf.pow(2)) / self.d + self.eps)
+        if self.rms:  # statistics over the whole width: the partial row sums all-reduced over tp_row
+            y = kernels.rms_norm(x, self.weight, self.eps, self.env.spec.kernels, width=self.d,
+                                 sum_across=lambda t: SumAcross.apply(t, self.env.comm, ROW))  # [B, S, d/tp_row]
         else:
+            xf = x.float()  # [B, S, d/tp_row]
             xc = xf - self._sum(xf) / self.d
-            y = xc * torch.rsqrt(self._sum(xc.pow(2)) / self.d + self.eps)
-        y = y.to(x.dtype) * self.weight
+            y = (xc * torch.rsqrt(self._sum(xc.pow(2)) / self.d + self.eps)).to(x.dtype) * self.weight
         if self.bias is not None:
             y = y + self.bias
         return gather_seq(y, self.env.comm, COL) if self.env.sp else y

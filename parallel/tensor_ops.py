@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from parallel.loss_mask import kept
+
 
 class SumAcross(torch.autograd.Function):
     """Forward all-reduce; backward all-reduce (the consumers are split over the axis)."""
@@ -42,8 +44,10 @@ class VocabCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, comm, axis, v0):
         """Sum over tokens of the cross-entropy of logits [B, S, V/n] (this rank's vocabulary
-        columns from v0) against global targets [B, S]; the same value on every rank of `axis`."""
+        columns from v0) against global targets [B, S]; the same value on every rank of `axis`.
+        Targets equal to IGNORE_INDEX (parallel/loss_mask.py) count for nothing."""
         lf = logits.float()  # [B, S, V/n]
+        valid = kept(targets)  # [B, S]
         top = lf.max(-1).values  # [B, S]
         comm.all_reduce(top, axis, op="max")
         z = lf - top[..., None]
@@ -53,13 +57,14 @@ class VocabCrossEntropy(torch.autograd.Function):
         idx = local.clamp(0, lf.shape[-1] - 1)[..., None]  # [B, S, 1]
         stats = torch.stack((e.sum(-1), z.gather(-1, idx)[..., 0] * inside))  # [2, B, S]
         comm.all_reduce(stats, axis)
-        ctx.save_for_backward(e, stats[0], idx, inside)
+        ctx.save_for_backward(e, stats[0], idx, inside, valid)
         ctx.dtype = logits.dtype
-        return (stats[0].log() - stats[1]).sum()
+        return ((stats[0].log() - stats[1]) * valid).sum()
 
     @staticmethod
     def backward(ctx, g):
-        e, total, idx, inside = ctx.saved_tensors
+        e, total, idx, inside, valid = ctx.saved_tensors
         p = e / total[..., None]  # softmax over the whole vocabulary, this rank's columns
         p.scatter_add_(-1, idx, -inside[..., None].to(p.dtype))
+        p.mul_(valid[..., None])  # an ignored target has no gradient
         return (p * g).to(ctx.dtype), None, None, None, None

@@ -17,6 +17,7 @@ from perfmodel import comm, flops, pipeline
 from perfmodel.flops import mfu, n_params
 from perfmodel.memory import Memory, memory, optimizer_bytes_per_param, stage_activation_bytes, stage_params
 from perfmodel.specs import Cluster, ModelSpec, Plan
+from perfmodel.split import stage_layers
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
     e = c.dtype_bytes
     x, y, z = plan.tp_col, plan.tp_row, plan.tp_depth
     tokens = plan.micro_batch_size * seq / plan.cp
-    layers = m.n_layers // plan.pp
+    layers = stage_layers(m, plan.pp, seq)
     linears = comm.block_linears(m)
     bc = block_compute(m, plan, c, seq)
     gemm, attn, head = bc.gemm, bc.attn, bc.head
@@ -193,9 +194,9 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
     return hidden + micro * (_exposed(gather, mb.backward / 2, True, c) + _exposed(gather, mb.backward, True, c))
 
 
-def zero_units(m: ModelSpec, plan: Plan) -> int:
+def zero_units(m: ModelSpec, plan: Plan, seq: int) -> int:
     """Flat buffers the ZeRO engine keeps per rank: one per Block of the stage and one root unit."""
-    return m.n_layers // plan.pp + 1
+    return stage_layers(m, plan.pp, seq) + 1
 
 
 def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:
@@ -228,8 +229,8 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
     unit = stage_activation_bytes(m, plan, seq_len, c.dtype_bytes)
     offload = offload_time(plan.offload.activations if plan.pp > 1 else 0.0, unit, c, mb.compute)
     sched = pipeline.schedule_cost(plan.schedule, plan.pp, micro, plan.virtual_stages)
-    psi = stage_params(m, plan.pp) / plan.tp
-    sync = gradient_sync(plan, c, psi, mb, micro, zero_units(m, plan))
+    psi = stage_params(m, plan.pp, seq_len) / plan.tp
+    sync = gradient_sync(plan, c, psi, mb, micro, zero_units(m, plan, seq_len))
     opt = optimizer_time(plan, c, psi)
     bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt, c.ranks_per_unit)
     tokens_per_s = global_batch_size * seq_len / step

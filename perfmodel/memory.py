@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from perfmodel.comm import tensor_volumes
 from perfmodel.flops import layer_params
 from perfmodel.specs import Cluster, ModelSpec, Plan
+from perfmodel.split import stage_layers
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ def optimizer_bytes_per_param(dtype_bytes: int) -> int:
     return 12 if dtype_bytes < 4 else 8
 
 
-def stage_params(m: ModelSpec, pp: int) -> int:
-    """Parameters of the largest pipeline stage (embedding on the first, head on the last)."""
+def stage_params(m: ModelSpec, pp: int, seq_len: int) -> int:
+    """Parameters of the largest pipeline stage (embedding on the first, head on the last; the
+    layers of the most loaded stage of the cost-balanced split, perfmodel/split.py)."""
     emb = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.pos == "learned" else 0)
     head = m.vocab_size * m.d_model  # a tied head is a copy of the embedding on the last stage
     final_norm = (2 if m.norm == "layernorm" else 1) * m.d_model
-    blocks = m.n_layers // pp * layer_params(m)
+    blocks = stage_layers(m, pp, seq_len) * layer_params(m)
     if pp == 1:
         return blocks + emb + (0 if m.tied_embeddings else head) + final_norm
     return blocks + max(emb, head + final_norm)
@@ -105,7 +107,7 @@ def layer_activation_bytes(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
 
 def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash: bool = True) -> float:
     """One microbatch's activations of one whole pipeline stage (the unit of pipeline.py)."""
-    layers = m.n_layers // plan.pp
+    layers = stage_layers(m, plan.pp, seq)
     k = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
     common = dict(tp_col=plan.tp_col, tp_row=plan.tp_row, sequence_parallel=plan.sequence_parallel,
                   cp=plan.cp, flash=flash, dtype_bytes=dtype_bytes)
@@ -167,17 +169,17 @@ def combine_activations(parts: ActivationParts, pp: int, peak_units: float, head
     return max(held + parts.working, head), waiting * offload
 
 
-def state_bytes(m: ModelSpec, plan: Plan, c: Cluster) -> tuple[float, float, float, float, float]:
+def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, float, float, float, float]:
     """(params, grads, optimizer, buffers, host) bytes: model states on the largest stage, sharded
     over the tensor group and, by ZeRO, over dp x cp; gathered-weight buffers; offloaded states."""
     e = c.dtype_bytes
-    psi = stage_params(m, plan.pp) / plan.tp
+    psi = stage_params(m, plan.pp, seq) / plan.tp
     shards = plan.dp * plan.cp
     params, grads, optimizer = model_states(psi, shards, plan.zero, e, plan.offload.optimizer)
     buffers = 0.0
     if plan.tp_depth > 1:  # gathered block weights: current + prefetched, or every block when cached
         block = tensor_volumes(m, plan, 0, e).weights
-        buffers += block * (m.n_layers // plan.pp if plan.cache_tp_weights else 2)
+        buffers += block * (stage_layers(m, plan.pp, seq) if plan.cache_tp_weights else 2)
     if plan.zero >= 3:  # ZeRO-3 gathers a block's parameters (current + prefetched)
         buffers += 2 * layer_params(m) / plan.tp * e
     host = 0.0
@@ -188,7 +190,7 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster) -> tuple[float, float, flo
 
 def memory(m: ModelSpec, plan: Plan, c: Cluster, seq: int, peak_units: float, head_units: float) -> Memory:
     """Everything a rank holds at its peak; `peak_units` / `head_units` from the pipeline schedule."""
-    params, grads, optimizer, buffers, host = state_bytes(m, plan, c)
+    params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
     parts = activation_parts(m, plan, seq, c.dtype_bytes)
     acts, host_acts = combine_activations(parts, plan.pp, peak_units, head_units, plan.offload.activations,
                                           plan.schedule == "gpipe")

@@ -29,6 +29,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE = ("none", "selective", "full")  # cheapest first (the search relies on the order)
 CP_MODES = ("ring", "ulysses")
 NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
+KERNELS = ("auto", "triton", "torch")  # model.kernels: kernels/__init__.py
+ROPE_SCALINGS = ("none", "llama3")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def model_rules(m: ModelSpec) -> list[Violation]:
     elif m.pos == "rope" and m.head_dim % 2:
         out.append(_v("model.d_model", f"RoPE needs an even head dim; change model.d_model or model.n_heads "
                                        f"(head_dim={m.head_dim})"))
-    for name, value, allowed in (("norm", m.norm, NORMS), ("pos", m.pos, POSITIONS), ("mlp", m.mlp, MLPS)):
+    for name, value, allowed in (("norm", m.norm, NORMS), ("pos", m.pos, POSITIONS), ("mlp", m.mlp, MLPS),
+                                 ("rope_scaling", m.rope_scaling, ROPE_SCALINGS), ("kernels", m.kernels, KERNELS)):
         if value not in allowed:
             out.append(_v(f"model.{name}", f"model.{name}={value!r} is not one of {allowed}"))
     return out
@@ -114,12 +117,14 @@ def tensor_rules(m: ModelSpec, p: Plan) -> list[Violation]:
 
 
 def split_rules(m: ModelSpec, p: Plan, seq_len: int) -> list[Violation]:
+    if seq_len < 1:
+        return [_v("train.seq_len", f"train.seq_len={seq_len} must be >= 1")]
     if m.n_heads < 1 or m.n_kv_heads < 1 or m.d_model % m.n_heads or min(p.degrees().values()) < 1:
         return []  # model_rules / setting_rules report it
     out = tensor_rules(m, p)
-    if m.n_layers % p.pp:
-        out.append(_v("parallel.pp", f"model.n_layers={m.n_layers} is not divisible by parallel.pp={p.pp}; "
-                                     f"change parallel.pp"))
+    if m.n_layers < p.pp:  # uneven splits are fine (perfmodel/split.py); every stage needs a layer
+        out.append(_v("parallel.pp", f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages (each "
+                                     f"needs a layer); lower parallel.pp"))
     if m.tied_embeddings and p.pp > 1:
         out.append(_v("model.tied_embeddings", "model.tied_embeddings=true with several pipeline chunks is not "
                                                "supported yet; set model.tied_embeddings=false or parallel.pp=1"))
@@ -183,14 +188,14 @@ def schedule_rules(p: Plan, microbatches: int | None) -> list[Violation]:
 
 def chunk_rules(m: ModelSpec, p: Plan) -> list[Violation]:
     """The model's layers over the schedule's pipeline chunks (pp x chunks per rank)."""
-    if p.schedule not in SCHEDULES or p.pp < 1 or p.virtual_stages < 1 or m.n_layers % p.pp:
+    if p.schedule not in SCHEDULES or p.pp < 1 or p.virtual_stages < 1 or m.n_layers < p.pp:
         return []  # setting_rules / split_rules report it
     chunks = p.pp * chunks_per_rank(p.schedule, p.virtual_stages)
     out = []
-    if m.n_layers % chunks:
-        out.append(_v("parallel.virtual_stages", f"model.n_layers={m.n_layers} is not divisible by parallel.pp * "
-                                                 f"parallel.virtual_stages = {chunks}; change parallel.pp or "
-                                                 f"parallel.virtual_stages"))
+    if m.n_layers < chunks:  # uneven splits are balanced by cost (perfmodel/split.py); a chunk needs a layer
+        out.append(_v("parallel.virtual_stages", f"model.n_layers={m.n_layers} is fewer than the parallel.pp * "
+                                                 f"chunks per rank = {chunks} pipeline chunks (each needs a layer); "
+                                                 f"lower parallel.pp or parallel.virtual_stages"))
     if m.tied_embeddings and chunks > 1 and p.pp == 1:
         out.append(_v("model.tied_embeddings", "model.tied_embeddings=true with several pipeline chunks is not "
                                                "supported yet; set model.tied_embeddings=false or a one-chunk "

@@ -168,15 +168,15 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                      ) -> tuple[int, tuple[float, tuple] | None]:
     """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None)."""
     pp = layout.pp
-    psi = est.stage_params(m, pp) / layout.tp
-    units = est.zero_units(m, layout)
+    psi = est.stage_params(m, pp, seq) / layout.tp
+    units = est.zero_units(m, layout, seq)
     zeros = _choices(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
     states = []  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
     for zero in zeros:
         for opt in _choices(cons, "offload.optimizer", (False, True)):
             plan = by_zero[zero].replace(offload=Offload(opt, 0.0))
-            params, grads, optimizer, buffers, host = state_bytes(m, plan, c)
+            params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
             states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
                            est.optimizer_time(plan, c, psi)))
     facts = _choices(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))

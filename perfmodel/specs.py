@@ -34,7 +34,14 @@ class ModelSpec:
     bias: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1 RoPE frequency scaling (rope_type llama3): none | llama3, with its four settings
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0  # long wavelengths are divided by this
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192  # original_max_position_embeddings
     init_std: float = 0.02
+    kernels: str = "auto"  # auto (Triton on GPUs, PyTorch on CPU) | triton | torch: kernels/__init__.py
 
     @property
     def head_dim(self) -> int:

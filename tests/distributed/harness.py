@@ -1,38 +1,36 @@
 """A pool of long-lived gloo worker processes that run test functions on every rank.
 
 One pool per world size is started once and reused by many tests (tests/distributed/conftest.py),
-so tests pay the process start-up and rendezvous rarely. `pool.run(fn, *args)` calls the
-importable function `fn` on every rank (with torch.distributed already initialized) and returns
+so tests pay the process start-up rarely; each task runs in a fresh gloo world over the pool's
+kept rendezvous store, torn down with all its groups afterwards (launch/local.py). `pool.run(fn,
+*args)` calls the importable function `fn` on every rank (with torch.distributed initialized) and returns
 the per-rank results; an exception on any rank is re-raised here with that rank's traceback.
 A pool that failed or timed out is torn down so the next test gets a fresh one.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
 
-from launch.grid import free_groups
-from launch.local import free_port, init_local
+from launch.local import free_port, join_generation, local_store
 
 
 def _worker(rank: int, world: int, port: int, tasks: Any, results: Any, timeout_s: float) -> None:
-    init_local(rank, world, port, timeout_s)
-    while True:
-        task = tasks.get()
-        if task is None:
-            break
-        fn, args, kwargs = task
+    store = local_store(rank, world, port, timeout_s)
+    for generation, (fn, args, kwargs) in enumerate(iter(tasks.get, None)):
+        join_generation(store, rank, world, generation, timeout_s)  # a fresh world per task
         try:
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((rank, False, traceback.format_exc()))
-        free_groups()  # the task's groups are unreachable now: free them (and their gloo threads) at once
-    dist.destroy_process_group()
+        dist.destroy_process_group()  # with every group the task built (and their gloo threads)
+        gc.collect()
 
 
 class WorkerPool:
@@ -87,3 +85,36 @@ class WorkerPool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+
+
+class Pools:
+    def __init__(self) -> None:
+        self._pools: dict[int, WorkerPool] = {}
+
+    def run(self, world: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run `fn(*args, **kwargs)` on every rank of a `world`-rank gloo job; per-rank results."""
+        pool = self._pools.get(world)
+        if pool is None:
+            pool = self._pools[world] = WorkerPool(world)
+        try:
+            return pool.run(fn, *args, **kwargs)
+        except BaseException:  # a failure, or pytest-timeout interrupting us mid-task: never reuse
+            pool.broken = True
+            raise
+        finally:
+            if pool.broken:
+                pool.close()
+                del self._pools[world]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+def package_pools() -> Iterator[Pools]:
+    """The body of a package's `dist_pools` fixture (package scope: the pools live while that
+    package's tests run, so the tests that follow do not share the cores with idle workers)."""
+    pools = Pools()
+    yield pools
+    pools.close()

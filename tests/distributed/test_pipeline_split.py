@@ -25,9 +25,20 @@ def test_expensive_head_and_embedding_take_layers_off_the_ends():
     assert [r.start for r in bounds[1:]] == [r.stop for r in bounds[:-1]]  # consecutive
 
 
-def test_indivisible_layers_fail_unless_layout_given():
-    with pytest.raises(PlanError, match="n_layers=8 is not divisible by the 3 pipeline chunks"):
-        split_layers(SPEC, 3, seq_len=8)
+def test_indivisible_layers_split_unevenly_by_cost():
+    sizes = [len(r) for r in split_layers(SPEC, 3, seq_len=8)]
+    assert sum(sizes) == 8 and min(sizes) >= 2 and max(sizes) == 3
+    seven = [len(r) for r in split_layers(ModelSpec(n_layers=7, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                                                    vocab_size=64), 4, seq_len=8)]
+    assert sum(seven) == 7 and min(seven) >= 1 and max(seven) == 2
+    big = ModelSpec(n_layers=126, d_model=128, n_heads=4, n_kv_heads=2, d_ff=344, vocab_size=4096)
+    sizes = [len(r) for r in split_layers(big, 16, seq_len=64)]
+    assert sum(sizes) == 126 and min(sizes) >= 1 and sizes[-1] <= sizes[len(sizes) // 2]  # the head is costly
+    with pytest.raises(PlanError, match="model.n_layers=8 is fewer than the 9 pipeline chunks"):
+        split_layers(SPEC, 9, seq_len=8)
+
+
+def test_explicit_layout():
     assert [list(r) for r in split_layers(SPEC, 3, seq_len=8, layout=[2, 3, 3])] == [[0, 1], [2, 3, 4], [5, 6, 7]]
     with pytest.raises(PlanError, match="summing to model.n_layers=8"):
         split_layers(SPEC, 3, seq_len=8, layout=[2, 3, 2])

@@ -47,7 +47,7 @@ def test_zero_tp_model_state_bytes_match_formula(tmp_path, dist_pools):
     cfg = make_cfg(tmp_path, "mt", "parallel.tp_col=2", "parallel.dp=2", "parallel.zero=2", "train.steps=1")
     dist_pools.run(4, train, cfg)
     got = json.loads((cfg.run_dir / "plan.json").read_text())["memory"]["measured"]
-    psi = stage_params(cfg.model, 1) / 2
+    psi = stage_params(cfg.model, 1, cfg.train.seq_len) / 2
     want = dict(zip(("params", "grads", "optimizer"), model_states(psi, 2, 2, 4)))
     for role, value in want.items():
         assert got[role] == pytest.approx(value, rel=0.05), role

@@ -30,9 +30,10 @@ CASES: dict[str, list[str]] = {
     "perlmutter": ["cluster=perlmutter", "slurm.nodes=2", "slurm.account=m1234", "model=tiny", "parallel.dp=8",
                    "run.name=pm-tiny"],
     "frontier": ["cluster=frontier", "slurm.nodes=2", "slurm.account=abc123", "slurm.time=02:00:00",
+                 "slurm.rocm=6.2.4", "slurm.net_plugin=/lustre/orion/abc123/aws-ofi-rccl/lib",
                  "model=tiny", "parallel.dp=16", "run.name=frontier-tiny"],
     "alps": ["cluster=alps", "slurm.nodes=2", "slurm.account=a-csstaff", "slurm.partition=normal", "model=tiny",
-             "parallel.dp=8", "run.name=alps-tiny"],
+             "parallel.dp=8", "run.name=alps-tiny", "slurm.uenv=prgenv-gnu/24.11:v1"],
     "generic": ["cluster=dgx-h100", "slurm.partition=gpu", "slurm.qos=high", "slurm.requeue=false",
                 "slurm.extra_sbatch=['--mail-type=END','--exclusive']",
                 "slurm.setup=['module load cuda/12.4','source /opt/venv/bin/activate']",
@@ -125,6 +126,41 @@ def test_bad_settings_name_the_setting(overrides, match):
         _job(["slurm.tasks_per_node=4", "parallel.dp=4", *overrides])
 
 
+FRONTIER = ["cluster=frontier", "slurm.nodes=2", "model=tiny", "parallel.dp=16"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ([*FRONTIER, "slurm.net_plugin=/p"], "slurm.rocm=None: set the version of Frontier's rocm module"),
+    ([*FRONTIER, "slurm.rocm=6.2.4"], "slurm.net_plugin is unset.*aws-ofi-rccl"),
+    (["cluster=alps", "parallel.dp=4", "slurm.uenv=a:b", "slurm.container=c"], "slurm.uenv and slurm.container"),
+    (["cluster=perlmutter", "parallel.dp=4", "slurm.uenv=a:b"], "for the alps template, not perlmutter"),
+    (["cluster=perlmutter", "parallel.dp=4", "launch.backend=gloo"], "cluster=perlmutter describes GPUs"),
+    (["slurm.template=perlmutter", "slurm.tasks_per_node=4", "parallel.dp=4"], "set cluster=perlmutter"),
+])
+def test_centre_settings_name_the_fix(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _job(overrides)
+
+
+def test_frontier_rocm_module_must_match_torch(monkeypatch):
+    monkeypatch.setattr("axon.slurm_site.torch_hip", lambda: "6.1.40091-a8dbc0c19")
+    with pytest.raises(ValueError, match="slurm.rocm=6.2.4 but torch here is built for ROCm 6.1"):
+        _job([*FRONTIER, "slurm.rocm=6.2.4", "slurm.net_plugin=/p"])
+    assert _job([*FRONTIER, "slurm.rocm=6.1.3", "slurm.net_plugin=/p"]).site.rocm == "6.1.3"
+
+
+def test_gpu_presets_run_nccl_and_cpu_jobs_keep_auto():
+    assert "launch.backend=nccl" in _job(CASES["perlmutter"]).overrides
+    assert not any(o.startswith("launch.backend") for o in _job(CASES["local-cpu"]).overrides)
+    assert _job([*CASES["perlmutter"], "launch.backend=nccl"]).overrides.count("launch.backend=nccl") == 1
+
+
+def test_alps_without_uenv_or_container_does_not_force_the_plugin():
+    script = render(_job([o for o in CASES["alps"] if not o.startswith("slurm.uenv")]))
+    assert "export NCCL_NET=" not in script
+    assert "TCP sockets" in script
+
+
 def test_layout_is_checked_against_the_job_size():
     with pytest.raises(PlanError, match="parallel.dp"):
         _job(["slurm.tasks_per_node=4", "parallel.dp=3"])
@@ -140,8 +176,10 @@ def test_dry_prints_and_submit_records(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["slurm.tasks_per_node=4", "model=tiny", "parallel.dp=4", "run.name=r"]
     assert submit.main(["--dry", *args]) == 0
-    assert capsys.readouterr().out.startswith("#!/bin/bash\n")
-    assert not (tmp_path / "runs").exists()
+    shown = capsys.readouterr()
+    assert shown.out.startswith("#!/bin/bash\n") and "plan:   dp=4" in shown.err
+    dry = json.loads((tmp_path / "runs" / "r" / "submit.json").read_text())
+    assert dry["job_id"] is None and dry["plan"]["dp"] == 4  # --dry records the pick, queues nothing
 
     _fake_bin(tmp_path, "sbatch", f'echo "$@" > "{tmp_path}/sbatch-args"; echo "4242;axontest"')
     monkeypatch.setenv("PATH", f"{tmp_path}/bin:{os.environ['PATH']}")

@@ -12,7 +12,7 @@ from axon import config
 from axon.config import FROZEN, Config, ConfigError, freeze, load
 from perfmodel.specs import ModelSpec, Offload, Plan
 
-SCHEMA_ONLY = {"model": {"name"}, "parallel": {"auto"}}  # settings only the CLI reads
+SCHEMA_ONLY = {"model": {"name", "init"}, "parallel": {"auto"}}  # settings outside the frozen specs
 STRIP = {"logger.wandb": "wandb_"}  # Logging.wandb_mode is logger.wandb.mode
 
 

@@ -1,4 +1,6 @@
 """Memory formulas against the ZeRO paper and Korthikanti et al. (hand-computed values)."""
+from dataclasses import replace
+
 import pytest
 
 from perfmodel import pipeline
@@ -94,6 +96,15 @@ def test_head_rank_units_match_the_simulation():
 
 
 def test_stage_params_cover_the_model():
-    assert stage_params(GPT, 1) == n_params(GPT)
+    assert stage_params(GPT, 1, 1024) == n_params(GPT)
     # pp=2: the bigger of (2 blocks + embedding) and (2 blocks + head + final LayerNorm)
-    assert stage_params(GPT, 2) == 2 * layer_params(GPT) + GPT.vocab_size * H + 2 * H
+    assert stage_params(GPT, 2, 1024) == 2 * layer_params(GPT) + GPT.vocab_size * H + 2 * H
+
+
+def test_uneven_stages_take_the_most_loaded_stage_of_the_runtime_split():
+    from perfmodel.split import split_layers
+
+    seven = replace(GPT, n_layers=7)
+    most = max(len(r) for r in split_layers(seven, 4, 1024))
+    assert most == 2
+    assert stage_params(seven, 4, 1024) == most * layer_params(seven) + seven.vocab_size * H + 2 * H

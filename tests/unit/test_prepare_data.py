@@ -60,28 +60,28 @@ def test_failure_leaves_no_partial_file_and_keeps_old_output(tmp_path, capsys):
     old_bin, old_json = (tmp_path / "out.bin").read_bytes(), (tmp_path / "out.json").read_text()
     bad = tmp_path / "bad.jsonl"  # fails on line 3, after two documents were written
     bad.write_text('{"text": "one"}\n{"text": "two"}\n{"content": "three"}\n')
-    assert main([str(good), str(bad), "--out", str(tmp_path / "out")]) == 1
+    assert main([str(good), str(bad), "--out", str(tmp_path / "out")]) == 2  # bad input: exit code 2 (axon/errors.py)
     err = capsys.readouterr().err
     assert "bad.jsonl:3" in err and "--field" in err
     assert (tmp_path / "out.bin").read_bytes() == old_bin and (tmp_path / "out.json").read_text() == old_json
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.txt", "out.bin", "out.json"]
-    assert main([str(bad), "--out", str(tmp_path / "fresh")]) == 1
+    assert main([str(bad), "--out", str(tmp_path / "fresh")]) == 2  # bad input: exit code 2 (axon/errors.py)
     assert not list(tmp_path.glob("fresh*"))
 
 
 def test_input_errors(tmp_path, capsys):
     csv = tmp_path / "x.csv"
     csv.write_text("a,b")
-    assert main([str(csv), "--out", str(tmp_path / "o")]) == 1
+    assert main([str(csv), "--out", str(tmp_path / "o")]) == 2  # bad input: exit code 2 (axon/errors.py)
     assert ".txt or .jsonl" in capsys.readouterr().err
     bad = tmp_path / "x.jsonl"
     bad.write_text("{not json\n")
-    assert main([str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert main([str(bad), "--out", str(tmp_path / "o")]) == 2  # bad input: exit code 2 (axon/errors.py)
     assert "x.jsonl:1: not valid JSON" in capsys.readouterr().err
     tok_path = make_tokenizer_json(tmp_path / "tokenizer.json", eot="<sep>")
     txt = tmp_path / "t.txt"
     txt.write_text("hi")
-    assert main([str(txt), "--out", str(tmp_path / "o"), "--tokenizer", str(tok_path)]) == 1
+    assert main([str(txt), "--out", str(tmp_path / "o"), "--tokenizer", str(tok_path)]) == 2  # bad input: exit code 2 (axon/errors.py)
     assert "--eot-token" in capsys.readouterr().err
     assert main([str(txt), "--out", str(tmp_path / "o"), "--tokenizer", str(tok_path), "--eot-token", "<sep>"]) == 0
     assert not list(tmp_path.glob("*.tmp-*"))

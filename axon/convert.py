@@ -1,0 +1,142 @@
+"""`axon convert`: Hugging Face Llama directories to Axon checkpoints and back.
+
+    axon convert Meta-Llama-3.1-8B/ ckpt/llama8b                  # HF (config.json + safetensors) -> Axon
+    axon convert runs/ft/checkpoints/step_00000100 hf/ft-8b        # Axon (any layout) -> HF
+    axon convert runs/ft/checkpoints hf/ft-8b --dtype bfloat16 --max-shard-size 5GB
+
+HF -> Axon writes the DCP checkpoint of axon/checkpoint.py keyed by Axon parameter names (step 0,
+fresh Adam states, no sampler state), which any layout resumes (`checkpoint.resume=<dir>`); the
+model's shape is read from config.json. Axon -> HF reads one parameter at a time out of the sharded
+checkpoint (whatever layout wrote it), so the host holds one tensor plus the safetensors shard
+being written; it writes `model-0000i-of-0000N.safetensors`, `model.safetensors.index.json` and
+`config.json`, which `transformers` loads. Only safetensors and json are read or written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+
+from axon import checkpoint as ckpt
+from axon.errors import Parser, guarded
+from axon.hf_config import hf_config, spec_from_dir, spec_from_config
+from axon.hf_load import INDEX, SliceReader, read_shard
+from axon.hf_names import hf_name, to_hf_rows
+from axon.model import build
+from parallel.layout import replicated
+from perfmodel.specs import ModelSpec, Plan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `40KB`, `1000` -> bytes."""
+    for unit, scale in UNITS.items():
+        if text.upper().endswith(unit) and text[:-len(unit)].replace(".", "", 1).isdigit():
+            return int(float(text[:-len(unit)]) * scale)
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"--max-shard-size={text!r} is not a size; write e.g. 5GB, 500MB or 40KB")
+
+
+def hf_to_axon(hf_dir: Path, out: Path) -> Path:
+    """Write the Axon checkpoint of the Hugging Face model in `hf_dir` to `out` (single process)."""
+    spec = spec_from_dir(hf_dir)
+    model = build(spec)
+    model.to_empty(device="cpu")
+    reader = SliceReader(hf_dir)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(read_shard(reader, spec, name, replicated(p.shape)).reshape(p.shape))
+    reader.close()
+    optim = {}
+    for name, p in named.items():  # the gradient engines' Adam states before the first step
+        optim.update({f"{name}.step": torch.zeros(()), f"{name}.exp_avg": torch.zeros_like(p),
+                      f"{name}.exp_avg_sq": torch.zeros_like(p)})
+    tmp = out.with_name(f".tmp_{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp.save({"model": {n: p.data for n, p in named.items()}, "optim": optim}, checkpoint_id=str(tmp))
+    meta = {**ckpt.plan_meta(spec, Plan(), None), "step": 0, "world_size": 1, "converted_from": str(hf_dir)}
+    (tmp / ckpt.META).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Full shape of every model parameter in the DCP checkpoint at `path`, by Axon name."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    return {key[len("model."):]: tuple(md.size) for key, md in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and hasattr(md, "size")}
+
+
+def _read_param(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One whole parameter [shape] out of the sharded checkpoint (DCP reassembles the pieces)."""
+    t = torch.empty(shape, dtype=torch.float32)
+    dcp.load({"model": {name: t}}, checkpoint_id=str(path))
+    return t
+
+
+def axon_to_hf(path: Path, out: Path, dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> Path:
+    """Write the Hugging Face directory of the Axon checkpoint at `path` (a step_* directory or a
+    checkpoints/ directory, whose newest is taken) to `out`."""
+    path = ckpt.resolve(str(path), path)
+    spec = ModelSpec(**ckpt.read_meta(path)["model"])
+    shapes = _param_shapes(path)
+    size = DTYPES[dtype].itemsize
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, shape in shapes.items():  # greedy shards in parameter order
+        n = size * int(torch.Size(shape).numel())
+        if groups[-1] and used + n > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += n
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {hf_name(n): to_hf_rows(spec, n, _read_param(path, n, shapes[n])).to(DTYPES[dtype]).contiguous()
+                   for n in names}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({k: file for k in tensors})
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    return guarded("axon convert", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    p = Parser(prog="axon convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path,
+                   help="a Hugging Face Llama directory, or an Axon checkpoint (step_* or checkpoints/)")
+    p.add_argument("dst", type=Path, help="the directory to write")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Axon -> HF: tensor type written")
+    p.add_argument("--max-shard-size", default="5GB", help="Axon -> HF: largest safetensors file (default 5GB)")
+    args = p.parse_args(argv)
+    if (args.src / "config.json").is_file():
+        out = hf_to_axon(args.src, args.dst)
+        spec = spec_from_config(json.loads((args.src / "config.json").read_text()))
+        sets = " ".join(f"model.{k}={v}" for k, v in asdict(spec).items())
+        print(f"wrote Axon checkpoint {out}; train from it with checkpoint.resume={out} {sets}")
+        return 0
+    if not ((args.src / ckpt.META).is_file() or ckpt.complete_checkpoints(args.src)):
+        raise ValueError(f"{args.src} is neither a Hugging Face model directory (config.json) nor an Axon "
+                         f"checkpoint ({ckpt.META}, or a checkpoints/ directory holding step_*); check the path")
+    out = axon_to_hf(args.src, args.dst, args.dtype, parse_size(args.max_shard_size))
+    print(f"wrote Hugging Face model {out} (load with transformers' from_pretrained)")
+    return 0
