@@ -36,7 +36,7 @@ NOVEL = ROOT / "axon" / "corpus" / "6-persuasion.txt.gz"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "goldfish_bench", help="data and run directories")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--novel-chars", type=int, default=40_000, help="characters of the novel in the data")
     p.add_argument("--lr", type=float, default=8e-3)
     p.add_argument("--batch", type=int, default=8, help="train.global_batch_size (sequences of 128 bytes)")
