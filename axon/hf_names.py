@@ -26,33 +26,17 @@ _LAYER = {  # Axon name inside a Block -> HF name inside a decoder layer
 }
 _TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "head.weight": "lm_head.weight"}
-_LAYER_BACK = {v: k for k, v in _LAYER.items()}
-_TOP_BACK = {v: k for k, v in _TOP.items()}
-
-
-def _rename(name: str, top: dict[str, str], layer: dict[str, str], src: str, dst: str) -> Optional[str]:
-    """`name` mapped through `top`, or as `<src>N.<leaf>` -> `<dst>N.<layer[leaf]>`; None if neither."""
-    if name in top:
-        return top[name]
-    m = re.fullmatch(re.escape(src) + r"(\d+)\.(.+)", name)
-    return f"{dst}{m.group(1)}.{layer[m.group(2)]}" if m and m.group(2) in layer else None
 
 
 def hf_name(name: str) -> str:
     """The Hugging Face name of Axon parameter `name`."""
-    out = _rename(name, _TOP, _LAYER, "layers.", "model.layers.")
-    if out is None:
-        raise ValueError(f"parameter {name} has no Hugging Face Llama counterpart; only Llama-shaped models "
-                         f"(rmsnorm, rope, swiglu, no bias) convert")
-    return out
-
-
-def axon_name(name: str) -> str:
-    """The Axon name of Hugging Face parameter `name`."""
-    out = _rename(name, _TOP_BACK, _LAYER_BACK, "model.layers.", "layers.")
-    if out is None:
-        raise ValueError(f"Hugging Face tensor {name} is not part of a Llama model Axon can load")
-    return out
+    if name in _TOP:
+        return _TOP[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LAYER:
+        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    raise ValueError(f"parameter {name} has no Hugging Face Llama counterpart; only Llama-shaped models "
+                     f"(rmsnorm, rope, swiglu, no bias) convert")
 
 
 def rope_heads(spec: ModelSpec, name: str) -> Optional[int]:

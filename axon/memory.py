@@ -78,9 +78,6 @@ class ActivationMeter:
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
     def _pack(self, t: torch.Tensor) -> Any:
         if _is_param(t):
             return t

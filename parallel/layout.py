@@ -54,15 +54,6 @@ class ParamLayout:
         each element by 1 / copies, so that a sum over the group counts it once)."""
         return plan.tp // self.pieces(plan)
 
-    def local_shape(self, plan: Plan) -> tuple[int, ...]:
-        """The shape of the tensor this rank holds."""
-        if not self.sharded:
-            return self.full_shape
-        rows = self.full_shape[0] // (getattr(plan, self.split[0]) if self.split[0] else 1)
-        if len(self.full_shape) == 1:
-            return (rows // (plan.tp_depth if self.depth_flat else 1),)
-        cols = math.prod(self.full_shape[1:]) // (getattr(plan, self.split[1]) if self.split[1] else 1)
-        return (rows * cols // plan.tp_depth,) if self.depth_flat else (rows, cols)
 
 
 def replicated(shape: Iterable[int]) -> ParamLayout:

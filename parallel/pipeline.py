@@ -52,11 +52,6 @@ class Pipeline:
         self.last_memory = MemoryStats()
         self.recompute_meter = RecomputeMeter()  # pass to recompute.apply: full recomputation's reruns
 
-    @property
-    def holds_loss(self) -> bool:
-        """Whether this rank holds the last chunk (the one computing the loss)."""
-        return self.n_chunks - 1 in self.chunks
-
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """This rank's parameters by their layout-independent names."""
         return {name: p for chunk in self.chunks.values() for name, p in chunk.named_parameters()}

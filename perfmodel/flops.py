@@ -30,11 +30,6 @@ def layer_matmul_params(m: ModelSpec) -> int:
     return m.d_model * m.d_model * 2 + m.d_model * kv * 2 + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
 
 
-def dense_params(m: ModelSpec) -> int:
-    """Parameters that take part in matmuls (the embedding lookup and norms excluded; the head included)."""
-    return m.n_layers * layer_matmul_params(m) + m.vocab_size * m.d_model
-
-
 def layer_gemm_flops(m: ModelSpec) -> float:
     """Forward FLOPs per token of one Block's Linears."""
     return 2.0 * layer_matmul_params(m)
