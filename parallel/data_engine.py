@@ -23,7 +23,7 @@ from torch import nn
 from launch.grid import Grid
 from parallel.data import CommStats, DataParallel
 from parallel.grad_norm import clip_, total_norm
-from parallel.layout import TP_AXES, ParamLayout
+from parallel.layout import TP_AXES, ParamLayout, decays
 from parallel.layout_dtensor import TensorMesh
 from perfmodel.specs import Optim, Plan
 
@@ -31,13 +31,12 @@ from perfmodel.specs import Optim, Plan
 def adamw(named: Mapping[str, nn.Parameter], cfg: Optim, lr: float = 0.0,
           layouts: Mapping[str, ParamLayout] | None = None) -> torch.optim.AdamW:
     """torch AdamW (foreach=False, the arithmetic `parallel.zero_optim` copies per element);
-    matrices decay, vectors (norms, biases) do not, by the full tensor's shape (`layouts`;
-    default the local shape): a tp_depth slice of a matrix is flat locally but still decays."""
+    weight decay by `parallel.layout.decays` of the full shape (`layouts`; default the local shape)."""
     decay, no_decay = [], []
     for name, p in named.items():
         if p.requires_grad:
-            dims = len(layouts[name].full_shape) if layouts is not None else p.dim()
-            (decay if dims >= 2 else no_decay).append(p)
+            full = layouts[name].full_shape if layouts is not None else tuple(p.shape)
+            (decay if decays(full) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
 

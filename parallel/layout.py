@@ -56,6 +56,12 @@ class ParamLayout:
 
 
 
+def decays(full_shape: tuple[int, ...]) -> bool:
+    """AdamW weight decay applies to matrices, judged by the full tensor's shape (a tp_depth slice
+    of a matrix is flat locally but still decays); vectors (norms, biases) do not decay."""
+    return len(full_shape) >= 2
+
+
 def replicated(shape: Iterable[int]) -> ParamLayout:
     """The layout of a parameter no mechanism shards."""
     return ParamLayout(tuple(shape))

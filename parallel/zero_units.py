@@ -32,7 +32,7 @@ from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetada
 
 from launch.grid import Grid, group_ranks, rank_of
 from parallel.attach import blocks as chunk_blocks
-from parallel.layout import ParamLayout
+from parallel.layout import ParamLayout, decays
 
 Origin = tuple[int, ...]
 
@@ -109,8 +109,8 @@ class Slot:
 
     @property
     def decay(self) -> bool:
-        """AdamW weight decay applies to matrices (by the full shape: a depth slice is flat)."""
-        return len(self.place.full) >= 2
+        """Whether AdamW weight decay applies (parallel.layout.decays, by the full shape)."""
+        return decays(self.place.full)
 
 
 class Layout:
