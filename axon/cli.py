@@ -1,5 +1,5 @@
-"""The `axon` command: `axon <train|tune|submit|prepare-data|checkpoints> [args]`; each subcommand
-lives in its own module with a `main(argv) -> int` (and its own `--help`). `axon --version`; an
+"""The `axon` command: `axon <command> [args]` (train, tune, submit, prepare-data, convert,
+generate, eval, checkpoints); each subcommand lives in its own module with a `main(argv) -> int` (and its own `--help`). `axon --version`; an
 unknown command gets the closest one suggested."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = {
     "submit": ("axon.submit", "submit a Slurm job: axon submit cluster=perlmutter slurm.nodes=4 ..."),
     "prepare-data": ("axon.prepare_data", "tokenize text/JSONL into a .bin token file"),
     "convert": ("axon.convert", "Hugging Face Llama dir <-> Axon checkpoint: axon convert <src> <dst>"),
+    "generate": ("axon.generate_cmd", "text from a run, checkpoint or hf:<dir>: axon generate runs/<name> --prompt ..."),
     "eval": ("axon.eval_memorization", "memorization of training text: axon eval memorization runs/<name> ..."),
     "checkpoints": ("axon.checkpoints_cmd", "list a run's checkpoints, or --inspect one"),
 }

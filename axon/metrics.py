@@ -65,16 +65,47 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so a reader (or a crash) sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_run_files(run_dir: Path, raw_config: dict[str, Any], plan_info: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(raw_config, sort_keys=False))
     write_json_atomic(run_dir / "plan.json", plan_info)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn line (a crash mid-write) is skipped, not fatal."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
+    return out
+
+
+def truncate_metrics(path: Path, start: int) -> None:
+    """Keep the records up to the resumed step `start` (atomically), so a resumed run logs every
+    step exactly once; torn lines are dropped."""
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r["step"] <= start]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class Reporter:

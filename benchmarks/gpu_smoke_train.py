@@ -29,6 +29,7 @@ def _train(ctx: Ctx, run_dir: Path, extra: list[str], world: int = 1) -> tuple[l
     """Run the trainer in this process (the process group must exist); metrics and plan.json."""
     from axon import trainer
     from axon.config import freeze, load
+    from axon.metrics import read_metrics
     from axon.train import resolve_plan
     from launch.grid import Grid
 
@@ -36,8 +37,7 @@ def _train(ctx: Ctx, run_dir: Path, extra: list[str], world: int = 1) -> tuple[l
     cfg, info = resolve_plan(cfg, world, [])
     grid = Grid.build(cfg.plan, 0, world, timeout_s=cfg.launch.timeout_s)
     trainer.run(cfg, grid, ctx.device, plan_info=info)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return metrics, json.loads((run_dir / "plan.json").read_text())
+    return read_metrics(run_dir / "metrics.jsonl"), json.loads((run_dir / "plan.json").read_text())
 
 
 def _world1(ctx: Ctx) -> None:

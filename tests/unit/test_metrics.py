@@ -1,4 +1,5 @@
-"""Run-directory logging: metrics.jsonl records, and wandb that is offline, missing or failing
+"""Run-directory logging: metrics.jsonl records (a torn line from a crash mid-write is skipped
+and dropped at the next resume), atomic rewrites, and wandb that is offline, missing or failing
 never ends a run."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 
 from axon.config import Logging
-from axon.metrics import Reporter
+from axon.metrics import Reporter, read_metrics, truncate_metrics, write_text_atomic
 
 RECORD = {"step": 1, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0, "step_time_s": 0.1,
           "mfu": 0.01, "peak_mem_bytes": 1}
@@ -23,6 +24,30 @@ def report(tmp_path, mode: str) -> list[dict]:
 
 def test_metrics_jsonl(tmp_path):
     assert report(tmp_path, "disabled") == [RECORD]
+
+
+def test_torn_tail_line_is_skipped_and_truncation_drops_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = [dict(RECORD, step=s) for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 4, "loss": 4.')  # killed mid-write
+    assert read_metrics(path) == good
+    truncate_metrics(path, 2)  # a resume from step 2
+    assert read_metrics(path) == good[:2]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 2
+    # the resumed run appends after a torn line that was not truncated away: both parse apart
+    path.write_text(json.dumps(good[0]) + "\n" + '{"step": 2, "lo')
+    with path.open("a") as f:
+        f.write(json.dumps(good[1]) + "\n")
+    assert read_metrics(path) == [good[0]]  # the glued line is dropped, never a JSONDecodeError
+    truncate_metrics(path, 5)
+    assert read_metrics(path) == [good[0]]
+
+
+def test_atomic_rewrite_leaves_no_temporary(tmp_path):
+    path = tmp_path / "config.yaml"
+    write_text_atomic(path, "a: 1\n")
+    write_text_atomic(path, "a: 2\n")
+    assert path.read_text() == "a: 2\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def test_wandb_missing_warns_and_continues(tmp_path, monkeypatch):
