@@ -1,5 +1,12 @@
-"""Parameter count and model FLOPs: the one home of the FLOPs formula (docs/architecture.md);
-the trainer's MFU, the performance model's compute time and the pipeline's layer balancing use it."""
+"""Parameter count and model FLOPs: the one home of the FLOPs formulas (docs/architecture.md).
+
+Two counts, named apart: `flops_per_token` is the standard MFU convention (PaLM, Chowdhery et al.
+2022, appendix B; torchtitan; Megatron-LM): 6 Psi_dense + 12 L h s per token, the attention
+scores and values counted over the whole sequence even though a causal model skips half of
+them; the trainer's and the performance model's MFU use it, so Axon's MFU compares with published
+ones. `causal_flops_per_token` (6 Psi_dense + 6 L h s) is the work a causal kernel does; the
+performance model's compute time and the pipeline's layer balancing use it (through
+`attention_flops`)."""
 from __future__ import annotations
 
 from perfmodel.specs import ModelSpec
@@ -46,12 +53,19 @@ def head_flops(m: ModelSpec) -> float:
     return 2.0 * m.d_model * m.vocab_size
 
 
-def flops_per_token(m: ModelSpec, seq_len: int) -> float:
-    """Useful training FLOPs per token (forward + backward = 3 x forward): 6 * Psi_dense + 6 * L * h * s
-    (causal attention)."""
+def causal_flops_per_token(m: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs per token a causal model does (forward + backward = 3 x forward):
+    6 * Psi_dense + 6 * L * h * s."""
     return 3.0 * (m.n_layers * (layer_gemm_flops(m) + attention_flops(m, seq_len)) + head_flops(m))
 
 
+def flops_per_token(m: ModelSpec, seq_len: int) -> float:
+    """Model FLOPs per token in the standard MFU convention (PaLM / torchtitan / Megatron-LM):
+    6 * Psi_dense + 12 * L * h * s (the attention core over the full sequence)."""
+    return 3.0 * (m.n_layers * (layer_gemm_flops(m) + 2.0 * attention_flops(m, seq_len)) + head_flops(m))
+
+
 def mfu(m: ModelSpec, seq_len: int, tokens_per_s: float, devices: int, peak_flops: float) -> float:
-    """Model FLOPs utilization: achieved model FLOP/s over the devices' peak."""
+    """Model FLOPs utilization in the standard convention (`flops_per_token`): achieved model
+    FLOP/s over the devices' peak."""
     return flops_per_token(m, seq_len) * tokens_per_s / (devices * peak_flops)

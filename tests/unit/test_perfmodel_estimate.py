@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from perfmodel.estimate import estimate
-from perfmodel.flops import flops_per_token
+from perfmodel.flops import causal_flops_per_token, flops_per_token
 from perfmodel.search import best_plan, search
 from perfmodel.specs import Cluster, ModelSpec, Offload, Plan, PlanError
 
@@ -16,12 +16,27 @@ IDEAL = Cluster(gpus_per_node=8, peak_flops=1e12, hbm_bytes=1e12, compute_effici
 
 
 def test_single_device_step_is_model_flops_over_peak():
+    """Compute time is the causal work over peak; MFU counts the standard model FLOPs (12 L h s)."""
     e = estimate(TINY, Plan(micro_batch_size=4), IDEAL, global_batch_size=16, seq_len=128)
-    compute = flops_per_token(TINY, 128) * 16 * 128 / IDEAL.peak_flops
+    compute = causal_flops_per_token(TINY, 128) * 16 * 128 / IDEAL.peak_flops
     assert e.breakdown["compute_s"] == pytest.approx(compute)
     assert e.step_time_s == pytest.approx(sum(e.breakdown.values()))
-    assert e.mfu == pytest.approx(compute / e.step_time_s)
+    model_flops = flops_per_token(TINY, 128) * 16 * 128
+    assert e.mfu == pytest.approx(model_flops / IDEAL.peak_flops / e.step_time_s)
     assert e.tokens_per_s == pytest.approx(16 * 128 / e.step_time_s)
+
+
+def test_mfu_counts_attention_as_palm_and_torchtitan_do():
+    """6 N + 12 L h s per token (PaLM appendix B, torchtitan's get_num_flop_per_token), N the dense
+    (non-embedding) matmul weights plus the output head: at 128K context the attention term is
+    large and counting it halved would under-report MFU."""
+    m = ModelSpec(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=128256,
+                  max_seq_len=131072)
+    matmul = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 4096 * 128256
+    s = 131072
+    assert flops_per_token(m, s) == pytest.approx(6 * matmul + 12 * 32 * 4096 * s)
+    assert causal_flops_per_token(m, s) == pytest.approx(6 * matmul + 6 * 32 * 4096 * s)
+    assert flops_per_token(m, s) / causal_flops_per_token(m, s) > 1.4
 
 
 def test_recompute_costs_a_forward():
