@@ -5,7 +5,8 @@ Built on the meta device and materialized by `axon.init.materialize`. Parallelis
 from outside (by module name); nothing here depends on sharded shapes: head counts are read
 from tensor sizes (`view(B, S, -1, head_dim)`), so a tensor-parallel shard runs the same code.
 Layers live in a ModuleDict keyed by their global index, so parameter names are the same for
-every pipeline split (checkpoints stay layout-independent).
+every pipeline split (checkpoints stay layout-independent). What a Block saves for backward, term
+by term: docs/activation_memory.md.
 """
 from __future__ import annotations
 
@@ -61,13 +62,40 @@ def rope_tables(positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor,
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention. q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd]."""
-    rep = q.shape[2] // k.shape[2]
-    if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
-        k = k.repeat_interleave(rep, dim=2)
-        v = v.repeat_interleave(rep, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-    return out.transpose(1, 2)
+    """Causal attention. q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd].
+
+    Grouped-query K/V (Hkv < Hq) go to the fused kernel as they are (enable_gqa: saved at Hkv
+    heads). Where no fused kernel takes them (`native_gqa`), enable_gqa would fall back to the
+    unfused math path (s^2 probabilities kept), so K/V are repeated to Hq heads first and saved
+    repeated (docs/activation_memory.md)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+    gqa = q.shape[2] != k.shape[2]
+    if gqa and not native_gqa(qt, kt, vt):
+        rep = q.shape[2] // k.shape[2]
+        kt, vt, gqa = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1), False
+    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+
+
+def native_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether scaled_dot_product_attention runs enable_gqa in a fused kernel for these [B, H, S, hd]
+    inputs: the CPU flash kernel does; on CUDA only the flash backend (16-bit, Ampere or later)."""
+    if q.device.type == "cpu":
+        return True
+    if q.device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
+        return False
+    return torch.backends.cuda.can_use_flash_attention(torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, True, True))
+
+
+def projection_input(x: torch.Tensor) -> torch.Tensor:
+    """x [.., h] as the projections reading it (q, k, v; gate, up) compute with: under autocast,
+    one copy in the compute dtype shared by all of them. Autocast would cast x once per
+    projection and each would save its own copy; the shared one is saved once, and the
+    projections' input gradients are summed in the compute dtype before the cast back (as
+    parallel/tensor.py's grouped projections and a fused QKV do). Without autocast: x itself."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:  # autocast leaves fp64 alone
+        return x
+    return x.to(torch.get_autocast_dtype(device))
 
 
 class Attention(nn.Module):
@@ -83,6 +111,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, S = x.shape[:2]
+        x = projection_input(x)
         q = self.wq(x).view(B, S, -1, self.head_dim)  # [B, S, Hq, hd]
         k = self.wk(x).view(B, S, -1, self.head_dim)  # [B, S, Hkv, hd]
         v = self.wv(x).view(B, S, -1, self.head_dim)
@@ -103,6 +132,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
+            x = projection_input(x)
             return self.w_down(kernels.swiglu(self.w_gate(x), self.w_up(x), self.kernels))  # [B, S, d]
         return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 

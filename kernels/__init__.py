@@ -6,9 +6,11 @@ and the PyTorch reference (docs/architecture.md, "Adding a kernel").
     q = kernels.rope(q, cos, sin, kind)
     h = kernels.swiglu(gate, up, kind)
 
-`auto` runs Triton on GPUs (where Triton is installed) and the PyTorch reference on CPU;
-`triton` forces the kernels (on CPU under Triton's interpreter, as the tests do); `torch` forces
-the references. perfmodel/rules.py validates the setting.
+`auto` runs Triton on GPUs (where Triton is installed) and the PyTorch path on CPU; `triton`
+forces the kernels (on CPU under Triton's interpreter, as the tests do); `torch` forces the
+PyTorch path. perfmodel/rules.py validates the setting. The PyTorch path of rms_norm and swiglu
+is an autograd.Function running the reference's forward and saving only what its backward needs
+(docs/activation_memory.md); rope is the reference itself (it saves only the angle tables).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "aut
     row is split over a tensor-parallel group), kernels/rmsnorm.py."""
     if use_triton(kind, x):
         return rmsnorm.rms_norm_triton(x, weight, eps, width, sum_across)
-    return rmsnorm.rms_norm_reference(x, weight, eps, width, sum_across)
+    return rmsnorm.rms_norm_torch(x, weight, eps, width, sum_across)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str = "auto") -> torch.Tensor:
@@ -48,4 +50,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str = "aut
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kind: str = "auto") -> torch.Tensor:
     """silu(gate) * up, kernels/swiglu.py."""
-    return _swiglu.swiglu_triton(gate, up) if use_triton(kind, gate) else _swiglu.swiglu_reference(gate, up)
+    return _swiglu.swiglu_triton(gate, up) if use_triton(kind, gate) else _swiglu.swiglu_torch(gate, up)

@@ -10,6 +10,10 @@ width. The backward needs one more row sum over the full width: dx = rstd * (w d
 sum(w dy xhat) / width), xhat = x * rstd; dw = sum over rows of dy * xhat. Each row sum is a
 kernel, then `sum_across` (an all-reduce of [rows] fp32, differentiable in the reference path),
 then the kernel that uses it, so one code path serves 1 and t ranks.
+
+Both autograd.Functions (Triton, and the torch path `rms_norm_torch`, which runs the reference's
+forward) save only the input x and rstd [.., 1] fp32, and rebuild xhat in backward; autograd
+through the reference would also keep the fp32 xhat (docs/activation_memory.md).
 """
 from __future__ import annotations
 
@@ -27,10 +31,44 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, width:
                        sum_across: Optional[SumAcross] = None) -> torch.Tensor:
     """The PyTorch definition: x [.., n] (n = width / t under tensor parallelism), weight [n]."""
     xf = x.float()
+    return (xf * _rstd(xf, eps, width, sum_across)).to(x.dtype) * weight
+
+
+def _rstd(xf: torch.Tensor, eps: float, width: Optional[int], sum_across: Optional[SumAcross]) -> torch.Tensor:
+    """1 / rms of each row of xf [.., n] fp32 over the whole width -> [.., 1] fp32."""
     if sum_across is None:
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     total = sum_across(xf.pow(2).sum(-1, keepdim=True))  # [.., 1] over the whole width
-    return (xf * torch.rsqrt(total / width + eps)).to(x.dtype) * weight
+    return torch.rsqrt(total / width + eps)
+
+
+class RMSNormTorch(torch.autograd.Function):
+    """The PyTorch path: the reference's forward; saves x and rstd [.., 1] fp32 only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, width, sum_across):
+        xf = x.float()  # [.., n]
+        rstd = _rstd(xf, eps, width, sum_across)  # [.., 1]
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.width, ctx.sum_across = (x.shape[-1] if sum_across is None else width), sum_across
+        return (xf * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd  # [.., n] fp32, rebuilt
+        g = (dy * weight).float()  # d xhat
+        dot = (g * xhat).sum(-1, keepdim=True)  # [.., 1] over this rank's columns
+        if ctx.sum_across is not None:
+            dot = ctx.sum_across(dot)
+        dx = rstd * (g - xhat * dot / ctx.width)
+        dw = (dy * xhat.to(x.dtype)).to(weight.dtype).sum_to_size(weight.shape)  # [n]
+        return dx.to(x.dtype), dw, None, None, None
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, width: Optional[int] = None,
+                   sum_across: Optional[SumAcross] = None) -> torch.Tensor:
+    return RMSNormTorch.apply(x, weight, eps, width, sum_across)
 
 
 if triton is not None:

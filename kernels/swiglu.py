@@ -1,6 +1,7 @@
-"""SwiGLU: silu(gate) * up, Triton forward/backward, its autograd.Function and the PyTorch
-reference. The backward recomputes silu from the saved inputs (gate, up [.., d_ff]): nothing of
-the forward's is kept but its two inputs.
+"""SwiGLU: silu(gate) * up, Triton forward/backward, the PyTorch reference, and one
+autograd.Function per path (Triton, torch). Both backwards recompute silu from the saved inputs
+(gate, up [.., d_ff]): nothing of the forward's is kept but its two inputs, where autograd
+through the reference also keeps silu(gate) (docs/activation_memory.md).
 
     y = silu(g) * u;  dg = dy * u * s * (1 + g (1 - s)),  du = dy * silu(g),  s = sigmoid(g)
 """
@@ -17,6 +18,32 @@ BLOCK = 1024  # elements per program
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The PyTorch definition: gate, up [.., d_ff] -> [.., d_ff]."""
     return F.silu(gate) * up
+
+
+def swiglu_grads(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) [.., d_ff] of the reference, silu recomputed; rounded as autograd rounds the
+    reference's backward (dy * up in the inputs' dtype, silu's derivative in fp32)."""
+    g = gate.float()
+    s = torch.sigmoid(g)
+    d_silu = (dy * up).float()  # [.., d_ff]
+    return (d_silu * s * (1 + g * (1 - s))).to(gate.dtype), (dy * F.silu(gate)).to(up.dtype)
+
+
+class SwiGLUTorch(torch.autograd.Function):
+    """The PyTorch path: the reference's forward, a backward from the saved gate and up only."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return swiglu_reference(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return swiglu_grads(dy, *ctx.saved_tensors)
+
+
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return SwiGLUTorch.apply(gate, up)
 
 
 if triton is not None:

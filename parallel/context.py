@@ -112,6 +112,9 @@ class UlyssesCore:
         if Hkv % self.cp:  # repeat each kv head just enough; q head h still reads kv head h // rep
             f = self.cp // math.gcd(Hkv, self.cp)
             k, v = k.repeat_interleave(f, dim=2), v.repeat_interleave(f, dim=2)
+        # the inner core takes grouped K/V as they are (axon.model.attention_core, enable_gqa): a
+        # rank saves the lcm(Hkv, cp)/cp kv heads its query heads read, the fewest it can hold;
+        # the repeat and the all-to-alls save nothing
         out = self.inner(self._to_heads(q), self._to_heads(k), self._to_heads(v))  # [B, S, Hq/cp, hd]
         return self._to_seq(out)
 

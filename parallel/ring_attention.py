@@ -16,7 +16,11 @@ the ring again, and each K/V block's gradient accumulator travels with it, picki
 rank's contribution, and arrives home after cp hops. Plain PyTorch, no fused kernel.
 
 Internal layout: queries grouped per kv head, q [B, Hkv, rep, S, hd] (rep = Hq / Hkv, so GQA
-never copies K/V), and K/V stacked into one ring message kv [2, B, Hkv, S, hd].
+never copies K/V), and K/V stacked into one ring message kv [2, B, Hkv, S, hd]. Saved for
+backward: that q and kv (copies; the inputs themselves are not kept), the output in the layout it
+is returned in (the same storage the output projection saves) and the fp32 log-sum-exp: h + 2kv
++ h elements and a fp32 numbers per token (docs/activation_memory.md). The explicit log-sum-exp
+is why this is not scaled_dot_product_attention(enable_gqa=True).
 """
 from __future__ import annotations
 
@@ -188,15 +192,16 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack((k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3))).contiguous()  # [2, B, Hkv, S, hd]
         scale = 1.0 / math.sqrt(hd)
         out, lse = ring_forward(qg, kv, ring, scale)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(qg, kv, out, lse)
+        y = out.to(q.dtype).permute(0, 3, 1, 2, 4).reshape(B, S, Hq, hd)  # the output projection's input too
+        ctx.save_for_backward(qg, kv, y, lse)  # y, not out: one saved copy of the output
         ctx.ring, ctx.scale = ring, scale
-        return out.permute(0, 3, 1, 2, 4).reshape(B, S, Hq, hd)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        qg, kv, out, lse = ctx.saved_tensors
+        qg, kv, y, lse = ctx.saved_tensors
         B, Hkv, rep, S, hd = qg.shape
+        out = y.view(B, S, Hkv, rep, hd).permute(0, 2, 3, 1, 4)  # [B, Hkv, rep, S, hd], a view
         dout = grad.reshape(B, S, Hkv, rep, hd).permute(0, 2, 3, 1, 4).contiguous()  # [B, Hkv, rep, S, hd]
         dq, dkv = ring_backward(qg, kv, out, lse, dout, ctx.ring, ctx.scale)
         dq = dq.to(grad.dtype).permute(0, 3, 1, 2, 4).reshape(B, S, Hkv * rep, hd)

@@ -4,8 +4,8 @@ schedule, recomputation, sequence/context parallelism, activation offload), buff
 Model states follow the ZeRO paper: bytes per parameter w (weights) + g (gradients) + K
 (optimizer), K = 12 for mixed precision (fp32 master + Adam m, v) and 8 for pure fp32 training
 (m, v only: the weights are already fp32). Activations follow Korthikanti et al. (docs/architecture.md,
-Formulas), generalised to grouped-query attention, SwiGLU and the 3D tensor split. All sizes
-are bytes on the most loaded rank.
+Formulas), generalised to grouped-query attention, SwiGLU and the 3D tensor split, term by term
+as the runtime saves them (docs/activation_memory.md). All sizes are bytes on the most loaded rank.
 """
 from __future__ import annotations
 
@@ -65,44 +65,66 @@ def model_states(psi: float, shards: int, zero: int, dtype_bytes: int, offload_o
     return params, grads, (0.0 if offload_optimizer else optimizer)
 
 
-def layer_activation_bytes(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 1, tp_row: int = 1,
+def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 1, tp_row: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", cp: int = 1,
-                           flash: bool = True, dropout: bool = False, dtype_bytes: int = 2) -> float:
-    """Activation bytes one block keeps for backward, for `batch` sequences of `seq` tokens.
+                           flash: bool = True, dropout: bool = False, dtype_bytes: int = 2,
+                           residual_bytes: int | None = None) -> dict[str, float]:
+    """Activation bytes one block keeps for backward, for `batch` sequences of `seq` tokens, term by
+    term (the table in docs/activation_memory.md, against Korthikanti et al.'s terms).
 
-    Korthikanti et al. with s, b, h, a, t: sbh(34 + 5as/h) unsplit; TP t: sbh(10 + 24/t + 5as/(ht));
-    selective recompute drops the 5as/h term; full recompute keeps 2sbh (the block input). Those
-    numbers assume MHA, a GELU MLP of 4h, dropout and no fused attention (flash=False,
-    dropout=True). This runtime (parallel/tensor.py) differs from Megatron in three ways, counted here:
-    - 3D TP: the residual region [b, s, h/tp_row] is split over tp_row (and along the sequence over
-      tp_col with SP); q, k, v, the attention output and the MLP interior are split over tp_col
-      only (heads are computed redundantly over tp_row);
-    - SP saves the sequence-gathered inputs of the attention and MLP input projections (the norm
-      outputs, 4sbh in bf16), where Megatron-SP re-gathers them in backward: TP+SP is
-      sbh(6/t + 4 + 24/t + 5as/(ht)), not (sbh/t)(34 + 5as/h);
-    - RMSNorm keeps its normalized input besides its input (one more h per norm), and grouped-query
-      k, v are saved at full head count (repeated before the fused attention kernel).
-    With cp the local sequence is seq/cp (queries) against seq keys.
+    `dtype_bytes` is the compute dtype; `residual_bytes` the residual stream's (the norm inputs and
+    the block input; default the same: the paper's all-16-bit layer. Under bf16 autocast the
+    residual stream stays fp32: residual_bytes=4). Per token, unsplit, with kv = n_kv_heads * head_dim:
+    - norm inputs: the two norms' inputs, 2h (the norms keep no normalized copy);
+    - projection inputs: the two norm outputs, 2h, each saved once by the projections reading it;
+    - q, k, v: h + 2kv (grouped-query K/V are never saved repeated);
+    - attention output: h (the fused core's output is the output projection's saved input);
+    - mlp: SwiGLU 3 d_ff (gate, up: the SwiGLU's inputs; their product: the down projection's
+      input; silu(gate) is recomputed), GELU 2 d_ff (its input and output);
+    - dropout masks (dropout=True): 2h bytes; scores (flash=False, no selective recomputation):
+      the softmax output a*s_keys (+ dropout mask and output);
+    - statistics: fp32 numbers per token (RMSNorm rstd 1 / LayerNorm mean and rstd 2 per norm,
+      the fused core's log-sum-exp a), under 0.3% of the rest for h >= 1024; listed so that a
+      measurement can account for every byte, left out of `layer_activation_bytes`.
+    Splits: 3D TP (parallel/tensor.py) splits the residual region [b, s, h/tp_row] over tp_row (and
+    the sequence over tp_col with SP); q, k, v, the attention output and the MLP interior over
+    tp_col only (heads are computed redundantly over tp_row). SP saves the sequence-gathered
+    projection inputs, where Megatron-SP re-gathers them in backward. Selective recomputation
+    re-runs the core from its saved inputs (no scores, no log-sum-exp); full recomputation keeps
+    the block input only. With cp the local sequence is seq/cp (queries) against seq keys.
     """
     h, e = m.d_model, dtype_bytes
+    r = e if residual_bytes is None else residual_bytes
     sb = seq / cp * batch
     region = tp_row * (tp_col if sequence_parallel else 1)  # split of the residual stream
     if recompute == "full":
-        return sb * h * e / region  # the block input only
-    # k, v as the attention core saves them: grouped-query heads are repeated to all query heads
-    # before the fused kernel (axon.model.attention_core), except when selective recomputation
-    # re-runs the core (then its kv-sized inputs are what is kept)
-    kv = m.n_kv_heads * m.head_dim if recompute == "selective" or not flash else h
-    mlp_saved = 4 * m.d_ff if m.mlp == "swiglu" else 2 * m.d_ff  # gate, up, silu, product | pre/post GELU
-    norms = 2 * (2 if m.norm == "rmsnorm" else 1) * h  # 2 norm inputs (+ RMSNorm's normalized inputs)
-    residual = sb * (norms * e + (2 * h if dropout else 0)) / region  # (+ 2 dropout masks, 1 byte)
-    projection_inputs = sb * 2 * h * e / tp_row  # the norm outputs (gathered over the sequence under SP)
-    interior = sb * (2 * h + 2 * kv + mlp_saved) * e  # q, k, v, attention output, MLP interior
+        return {"block input": sb * h * r / region}
+    kv = m.n_kv_heads * m.head_dim
+    mlp = (3 if m.mlp == "swiglu" else 2) * m.d_ff
     scores = 0.0
     if not flash and recompute != "selective":
         per_score = e + (1 + e if dropout else 0)  # softmax output (+ dropout mask and output)
-        scores = m.n_heads * seq / cp * seq * batch * per_score
-    return residual + projection_inputs + (interior + scores) / tp_col
+        scores = m.n_heads * seq / cp * seq * batch * per_score / tp_col
+    norm_stats = 2 * (1 if m.norm == "rmsnorm" else 2) / (tp_col if sequence_parallel else 1)
+    lse = m.n_heads / tp_col if flash and recompute == "none" else 0.0
+    return {
+        "norm inputs": sb * 2 * h * r / region,
+        "projection inputs": sb * 2 * h * e / tp_row,  # gathered over the sequence under SP
+        "q, k, v": sb * (h + 2 * kv) * e / tp_col,
+        "attention output": sb * h * e / tp_col,
+        "mlp": sb * mlp * e / tp_col,
+        "dropout masks": sb * 2 * h / region if dropout else 0.0,  # 1 byte per element
+        "scores": scores,
+        "statistics": sb * 4 * (norm_stats + lse),
+    }
+
+
+def layer_activation_bytes(m: ModelSpec, seq: int, batch: int, **kw) -> float:
+    """Activation bytes one block keeps for backward (`layer_activation_terms`, same keywords),
+    without the per-token statistics. Korthikanti et al. (flash=False, dropout=True, MHA, GELU MLP
+    of 4h, LayerNorm): sbh(34 + 5as/h) unsplit; TP t: sbh(10 + 24/t + 5as/(ht)); TP+SP in this
+    runtime sbh(6/t + 4 + 24/t + 5as/(ht)); selective drops the 5as/h term; full keeps 2sbh."""
+    return sum(v for k, v in layer_activation_terms(m, seq, batch, **kw).items() if k != "statistics")
 
 
 def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash: bool = True) -> float:
@@ -123,7 +145,7 @@ def logits_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int) -> float:
     """The last stage's final norm, logits and their fp32 softmax for one microbatch (vocab split
     over tp_col, replicated over tp_row like the heads; the norm over tp_row)."""
     tokens = plan.micro_batch_size * seq / plan.cp
-    norm = (3 if m.norm == "rmsnorm" else 2) * m.d_model / plan.tp_row * dtype_bytes  # input (+ normalized), output
+    norm = 2 * m.d_model / plan.tp_row * dtype_bytes  # input, output
     return tokens * (norm + m.vocab_size / plan.tp_col * (dtype_bytes + 4))
 
 

@@ -6,7 +6,11 @@ recomputation, optimizer offload and the activation-offload fraction. Anything i
 checked group by group as each knob is fixed, so the search proposes exactly the plans
 `Plan.check` accepts.
 
-Pruning keeps it fast (405B on 4,096 GPUs: a few seconds) without losing the optimum:
+Pruning keeps it fast without losing the optimum:
+- best first: every layout gets a lower bound of its step time (its microbatches' work at the
+  cheapest recomputation); layouts are evaluated in bound order, and the search stops once the
+  bound passes the `top`-th best ranking key found; inside a layout a schedule is only costed
+  (simulated) when the step's floor without its bubble beats the best so far;
 - the expensive per-microbatch costs are computed once per (layout, micro-batch, cp_mode,
   recompute) and reused across schedules, offload and ZeRO choices;
 - recompute (none < selective < full), activation offload (0 < 0.5 < 1) and optimizer offload
@@ -139,20 +143,67 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     n_layouts = n_cands = 0
     if rules.model_rules(m) or rules.setting_rules(_base(cons)):
         return SearchResult([], 0, 0, time.perf_counter() - t0)
+    # best first: layouts in the order of a lower bound of their step time, stopping once the bound
+    # passes the `top`-th best ranking key found (no plan of a later layout could enter the top)
+    bounded = []
     for layout in _layouts(m, world, cons, seq_len):
         n_layouts += 1
+        first: dict[tuple, est.MicrobatchCosts] = {}
+        bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first)
+        if bound < float("inf"):
+            bounded.append((bound, n_layouts, layout, first))
+    bounded.sort(key=lambda b: b[:2])
+    keys: list[float] = []  # ranking keys of the layouts found, ascending, at most `top`
+    for bound, _, layout, first in bounded:
+        if len(keys) >= top and bound > keys[-1]:
+            break
         key = tuple(getattr(layout, a) for a in AXES)
-        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len)
+        limit = keys[-1] if len(keys) >= top else float("inf")
+        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len, first, limit)
         n_cands += timed
         if found is not None:
             best[key] = found
-    ranked = sorted(best.values(), key=lambda sk: sk[0] * (1 + 1e-4 * _complexity(sk[1])))[:top]
+            keys = sorted(keys + [_rank_key(found)])[:top]
+    ranked = [found for _, found in sorted(best.items(), key=lambda kv: (_rank_key(kv[1]), kv[0]))[:top]]
     estimates = []
     for _, (plan_r, sched, v, zero, opt, frac) in ranked:
         plan = plan_r.replace(schedule=sched, virtual_stages=v, zero=zero, offload=Offload(opt, frac))
         plan.check(m, world, global_batch_size, seq_len)
         estimates.append(est.evaluate(m, plan, c, global_batch_size, seq_len))
     return SearchResult(estimates, n_cands, n_layouts, time.perf_counter() - t0)
+
+
+def _rank_key(found: tuple[float, tuple]) -> float:
+    """The ranking key of (step time, knobs): the time, raised by 0.01% per mechanism turned on;
+    never below the step time, so a lower bound of the time bounds the key."""
+    return found[0] * (1 + 1e-4 * _complexity(found[1]))
+
+
+def _micro_choices(m: ModelSpec, layout: Plan, cons: dict[str, Any], gbs: int) -> Iterator[tuple[int, int, str]]:
+    """(micro-batch size, microbatches, cp_mode) choices the batch and context rules accept."""
+    cp_modes = _choices(cons, "cp_mode", rules.CP_MODES if layout.cp > 1 else ("ring",))
+    modes = [mode for mode in cp_modes if not rules.cp_mode_rules(m, layout.replace(cp_mode=mode))]
+    for mbs in _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))):
+        sized = layout.replace(micro_batch_size=mbs)
+        if not rules.batch_rules(sized, gbs):
+            micro = sized.microbatches(gbs)
+            for cp_mode in modes:
+                yield mbs, micro, cp_mode
+
+
+def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
+                 first: dict[tuple, est.MicrobatchCosts]) -> float:
+    """A lower bound of the step time of every plan of `layout`: the microbatches' work at the
+    cheapest recomputation (recomputation, pipeline messages, offload, the bubble, the gradient
+    sync and the optimizer only add to it); inf when no micro-batch size is valid. Fills `first`
+    with the costs it computed, keyed (mbs, cp_mode, recompute), for `_best_for_layout`."""
+    recompute = _choices(cons, "recompute", rules.RECOMPUTE)[0]  # cheapest first
+    bound = float("inf")
+    for mbs, micro, cp_mode in _micro_choices(m, layout, cons, gbs):
+        plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
+        mb = first[(mbs, cp_mode, recompute)] = est.microbatch_costs(m, plan_r, c, seq, micro)
+        bound = min(bound, micro * mb.total)
+    return bound
 
 
 def _complexity(knobs: tuple) -> float:
@@ -164,9 +215,13 @@ def _complexity(knobs: tuple) -> float:
     return sum(used) + zero / 3
 
 
-def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int
+def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
+                     first: dict[tuple, est.MicrobatchCosts], limit: float = float("inf")
                      ) -> tuple[int, tuple[float, tuple] | None]:
-    """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None)."""
+    """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None); `first`:
+    microbatch costs already computed (`_lower_bound`). Plans slower than `limit` (the search's
+    `top`-th best key) are not looked for; a schedule is only costed (simulated) when the step's
+    floor without its bubble could beat both that and the layout's best so far."""
     pp = layout.pp
     psi = est.stage_params(m, pp, seq) / layout.tp
     units = est.zero_units(m, layout, seq)
@@ -180,46 +235,45 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
             states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
                            est.optimizer_time(plan, c, psi)))
     facts = _choices(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
-    cp_modes = _choices(cons, "cp_mode", rules.CP_MODES if layout.cp > 1 else ("ring",))
     recomputes = _choices(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
-    for mbs in _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))):
-        if rules.batch_rules(layout.replace(micro_batch_size=mbs), gbs):
-            continue
-        micro = layout.replace(micro_batch_size=mbs).microbatches(gbs)
-        scheds = _schedules(m, layout, micro, cons)
-        for cp_mode in cp_modes:
-            if rules.cp_mode_rules(m, layout.replace(cp_mode=cp_mode)):
-                continue
-            options = None  # the ZeRO / optimizer-offload choices, fastest first
-            for recompute in recomputes:
-                plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-                mb = est.microbatch_costs(m, plan_r, c, seq, micro)
-                if options is None:  # the gradient sync hides behind backward, which recompute does not change
-                    options = sorted(((est.gradient_sync(by_zero[zero], c, psi, mb, micro, units), opt_s, state, host,
-                                       zero, opt)
-                                      for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
-                parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
-                send = est.p2p_send(m, plan_r, c, seq)
-                for sched, v in scheds:
-                    cost = pipeline.schedule_cost(sched, pp, micro, v)
-                    p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
-                    for frac in facts:  # more offload only adds time: stop once the fastest states fit
-                        acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations,
-                                                              frac, sched == "gpipe")
-                        busy = micro * (mb.total + p2p + est.offload_time(frac, parts.unit, c, mb.compute))
-                        for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
-                            if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
-                                continue
-                            timed += 1
-                            step = est.step_time(busy, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1]
-                            if best is None or step < best[0]:
-                                best = (step, (plan_r, sched, v, zero, opt, frac))
-                            break
-                        else:
+    scheds_of: dict[int, list[tuple[str, int]]] = {}
+    for mbs, micro, cp_mode in _micro_choices(m, layout, cons, gbs):
+        scheds = scheds_of.get(mbs)
+        if scheds is None:
+            scheds = scheds_of[mbs] = _schedules(m, layout, micro, cons)
+        options = None  # the ZeRO / optimizer-offload choices, fastest first
+        for recompute in recomputes:
+            plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
+            mb = first.get((mbs, cp_mode, recompute)) or est.microbatch_costs(m, plan_r, c, seq, micro)
+            if options is None:  # the gradient sync hides behind backward, which recompute does not change
+                options = sorted(((est.gradient_sync(by_zero[zero], c, psi, mb, micro, units), opt_s, state, host,
+                                   zero, opt)
+                                  for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
+            parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
+            send = est.p2p_send(m, plan_r, c, seq)
+            for sched, v in scheds:
+                p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
+                floor = micro * (mb.total + p2p) + options[0][0] + options[0][1]  # no offload, no bubble
+                if floor > limit or (best is not None and floor >= best[0]):
+                    continue
+                cost = pipeline.schedule_cost(sched, pp, micro, v)
+                for frac in facts:  # more offload only adds time: stop once the fastest states fit
+                    acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations,
+                                                          frac, sched == "gpipe")
+                    busy = micro * (mb.total + p2p + est.offload_time(frac, parts.unit, c, mb.compute))
+                    for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
+                        if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
                             continue
-                        if i == 0:
-                            break
+                        timed += 1
+                        step = est.step_time(busy, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1]
+                        if best is None or step < best[0]:
+                            best = (step, (plan_r, sched, v, zero, opt, frac))
+                        break
+                    else:
+                        continue
+                    if i == 0:
+                        break
     return timed, best
 
 

@@ -69,6 +69,7 @@ def _balanced(spec: ModelSpec, n_chunks: int, seq_len: int, micro_batch_size: in
     return tuple(bounds[::-1])
 
 
+@lru_cache(maxsize=4096)
 def stage_layers(spec: ModelSpec, pp: int, seq_len: int) -> int:
     """Layers of the most loaded of `pp` pipeline stages, one chunk each (the performance model's
     stage; virtual chunks of interleaved and V schedules are not modelled separately)."""
