@@ -1,7 +1,7 @@
 """Measured peak activation memory per pipeline rank against the schedule simulator's prediction.
 
-    .venv/bin/python benchmarks/pp_memory.py                 # pp=4, 8 microbatches
-    .venv/bin/python benchmarks/pp_memory.py --pp 4 --microbatches 16
+    PYTHONPATH=. .venv/bin/python benchmarks/pp_memory.py                 # pp=4, 8 microbatches
+    PYTHONPATH=. .venv/bin/python benchmarks/pp_memory.py --pp 4 --microbatches 16
 
 Spawns `pp` gloo ranks; each runs one training step of every schedule below and reports the peak
 bytes held by the saved-tensor hooks (plus the W stash of split backwards) on the device and the

@@ -1,8 +1,8 @@
 """Our pipeline runtime against torch.distributed.pipelining on the same model, stages and
 microbatches, in one run (gloo, CPU, fp32).
 
-    .venv/bin/python benchmarks/pp_vs_torch.py                    # pp=4, 8 microbatches
-    .venv/bin/python benchmarks/pp_vs_torch.py --pp 2 --trials 4
+    PYTHONPATH=. .venv/bin/python benchmarks/pp_vs_torch.py                    # pp=4, 8 microbatches
+    PYTHONPATH=. .venv/bin/python benchmarks/pp_vs_torch.py --pp 2 --trials 4
 
 Variants, all on the very same chunk modules (built by parallel.pipeline.apply, so the same
 layer split and the same initial weights):
