@@ -16,7 +16,10 @@ tp_depth. Two orientations alternate so no re-layout happens between layers:
   OUT-type (wo, w_down): out over tp_row, in over tp_col.
 Forward: all-gather the weight over depth, local GEMM, all-reduce the output over the in-axis.
 Backward: gather again (unless cached), dX all-reduce over the out-axis (async, overlapped with
-the dW GEMM), dW reduce-scatter over depth (deferred to the next op in backward).
+the dW GEMMs), dW reduce-scatter over depth (deferred to the next op in backward). QKV-type ops
+that read the same input (wq, wk, wv; w_gate, w_up) form one group: one autograd node computes
+their outputs and sums their local dX before the one reduction, as Megatron's fused QKV and fc1
+do (per layer 2 input-gradient reductions, not 5; under SP the sequence gather's reduce-scatter).
 Activation layout: the residual stream is [B, S, d/tp_row], replicated over tp_col (split along
 the sequence over tp_col with sequence parallelism); tokens are split over tp_depth by the data
 loader. Attention heads (q and kv, GQA) are split over tp_col and computed redundantly over
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Callable, Mapping, Optional
+from itertools import groupby
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,35 +73,92 @@ GPT_STYLES: dict[str, str] = {
 }
 
 
-class _Linear(torch.autograd.Function):
-    """y = x W^T for the [rows, cols] piece W of a depth-sharded weight; `succ` is the weight of
-    the next op in forward order, whose deferred gradient this op's backward collects."""
+class _Projections(torch.autograd.Function):
+    """y_i = x W_i^T for each op of a `_Group` (the [rows, cols] pieces W_i of depth-sharded
+    weights), all reading the same x. Backward sums the ops' local input gradients and reduces the
+    sum once over the out-axis (async, overlapped with the dW GEMMs), as Megatron's fused QKV and
+    fc1 do. `succ` is the weight of the op after the group in forward order, whose deferred depth
+    reduce-scatter this backward collects; inside the group each op collects the next one's."""
 
     @staticmethod
-    def forward(ctx, x, weight, succ, op: "TPLinear"):
-        w = op.store.weight(op.dw, "fwd")  # [out_l, in_l]
-        y = F.linear(x, w)  # [B, S, out_l] partial over the in-axis
-        if op.reduce_out:
-            op.comm.all_reduce(y, op.in_axis)
+    def forward(ctx, x, succ, group: "_Group", *weights):
+        ys = []
+        for op in group.ops:
+            w = op.store.weight(op.dw, "fwd")  # [out_l, in_l]
+            y = F.linear(x, w)  # [B, S, out_l] partial over the in-axis
+            if op.reduce_out:
+                op.comm.all_reduce(y, op.in_axis)
+            ys.append(y)
         ctx.save_for_backward(x)
-        ctx.op, ctx.has_succ = op, succ is not None
-        return y
+        ctx.group, ctx.has_succ = group, succ is not None
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *dys):
         (x,) = ctx.saved_tensors
-        op: TPLinear = ctx.op
-        w = op.store.weight(op.dw, "bwd").to(dy.dtype)  # gathered again unless cached (autocast: dy's dtype)
-        dx = dy @ w  # [B, S, in_l]
-        handle = None
-        if op.reduce_in_grad:
-            handle = op.comm.all_reduce(dx, op.out_axis, async_op=op.overlap_dx)
-        dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # [out_l, in_l]
-        dweight = op.store.reduce_grad(op.dw, dw.to(op.weight.dtype), defer=op.defer)
-        dsucc = op.store.take_deferred(op.succ) if ctx.has_succ else None
+        group: _Group = ctx.group
+        dx = group.input_grad(dys)  # [B, S, in_l], summed over the group
+        handle = group.reduce_input_grad(dx)
+        dweights = group.weight_grads(x, dys)
+        dsucc = group.ops[-1].store.take_deferred(group.ops[-1].succ) if ctx.has_succ else None
         if handle is not None:
             handle.wait()
-        return dx.to(x.dtype), dweight, dsucc, None
+        return (dx.to(x.dtype), dsucc, None, *dweights)
+
+
+class _Group:
+    """Column-parallel projections that read the same input (GPT: wq, wk, wv; w_gate, w_up; any
+    other TPLinear is a group of one). The first op called computes every op's output in one
+    `_Projections` node, whose backward reduces the summed input gradient once; the others take
+    theirs. An op called on another input (or twice) starts a new node: still exact, only slower."""
+
+    def __init__(self, ops: list["TPLinear"]):
+        self.ops = ops
+        self._x: Optional[torch.Tensor] = None
+        self._ready: dict[int, torch.Tensor] = {}  # by position in `ops`: computed, not yet taken
+
+    def output(self, op: "TPLinear", x: torch.Tensor) -> torch.Tensor:
+        i = self.ops.index(op)
+        if x is not self._x or i not in self._ready:
+            ys = _Projections.apply(x, self.ops[-1].succ_param(), self, *(o.weight for o in self.ops))
+            self._x, self._ready = x, dict(enumerate(ys))
+        y = self._ready.pop(i)
+        if not self._ready:
+            self._x = None  # every op took its output: hold nothing between steps
+        return y
+
+    def input_grad(self, dys: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The sum of the ops' local input gradients dy_i W_i [B, S, in_l], partial over the out-axis."""
+        dx = None
+        for op, dy in reversed(list(zip(self.ops, dys))):
+            w = op.store.weight(op.dw, "bwd").to(dy.dtype)  # gathered again unless cached (autocast: dy's dtype)
+            if dx is None:
+                dx = dy @ w  # [B, S, in_l]
+            else:
+                dx.view(-1, dx.shape[-1]).addmm_(dy.reshape(-1, dy.shape[-1]), w)
+        return dx
+
+    def reduce_input_grad(self, dx: torch.Tensor) -> Any:
+        """Launch the one reduction of the group's input gradient (None where the consumer reduces:
+        under SP the sequence gather's reduce-scatter sums it)."""
+        op = self.ops[0]
+        if not op.reduce_in_grad:
+            return None
+        return op.comm.all_reduce(dx, op.out_axis, async_op=op.overlap_dx)
+
+    def weight_grads(self, x: torch.Tensor, dys: tuple[torch.Tensor, ...]) -> list[Optional[torch.Tensor]]:
+        """dW_i = dy_i^T x, reduce-scattered over depth: the first op's deferred to the op before
+        the group (None here), the others' launched in turn and collected after the last GEMM."""
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in_l]
+        grads: list[Optional[torch.Tensor]] = [None] * len(self.ops)
+        for i in reversed(range(len(self.ops))):
+            op, dy = self.ops[i], dys[i]
+            dw = dy.reshape(-1, dy.shape[-1]).t() @ x2.to(dy.dtype)  # [out_l, in_l]
+            grads[i] = op.store.reduce_grad(op.dw, dw.to(op.weight.dtype), defer=op.defer)
+        for i, op in enumerate(self.ops[1:], 1):
+            if grads[i] is None:  # deferred to the op before it, which is in this group
+                grads[i] = op.store.take_deferred(op.dw)
+        return grads
 
 
 class _Gathered(torch.autograd.Function):
@@ -173,9 +234,10 @@ class TPLinear(_DepthSharded):
         self.reduce_out = not self.scatter
         self.reduce_in_grad = not (env.sp and self.out_axis == COL)
         self.overlap_dx = env.plan.overlap_tp_input_grad
+        self.group = _Group([self])  # `_share_inputs` puts projections of one input together
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Linear.apply(x, self.weight, self.succ_param(), self)  # [B, S, out_l]
+        y = self.group.output(self, x)  # [B, S, out_l]
         if self.scatter:
             y = scatter_seq(y, self.comm, COL)  # [B, S/tp_col, out_l]
         return y + self.bias if self.bias is not None else y
@@ -296,6 +358,22 @@ def _chain(ops: list[_DepthSharded], plan: Plan) -> None:
         prev.succ, nxt.defer = nxt.dw, True
 
 
+def _share_inputs(swapped: list[tuple[str, str, nn.Module]]) -> None:
+    """Consecutive column-parallel ("qkv") projections under one parent module read the same input
+    (GPT: wq, wk, wv; w_gate, w_up): each such run becomes one `_Group`, so their input gradient
+    is reduced once. Consecutive in forward order, so `_chain` links the group's ops in turn."""
+    def run_key(entry: tuple[str, str, nn.Module]) -> tuple[str, str]:
+        path, style, _ = entry
+        return (path.rpartition(".")[0], style) if style == "qkv" else (path, style)
+
+    for (_, style), run in groupby(swapped, run_key):
+        ops = [module for _, _, module in run]
+        if style == "qkv" and len(ops) > 1:
+            group = _Group(ops)
+            for op in ops:
+                op.group = group
+
+
 Style = Callable[[nn.Module, _Env], nn.Module]
 STYLES: dict[str, Style] = {
     "vocab_embedding": TPEmbedding,
@@ -337,14 +415,15 @@ def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid, styles: Map
     comm = Collectives(grid)
     prefetch = plan.prefetch_tp_weights if prefetch is None else prefetch
     env = _Env(spec, plan, comm, DepthStore(comm, prefetch, plan.cache_tp_weights))
-    swapped: list[tuple[str, nn.Module]] = []
+    swapped: list[tuple[str, str, nn.Module]] = []
     for path, style in _targets(model, styles):
         parent, _, leaf = path.rpartition(".")
         module = STYLES[style](model.get_submodule(path), env)
         setattr(model.get_submodule(parent), leaf, module)
-        swapped.append((path, module))
-    _chain([m for _, m in swapped if isinstance(m, _DepthSharded)], plan)
+        swapped.append((path, style, module))
+    _chain([m for _, _, m in swapped if isinstance(m, _DepthSharded)], plan)
+    _share_inputs(swapped)
     tp = TensorParallel(comm, env.store, vocab_start=env.span(COL, spec.vocab_size).start)
-    for path, module in swapped:
+    for path, _, module in swapped:
         tp.layouts.update({f"{path}.{leaf}": layout for leaf, layout in module.layouts().items()})
     return tp

@@ -85,25 +85,28 @@ def group_size(plan: Plan, axes: tuple[str, ...]) -> int:
 @dataclass(frozen=True)
 class Linear:
     """One tensor-parallel Linear of a block: weight k x n; `first` = first of its pair
-    (splits n over tp_col and k over tp_row; the second of the pair is transposed)."""
+    (splits n over tp_col and k over tp_row; the second of the pair is transposed); `group`: the
+    projections reading the same input, whose input gradients are summed and reduced once."""
 
     name: str
     k: int
     n: int
     first: bool
+    group: str
 
 
 @lru_cache(maxsize=64)
 def block_linears(m: ModelSpec) -> tuple[Linear, ...]:
     """The Linears of a transformer block as parallel/tensor.py runs them: q, k, v and the MLP
-    input projections are separate first-of-pair (QKV-type) Linears, each with its own backward
-    dX all-reduce; the attention output and MLP down projection are second-of-pair."""
+    input projections are separate first-of-pair (QKV-type) Linears, grouped by their shared input
+    (one backward dX reduction per group, as Megatron's fused QKV and fc1); the attention output
+    and MLP down projection are second-of-pair."""
     kv = m.n_kv_heads * m.head_dim
     h = m.d_model
     ins = ("w_gate", "w_up") if m.mlp == "swiglu" else ("w_up",)
-    return (Linear("wq", h, h, True), Linear("wk", h, kv, True), Linear("wv", h, kv, True),
-            Linear("wo", h, h, False), *(Linear(name, h, m.d_ff, True) for name in ins),
-            Linear("w_down", m.d_ff, h, False))
+    return (Linear("wq", h, h, True, "qkv"), Linear("wk", h, kv, True, "qkv"), Linear("wv", h, kv, True, "qkv"),
+            Linear("wo", h, h, False, "wo"), *(Linear(name, h, m.d_ff, True, "mlp_in") for name in ins),
+            Linear("w_down", m.d_ff, h, False, "w_down"))
 
 
 @dataclass(frozen=True)
@@ -126,24 +129,27 @@ class TensorVolumes:
 def tensor_volumes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) -> TensorVolumes:
     """AxoNN 3D TP per block (docs/architecture.md, Formulas): with X = tp_col, Y = tp_row, Z = tp_depth and
     `tokens` = this rank's tokens of the microbatch (already / Z, / cp), a first-of-pair Linear
-    all-reduces its output (tokens x n/X) over Y and its dX (tokens x k/Y) over X; the second
-    all-reduces its output (tokens x n/Y) over X and its dX (tokens x k/X) over Y. With sequence
-    parallelism the first-of-pair dX all-reduces over X become one reduce-scatter per sequence
-    gather (attention and MLP inputs: the same ring cost as an all-reduce of tokens x h/Y each)."""
+    all-reduces its output (tokens x n/X) over Y, and each group of them reading one input its
+    summed dX (tokens x k/Y) over X; the second all-reduces its output (tokens x n/Y) over X and
+    its dX (tokens x k/X) over Y. With sequence parallelism the groups' dX all-reduces over X
+    become one reduce-scatter per sequence gather (the same ring cost as an all-reduce each)."""
     x, y = plan.tp_col, plan.tp_row
     fc = fr = bc = br = w = 0.0
     firsts = seconds = 0
+    groups: set[str] = set()
     for lin in block_linears(m):
         if lin.first:
             fr += tokens * lin.n / x
-            bc += tokens * lin.k / y
+            if lin.group not in groups:
+                bc += tokens * lin.k / y
+                groups.add(lin.group)
             firsts += 1
         else:
             fc += tokens * lin.n / y
             br += tokens * lin.k / x
             seconds += 1
         w += lin.k * lin.n / (x * y)
-    bwd_col_calls = firsts
+    bwd_col_calls = len(groups)
     if plan.sequence_parallel and x > 1:
         bc, bwd_col_calls = 2 * tokens * m.d_model / y, 2
     b = dtype_bytes

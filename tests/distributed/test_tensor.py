@@ -55,12 +55,12 @@ def expected_bytes(spec: ModelSpec, plan: Plan) -> dict[tuple[str, str], int]:
         add("tp_depth", "all_gather", k * n / (X * Y), 1 if plan.cache_tp_weights else gathers_per_micro * MICRO)
         add("tp_depth", "reduce_scatter", k * n / (X * Y), MICRO)
 
-    def linear(k: int, n: int, in_axis: str, out_axis: str) -> None:
+    def linear(k: int, n: int, in_axis: str, out_axis: str, first: bool = True) -> None:
         weight(k, n, 2)
         if not (sp and in_axis == "tp_col"):
             add(in_axis, "all_reduce", m * n / size[out_axis], MICRO)  # output
-        if not (sp and out_axis == "tp_col"):
-            add(out_axis, "all_reduce", m * k / size[in_axis], MICRO)  # input gradient
+        if first and not (sp and out_axis == "tp_col"):  # input gradient: once per group of one input
+            add(out_axis, "all_reduce", m * k / size[in_axis], MICRO)
 
     def norm() -> None:
         add("tp_row", "all_reduce", (m / X if sp else m) * (2 if spec.norm == "rmsnorm" else 4), MICRO)
@@ -77,15 +77,15 @@ def expected_bytes(spec: ModelSpec, plan: Plan) -> dict[tuple[str, str], int]:
         add("tp_col", "all_reduce", m * d / Y, MICRO)
     for _ in range(spec.n_layers):
         norm()
-        for n in (d, kv, kv):
-            linear(d, n, "tp_row", "tp_col")
+        for i, n in enumerate((d, kv, kv)):
+            linear(d, n, "tp_row", "tp_col", first=i == 0)
         linear(d, d, "tp_col", "tp_row")
         if sp:
             add("tp_col", "reduce_scatter", m * d / Y, MICRO)
             add("tp_col", "all_gather", m * d / Y, MICRO)
         norm()
-        for _ in range(2 if spec.mlp == "swiglu" else 1):
-            linear(d, ff, "tp_row", "tp_col")
+        for i in range(2 if spec.mlp == "swiglu" else 1):
+            linear(d, ff, "tp_row", "tp_col", first=i == 0)
         linear(ff, d, "tp_col", "tp_row")
         if sp:
             add("tp_col", "reduce_scatter", m * d / Y, MICRO)

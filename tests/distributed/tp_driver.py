@@ -5,8 +5,15 @@ microbatches (an SGD update between steps) on the 3D tensor-parallel model and o
 single-process reference of the same model, seed and data, sums gradients over each
 parameter's declared `grad_axes` (what the data-parallel wrapper does), and returns per case
 the losses, the worst relative error of every gradient over the steps, and the bytes counted.
+`layer_backward_collectives(plan, spec)` counts the torch.distributed calls made during one
+middle Block's backward, per (axis, kind): (calls, message bytes); `grouped_on_other_inputs`
+checks grouped projections fed different inputs against the full weights.
 """
 from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -108,3 +115,84 @@ def parity(cases: list[tuple[dict, dict]], steps: int = 1) -> list[dict]:
             tp.weights_changed()
         out.append(res)
     return out
+
+
+# torch.distributed calls parallel/collectives.py makes -> (kind, the argument whose size is the
+# message: the tensor, the gathered output, the reduce-scatter input)
+_COUNTED = {"all_reduce": ("all_reduce", 0), "all_gather_into_tensor": ("all_gather", 0),
+            "reduce_scatter_tensor": ("reduce_scatter", 1)}
+
+
+@contextmanager
+def counting_collectives(grid: Grid, counts: Counter) -> Iterator[None]:
+    """While inside, every torch.distributed collective adds (axis, kind) -> calls and
+    (axis, kind, "bytes") -> message bytes to `counts` (axis named by the grid's groups)."""
+    axes = {id(grid.axis(a).group): a for a in ("tp_col", "tp_row", "tp_depth") if grid.axis(a).size > 1}
+    originals = {name: getattr(dist, name) for name in _COUNTED}
+
+    def wrap(name: str):
+        kind, arg = _COUNTED[name]
+
+        def counted(*args, group=None, **kwargs):
+            key = (axes.get(id(group), "other"), kind)
+            counts[key] += 1
+            counts[key + ("bytes",)] += args[arg].numel() * args[arg].element_size()
+            return originals[name](*args, group=group, **kwargs)
+        return counted
+
+    for name in _COUNTED:
+        setattr(dist, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def layer_backward_collectives(plan_kw: dict, spec_kw: dict, layer: str = "1") -> dict:
+    """{(axis, kind): (calls, bytes)} of the collectives launched during the backward of Block
+    `layer` (from the gradient of its output to that of its input) in the second of two steps of
+    one sample of SEQ tokens (the first teaches the depth prefetcher its order)."""
+    spec, plan = ModelSpec(**spec_kw), Plan(**plan_kw)
+    grid = Grid.build(plan, dist.get_rank(), dist.get_world_size())
+    model, tp = build_tp(spec, plan, grid)
+    block = model.layers[layer]
+    at_start: list[Counter] = []
+    window: list[Counter] = []
+    counts: Counter = Counter()
+    block.register_full_backward_pre_hook(lambda m, g: at_start.append(counts.copy()))
+    block.register_full_backward_hook(lambda m, gi, go: window.append(counts - at_start[-1]))
+    sample = batch(spec, plan, 0)[:1]
+    for _ in range(2):
+        window.clear()
+        with counting_collectives(grid, counts):
+            tp.loss_fn(model(sample[:, :-1]), sample[:, 1:]).backward()
+        tp.weights_changed()
+    (got,) = window
+    return {key: (n, got[key + ("bytes",)]) for key, n in got.items() if len(key) == 2}
+
+
+def grouped_on_other_inputs(plan_kw: dict, spec_kw: dict) -> dict[str, float]:
+    """Layer 0's grouped wq, wk, wv called as wq(x1), wk(x2), wv(x1) (not the one shared input the
+    group expects) on a 1D layout: the relative error of each output and of the gradients of x1,
+    x2 and the weights against the full weights of the single-process model."""
+    spec, plan = ModelSpec(**spec_kw), Plan(**plan_kw)
+    grid = Grid.build(plan, dist.get_rank(), dist.get_world_size())
+    tp_attn, full = build_tp(spec, plan, grid)[0].layers["0"].attn, build_reference(spec).layers["0"].attn
+    names, which = ("wq", "wk", "wv"), (0, 1, 0)
+    rows = [getattr(tp_attn, n).row_span for n in names]  # this rank's output columns
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, SEQ, spec.d_model, generator=g) for _ in range(2)]  # [1, S, d]
+    dys = [torch.randn(1, SEQ, getattr(full, n).weight.shape[0], generator=g) for n in names]  # [1, S, out]
+
+    def run(attn: torch.nn.Module, cols: list[slice]) -> tuple[list[torch.Tensor], ...]:
+        leaves = [x.clone().requires_grad_() for x in xs]
+        ys = [getattr(attn, n)(leaves[i]) for n, i in zip(names, which)]  # [1, S, out(/tp_col)]
+        sum((y * dy[..., c]).sum() for y, dy, c in zip(ys, dys, cols)).backward()
+        return [y.detach() for y in ys], [x.grad for x in leaves], [getattr(attn, n).weight.grad for n in names]
+
+    got, want = run(tp_attn, rows), run(full, [slice(None)] * 3)
+    want = ([y[..., r] for y, r in zip(want[0], rows)], want[1], [w[r] for w, r in zip(want[2], rows)])
+    kinds = ([f"{n} output" for n in names], ["x1 grad", "x2 grad"], [f"{n} weight grad" for n in names])
+    return {name: ((a - b).norm() / b.norm()).item()
+            for names_, gs, ws in zip(kinds, got, want) for name, a, b in zip(names_, gs, ws)}

@@ -39,15 +39,15 @@ MHA = ModelSpec(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256, vocab
 
 
 def test_megatron_1d_volumes():
-    # tp_col = t: per layer Megatron's 2 forward all-reduces of b*s*h elements; backward, the
-    # runtime all-reduces the dX of q, k, v and the MLP input projection separately (4 calls of
-    # b*s*h; Megatron sums them locally first: 2 calls), or with SP reduce-scatters once per
+    # tp_col = t: per layer Megatron's 2 forward all-reduces of b*s*h elements; backward, the dX
+    # of q, k, v summed locally and reduced once, and the MLP input projection's once: Megatron's
+    # 2 calls of b*s*h (parallel/tensor.py groups them), or with SP reduce-scatters once per
     # sequence gather (2 calls of b*s*h)
     tokens, e = 32, 2
     vol = comm.tensor_volumes(MHA, Plan(tp_col=4), tokens, e)
     assert vol.fwd_over_col == 2 * tokens * 64 * e
-    assert vol.bwd_over_col == 4 * tokens * 64 * e
-    assert vol.calls_over_col == (2, 4) and vol.calls_over_row == (4, 2)
+    assert vol.bwd_over_col == 2 * tokens * 64 * e
+    assert vol.calls_over_col == (2, 2) and vol.calls_over_row == (4, 2)
     sp = comm.tensor_volumes(MHA, Plan(tp_col=4, sequence_parallel=True), tokens, e)
     assert sp.bwd_over_col == 2 * tokens * 64 * e and sp.calls_over_col == (2, 2)
     # weights: the block's k x n matrices, split over tp_col x tp_row
@@ -55,12 +55,13 @@ def test_megatron_1d_volumes():
 
 
 def test_3d_volumes_follow_axonn():
-    # first of a pair (wq, wk, wv, w_up) all-reduces its output over tp_row and its dX over tp_col;
-    # the second (wo, w_down) its output over tp_col and its dX over tp_row
+    # first of a pair (wq, wk, wv, w_up) all-reduces its output over tp_row, each input group
+    # (qkv, mlp input) its summed dX over tp_col; the second (wo, w_down) its output over tp_col
+    # and its dX over tp_row
     x, y, tokens = 2, 4, 16
     vol = comm.tensor_volumes(MHA, Plan(tp_col=x, tp_row=y), tokens, 1)
     assert vol.fwd_over_row == tokens * (192 + 256) / x
-    assert vol.bwd_over_col == tokens * (64 + 64 + 64 + 64) / y
+    assert vol.bwd_over_col == tokens * (64 + 64) / y
     assert vol.fwd_over_col == tokens * (64 + 64) / y
     assert vol.bwd_over_row == tokens * (64 + 256) / x
 
