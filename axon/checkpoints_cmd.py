@@ -4,8 +4,9 @@
     axon checkpoints --inspect runs/default/checkpoints/step_00000100     # keys, shapes, layout
 
 The layout on disk is axon/checkpoint.py's: `<run dir>/checkpoints/step_<N>/` with DCP shards, the
-DCP `.metadata` file and `axon.json` (step, model shape, plan, world size). Only DCP's own metadata
-reader (torch.distributed.checkpoint.FileSystemReader) and JSON are read; no tensor is loaded.
+DCP `.metadata` file and `axon.json` (step, model shape, plan, world size, the manifest of file
+sizes and hashes). Only the metadata (through axon/checkpoint_reader.py's restricted unpickler)
+and JSON are read, and the file sizes checked against the manifest; no tensor is loaded.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from axon import checkpoint as ckpt
 from axon.checkpoint import META, PREFIX
 from axon.errors import Parser, guarded
 
@@ -53,8 +55,6 @@ def checkpoint_dirs(path: Path) -> list[Path]:
 
 def check(path: Path) -> tuple[dict[str, Any], Any, str]:
     """(axon.json, DCP metadata, problem) of a checkpoint; problem is '' when it is usable."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     if path.name.startswith(".tmp_"):
         return {}, None, "unfinished save (a temporary directory)"
     try:
@@ -62,13 +62,13 @@ def check(path: Path) -> tuple[dict[str, Any], Any, str]:
     except (OSError, json.JSONDecodeError) as e:
         return {}, None, f"{META} missing or unreadable ({type(e).__name__})"
     try:
-        dcp_meta = FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any failure to read the metadata means unusable
-        return meta, None, f"DCP .metadata missing or unreadable ({type(e).__name__})"
-    for info in (dcp_meta.storage_data or {}).values():
-        shard = path / info.relative_path
-        if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
-            return meta, dcp_meta, f"shard {info.relative_path} missing or truncated"
+        dcp_meta = ckpt.read_metadata(path)
+    except ckpt.CheckpointError as e:
+        return meta, None, str(e)
+    try:
+        ckpt.verify(path, hashes=False)
+    except ckpt.CheckpointError as e:
+        return meta, dcp_meta, str(e)
     return meta, dcp_meta, ""
 
 

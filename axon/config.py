@@ -1,6 +1,9 @@
 """Hydra structured configs (the schema of `configs/`) and their one-time conversion into frozen
 dataclasses. Only the CLI layer sees a DictConfig; everything below it gets a `RunConfig`.
 
+Each frozen type declares its settings' allowed values once, in a `RANGES` table next to its
+fields (perfmodel.specs.Range), checked on construction by perfmodel.specs.check_ranges.
+
 Each setting is declared once, with its default and comment, on its frozen type: `ModelSpec`,
 `Plan`, `Cluster` and `Optim` in perfmodel/specs.py, the rest below. The Hydra schema is generated
 from those (`schema_of`), plus the few settings only the CLI reads (`model.name`, `parallel.auto`,
@@ -13,7 +16,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, 
 from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, get_type_hints
+from typing import Any, Callable, ClassVar, Optional, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -21,7 +24,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from perfmodel.specs import Cluster, ModelSpec, Offload, Optim, Plan
+from perfmodel.specs import (Cluster, ModelSpec, Offload, Optim, Plan, Range, above, at_least, check_ranges, one_of,
+                             within)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -50,14 +54,23 @@ class Train:
     lr: float = 3e-3  # peak learning rate (optim.* shapes the schedule)
     seed: int = 1234
     log_every: int = 1
-    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: bf16 computes with bf16 weights made once per step
+    # from fp32 masters; gradients, their reduction, Adam and the loss stay fp32 (parallel/precision.py)
+    dtype: str = "auto"
     progress: bool = True  # a progress line on rank 0's terminal
     goldfish: Goldfish = Goldfish()  # train.goldfish.k=4 turns the Goldfish loss on
+    # a step whose loss or gradient norm is NaN/Inf: stop (checkpoint nothing, exit non-zero) or
+    # skip its update (the job stops once more than max_skips steps were skipped)
+    on_nonfinite: str = "stop"  # stop | skip
+    max_skips: int = 10  # with on_nonfinite=skip: skipped steps tolerated in one run
+    SECTION: ClassVar[str] = "train"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": at_least(0), "global_batch_size": at_least(1), "seq_len": at_least(1), "lr": at_least(0),
+        "seed": at_least(0), "log_every": at_least(1), "dtype": one_of("auto", "fp32", "bf16"),
+        "on_nonfinite": one_of("stop", "skip"), "max_skips": at_least(0)}  # goldfish: axon/goldfish.py check
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 0), ("log_every", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= {low}")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -67,24 +80,42 @@ class Data:
     dtype: str = "auto"  # uint16 | uint32 | auto (from the .json sidecar)
     tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
     val_fraction: float = 0.01
+    SECTION: ClassVar[str] = "data"
+    RANGES: ClassVar[dict[str, Range]] = {"dtype": one_of("auto", "uint16", "uint32"),
+                                          "val_fraction": within(0, 1, high_open=True)}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
 class Launch:
     nproc_per_node: int = 1  # >1 with no launcher around: start that many local workers
     backend: str = "auto"  # auto (nccl if a GPU is usable, else gloo) | gloo | nccl (RCCL on ROCm)
-    # seconds a collective of any process group may wait before the job fails; None = 120 on CPU
-    # (gloo), 600 on GPUs (nccl) (launch/dist.py DEFAULT_TIMEOUT_S)
+    # seconds any rank may go without progress (a phase of a step, a collective, the rendezvous)
+    # before the job fails with a report (launch/watchdog.py); collectives time out 10 s later;
+    # None = 120 on CPU (gloo), 600 on GPUs (nccl) (launch/dist.py DEFAULT_TIMEOUT_S)
     timeout_s: Optional[float] = None
     master_port: int = 0  # 0 = pick a free port
+    SECTION: ClassVar[str] = "launch"  # backend: launch/dist.py resolve_backend
+    RANGES: ClassVar[dict[str, Range]] = {"nproc_per_node": at_least(1), "timeout_s": above(0, none_ok=True),
+                                          "master_port": within(0, 65535)}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
 class Checkpointing:
     every: int = 0  # steps between checkpoints (0 = only at the end)
-    keep: int = 2  # newest checkpoints kept
+    keep: int = 2  # newest checkpoints kept (0 = all)
     resume: str = "auto"  # auto | never | <path>
     at_end: bool = True
+    SECTION: ClassVar[str] = "checkpoint"
+    RANGES: ClassVar[dict[str, Range]] = {"every": at_least(0), "keep": at_least(0)}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -94,6 +125,12 @@ class Logging:
     wandb_mode: str = "offline"  # disabled | offline | online (offline: local files under the run dir, no network)
     wandb_project: str = "axon"
     wandb_entity: Optional[str] = None
+    SECTION: ClassVar[str] = "logger.wandb"
+    STRIP: ClassVar[str] = "wandb_"
+    RANGES: ClassVar[dict[str, Range]] = {"wandb_mode": one_of("disabled", "offline", "online")}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)

@@ -65,16 +65,14 @@ def hf_to_axon(hf_dir: Path, out: Path) -> Path:
     tmp.mkdir(parents=True)
     dcp.save({"model": {n: p.data for n, p in named.items()}, "optim": optim}, checkpoint_id=str(tmp))
     meta = {**ckpt.plan_meta(spec, Plan(), None), "step": 0, "world_size": 1, "converted_from": str(hf_dir)}
-    (tmp / ckpt.META).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    ckpt.seal(tmp, meta)  # the manifest of sizes and hashes, then axon.json
+    ckpt.install(tmp, out)  # atomic: an existing `out` is replaced only once the new one is complete
     return out
 
 
 def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Full shape of every model parameter in the DCP checkpoint at `path`, by Axon name."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = ckpt.read_metadata(path)  # restricted unpickling (axon/checkpoint_reader.py)
     return {key[len("model."):]: tuple(md.size) for key, md in metadata.state_dict_metadata.items()
             if key.startswith("model.") and hasattr(md, "size")}
 
@@ -82,7 +80,7 @@ def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _read_param(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """One whole parameter [shape] out of the sharded checkpoint (DCP reassembles the pieces)."""
     t = torch.empty(shape, dtype=torch.float32)
-    dcp.load({"model": {name: t}}, checkpoint_id=str(path))
+    ckpt.read_state(path, {"model": {name: t}})
     return t
 
 
@@ -90,6 +88,7 @@ def axon_to_hf(path: Path, out: Path, dtype: str = "float32", max_shard_bytes: i
     """Write the Hugging Face directory of the Axon checkpoint at `path` (a step_* directory or a
     checkpoints/ directory, whose newest is taken) to `out`."""
     path = ckpt.resolve(str(path), path)
+    ckpt.verify(path)  # sizes and hashes once, before any tensor is read
     spec = ModelSpec(**ckpt.read_meta(path)["model"])
     shapes = _param_shapes(path)
     size = DTYPES[dtype].itemsize

@@ -7,6 +7,14 @@ from tensor sizes (`view(B, S, -1, head_dim)`), so a tensor-parallel shard runs 
 Layers live in a ModuleDict keyed by their global index, so parameter names are the same for
 every pipeline split (checkpoints stay layout-independent). What a Block saves for backward, term
 by term: docs/activation_memory.md.
+
+Positions are either shared, [S] (one sequence layout for the batch: plain causal attention,
+`is_causal`), or per sample, [B, S] (packed rows of several documents, axon/sft_data.py: each
+document's positions restart at 0). With per-sample positions, RoPE / learned positions read each
+token's own position and a token attends only to earlier tokens of its own document: token i's
+document starts at index i - positions[i], so documents are told apart by that start
+(`document_mask`, for rows in natural order; the context-parallel cores derive the same from the
+global indices of their shard, parallel/context.py).
 """
 from __future__ import annotations
 
@@ -55,35 +63,64 @@ def rope_inv_freq(spec: ModelSpec, device: torch.device | None = None) -> torch.
 
 
 def rope_tables(positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [S, head_dim/2] for global `positions` [S] (kept global under context parallelism)."""
+    """cos, sin [S, head_dim/2] for global `positions` [S] (kept global under context parallelism),
+    or [B, S, head_dim/2] for per-sample positions [B, S]."""
     inv = rope_inv_freq(spec, positions.device)  # [hd/2]
-    ang = positions.float()[:, None] * inv[None, :]  # [S, hd/2]
+    ang = positions.float()[..., None] * inv  # [.., S, hd/2]
     return ang.cos(), ang.sin()
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention. q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd].
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [B, S, H, hd] rotated by cos/sin [S, hd/2] (shared) or [B, S, hd/2] (per sample: the
+    kernel sees the batch as one sequence of B*S tokens, a view)."""
+    if cos.dim() == 2:
+        return kernels.rope(x, cos, sin, kind)
+    B, S = x.shape[:2]
+    flat = kernels.rope(x.reshape(1, B * S, *x.shape[2:]), cos.reshape(B * S, -1), sin.reshape(B * S, -1), kind)
+    return flat.view(x.shape)  # [B, S, H, hd]
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, S, S] for per-sample positions [B, S] of rows in natural order: query i sees
+    key j iff j <= i and both belong to the same document (the same start index i - positions[i])."""
+    S = positions.shape[-1]
+    idx = torch.arange(S, device=positions.device)  # [S]
+    start = idx - positions  # [B, S]: where each token's document starts
+    same = start[:, :, None] == start[:, None, :]  # [B, S, S]
+    return (same & (idx[None, :] <= idx[:, None]))[:, None]  # [B, 1, S, S]
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention. q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd]. With per-sample
+    `positions` [B, S] (packed rows), within each document only (`document_mask`); without, the
+    fused `is_causal` path.
 
     Grouped-query K/V (Hkv < Hq) go to the fused kernel as they are (enable_gqa: saved at Hkv
     heads). Where no fused kernel takes them (`native_gqa`), enable_gqa would fall back to the
     unfused math path (s^2 probabilities kept), so K/V are repeated to Hq heads first and saved
     repeated (docs/activation_memory.md)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+    mask = None if positions is None else document_mask(positions)  # [B, 1, S, S]
     gqa = q.shape[2] != k.shape[2]
-    if gqa and not native_gqa(qt, kt, vt):
+    if gqa and not native_gqa(qt, kt, vt, mask):
         rep = q.shape[2] // k.shape[2]
         kt, vt, gqa = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1), False
-    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+    if mask is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
 
-def native_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def native_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether scaled_dot_product_attention runs enable_gqa in a fused kernel for these [B, H, S, hd]
-    inputs: the CPU flash kernel does; on CUDA only the flash backend (16-bit, Ampere or later)."""
+    inputs (and attention `mask`): the CPU flash kernel does; on CUDA only the flash backend (16-bit,
+    Ampere or later, no mask)."""
     if q.device.type == "cpu":
         return True
     if q.device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
         return False
-    return torch.backends.cuda.can_use_flash_attention(torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, True, True))
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, mask is None, True)
+    return torch.backends.cuda.can_use_flash_attention(params)
 
 
 def projection_input(x: torch.Tensor) -> torch.Tensor:
@@ -109,16 +146,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
         self.core = attention_core  # replaced by context parallelism / recomputation wrappers
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` [B, S]: per-sample positions of packed rows (attention within documents)."""
         B, S = x.shape[:2]
         x = projection_input(x)
         q = self.wq(x).view(B, S, -1, self.head_dim)  # [B, S, Hq, hd]
         k = self.wk(x).view(B, S, -1, self.head_dim)  # [B, S, Hkv, hd]
         v = self.wv(x).view(B, S, -1, self.head_dim)
         if rope is not None:
-            q, k = kernels.rope(q, *rope, self.kernels), kernels.rope(k, *rope, self.kernels)  # interleaved pairs
-        y = self.core(q, k, v).reshape(B, S, -1)  # [B, S, Hq*hd]
-        return self.wo(y)
+            q, k = rotate(q, *rope, self.kernels), rotate(k, *rope, self.kernels)  # interleaved pairs
+        y = self.core(q, k, v) if positions is None else self.core(q, k, v, positions)  # [B, S, Hq, hd]
+        return self.wo(y.reshape(B, S, -1))  # [B, S, Hq*hd] in
 
 
 class MLP(nn.Module):
@@ -145,8 +184,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(spec)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -172,10 +212,11 @@ class GPT(nn.Module):
                 self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> hidden [B, S, h]."""
+        """tokens [B, S], positions [S] or [B, S] -> hidden [B, S, h]."""
         x = self.tok_emb(tokens)
         if self.spec.pos == "learned":
-            x = x + self.pos_emb(positions)[None]
+            pe = self.pos_emb(positions)  # [S, h] or [B, S, h]
+            x = x + (pe[None] if positions.dim() == 1 else pe)
         return x
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -184,9 +225,11 @@ class GPT(nn.Module):
         return rope_tables(positions, self.spec)
 
     def blocks(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, h], positions [S] (shared: causal) or [B, S] (packed: per document)."""
         rope = self.rope(positions)
+        packed = positions if positions.dim() == 2 else None
         for layer in self.layers.values():
-            x = layer(x, rope)
+            x = layer(x, rope) if packed is None else layer(x, rope, packed)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +240,7 @@ class GPT(nn.Module):
         return self.head(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] (global positions [S], default 0..S-1) -> logits [B, S, V]."""
+        """tokens [B, S] (global positions [S], default 0..S-1, or per-sample [B, S]) -> logits [B, S, V]."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         return self.logits(self.blocks(self.embed(tokens, positions), positions))

@@ -1,10 +1,13 @@
-"""Preemption and time-limit handling for the trainer.
+"""Stop signals for the trainer: preemption, the time limit, a user's Ctrl-C or kill.
 
-Slurm sends SIGUSR1 `slurm.signal_s` seconds before the time limit (`#SBATCH --signal`), and
-SIGTERM on preemption or `scancel`. The signal handler only sets a flag; the trainer asks
-`requested()` at each step boundary (all ranks agree through one MAX all-reduce), writes a
-checkpoint there, calls `requeue(os.environ)` and exits 0. The requeued job resumes from that
-checkpoint (`checkpoint.resume=auto`), so no step is lost or repeated.
+SIGTERM (Slurm preemption, `scancel`, the local launcher passing one on), SIGINT (Ctrl-C) and
+SIGUSR1 (Slurm's warning `slurm.signal_s` seconds before the time limit, `#SBATCH --signal`) all
+mean "stop": the handler only records the signal; the trainer asks `requested()` at each step
+boundary (all ranks agree through one MAX all-reduce of the signal number), writes a checkpoint
+there, calls `requeue(os.environ)` (rank 0 of a Slurm job) and exits with `exit_code()`, 128 +
+the signal number (143 TERM, 130 INT, 138 USR1), so a scheduler or script sees the job did not
+finish; it exits 0 only when training had completed anyway. The requeued or resubmitted job
+resumes from that checkpoint (`checkpoint.resume=auto`), so no step is lost or repeated.
 
     handler = PreemptionHandler.install()
     for step in ...:
@@ -12,7 +15,7 @@ checkpoint (`checkpoint.resume=auto`), so no step is lost or repeated.
         if handler.requested():
             save_checkpoint(step)
             handler.requeue(os.environ)
-            return 0
+            return handler.exit_code()
 """
 from __future__ import annotations
 
@@ -27,38 +30,52 @@ import torch
 import torch.distributed as dist
 
 REQUEUE_TIMEOUT_S = 60.0  # scontrol talks to slurmctld; a stuck controller must not hang the exit
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionHandler:
     """Holds the flag set by the preemption signals; see the module docstring for the protocol."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None  # the last signal received, None if none
+        self.signum: Optional[int] = None  # the last signal this rank received, None if none
+        self.agreed: Optional[int] = None  # the signal all ranks stop for (the largest number received)
+        self._previous: dict[int, Any] = {}  # the handlers install() replaced
 
     @classmethod
-    def install(cls, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> "PreemptionHandler":
+    def install(cls, signals: tuple[int, ...] = STOP_SIGNALS) -> "PreemptionHandler":
         """Install the handler for `signals` (main thread only, as Python requires)."""
         handler = cls()
-        for sig in signals:
-            signal.signal(sig, handler._on_signal)
+        handler._previous = {sig: signal.signal(sig, handler._on_signal) for sig in signals}
         return handler
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self.signum = signum  # nothing else: the trainer acts at the next step boundary
 
     def requested(self, group: Any = None) -> bool:
-        """Whether any rank of `group` (default: the whole job) received a preemption signal.
+        """Whether any rank of `group` (default: the whole job) received a stop signal; every
+        rank then knows which (`agreed`, for `exit_code`).
 
         A collective: every rank of the group must call it at the same step boundary."""
-        local = self.signum is not None
-        if not (dist.is_available() and dist.is_initialized()):
-            return local
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=device)  # [1]
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        local = self.signum or 0
+        if dist.is_available() and dist.is_initialized():
+            device = torch.device("cpu")
+            if dist.get_backend(group) == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([local], dtype=torch.int32, device=device)  # [1]
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            local = int(flag.item())
+        self.agreed = local or None
+        return self.agreed is not None
+
+    def exit_code(self) -> int:
+        """128 + the agreed stop signal (143 TERM, 130 INT, 138 USR1); 0 when none was agreed."""
+        return 128 + self.agreed if self.agreed else 0
 
     def requeue(self, environ: Mapping[str, str]) -> bool:
         """On rank 0 of a Slurm job: `scontrol requeue <job id>`. Returns whether it requeued.

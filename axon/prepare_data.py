@@ -7,8 +7,14 @@ Each .txt file is one document; each line of a .jsonl file is one document (its 
 Every document is followed by the tokenizer's end-of-document token. Writes `<out>.bin` (raw
 uint16/uint32 tokens, the nanoGPT/Megatron format) and `<out>.json` (dtype, vocab_size,
 n_tokens, tokenizer, source sha256, ...). Both are written under temporary names, fsynced and
-renamed, the sidecar last: a failed run leaves no partial file and any previous output intact.
+renamed, the sidecar last: a failed run leaves no partial file (nor a directory it created) and any
+previous output intact. The inputs and the output path are checked before anything is written.
 Train on the result with `data.path=<out>.bin` (and `model.vocab_size` >= the tokenizer's).
+
+    axon prepare-data sft chat.jsonl --tokenizer tok/tokenizer.json --seq-len 2048 --out data/chat
+
+Instruction data (prompt/response or chat messages, loss on the responses only, packed into
+rows with document boundaries kept) is axon/sft_data.py's; see `axon prepare-data sft --help`.
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ from typing import BinaryIO, Iterator, Optional
 
 import numpy as np
 
+from axon import preflight
 from axon.errors import Parser, guarded
-from axon.tokenizer import HFTokenizer, load_tokenizer
+from axon.errors import one_line
+from axon.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 BATCH_DOCS = 512  # documents tokenized per encode_batch call
 
@@ -47,6 +55,10 @@ def main(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["sft"]:  # instruction data: rendered, loss-masked, packed (axon/sft_data.py)
+        from axon import sft_data
+
+        return sft_data.main(argv[1:])
     args = parse_args(argv)
     meta = prepare(args.inputs, args.out, args.tokenizer, field=args.field, dtype=args.dtype,
                    eot_token=args.eot_token)  # ValueError / OSError: one line, exit code 2 (axon/errors.py)
@@ -58,16 +70,67 @@ def _main(argv: list[str]) -> int:
 def prepare(inputs: list[Path], out: Path, tokenizer: str, field: str = "text", dtype: str = "auto",
             eot_token: Optional[str] = None) -> dict:
     """Tokenize `inputs` into `<out>.bin` + `<out>.json`; returns the sidecar's contents."""
-    tok = load_tokenizer(tokenizer, eot_token=eot_token)
-    if tok.eot_id is None:
-        raise ValueError(f"tokenizer {tokenizer} has none of the usual end-of-document tokens; "
-                         f"name one with --eot-token")
+    check_inputs(inputs)
+    bin_path, json_path = _bin_path(out), _bin_path(out).with_suffix(".json")
+    check_output(out, bin_path, json_path)
+    tok = _tokenizer(tokenizer, eot_token)
     np_dtype = _pick_dtype(dtype, tok.vocab_size)
+    made = _new_dirs(bin_path.parent)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(inputs, bin_path, json_path, tok, np_dtype, field)
+    except BaseException:
+        for d in made:  # leave no directory this run created (deepest first; only if still empty)
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+
+
+def check_inputs(inputs: list[Path]) -> None:
+    """Every input is an existing, readable .txt or .jsonl file."""
     for path in inputs:
         if path.suffix not in (".txt", ".jsonl"):
             raise ValueError(f"{path}: input files must end in .txt or .jsonl")
-    bin_path, json_path = _bin_path(out), _bin_path(out).with_suffix(".json")
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(f"input {path} is a directory; give the .txt or .jsonl files in it")
+        if not path.is_file():
+            raise FileNotFoundError(f"input {path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"input {path} is not readable by this user")
+
+
+def check_output(out: Path, bin_path: Path, json_path: Path) -> None:
+    """--out names files (not directories) whose directory can be created or written."""
+    for path in (bin_path, json_path):
+        if path.is_dir():
+            raise IsADirectoryError(f"--out {out}: {path} is a directory; give an output prefix such as data/books")
+    preflight.check_writable(bin_path.parent, "--out")
+
+
+def _tokenizer(spec: str, eot_token: Optional[str]) -> "Tokenizer":
+    try:
+        tok = load_tokenizer(spec, eot_token=eot_token)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library's parse errors are plain Exceptions
+        raise ValueError(f"--tokenizer {spec} is not a Hugging Face tokenizer.json ({one_line(str(e))})") from None
+    if tok.eot_id is None:
+        raise ValueError(f"tokenizer {spec} has none of the usual end-of-document tokens; "
+                         f"name one with --eot-token")
+    return tok
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """The directories `path.mkdir(parents=True)` would create, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _write(inputs: list[Path], bin_path: Path, json_path: Path, tok: "Tokenizer", np_dtype: type,
+           field: str) -> dict:
     sha = hashlib.sha256()
     n_tokens, n_docs, max_id = 0, 0, 0
     eot = np.array([tok.eot_id], dtype=np_dtype)

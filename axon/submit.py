@@ -248,6 +248,7 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load(args.overrides)
     job = build_job(cfg, args.overrides, python=sys.executable, workdir=Path.cwd())
+    check_job(cfg, job)
     script = render(job)
     if args.dry:
         print(script, end="")
@@ -259,6 +260,17 @@ def _main(argv: list[str]) -> int:
     print(job_id)
     print(f"axon submit: job {job_id}; log {job.run_dir}/slurm-{job_id}.out\n{pick_summary(job)}", file=sys.stderr)
     return 0
+
+
+def check_job(cfg: DictConfig, job: SlurmJob) -> None:
+    """What `axon train` checks before it starts (axon/preflight.py: run.name and run.dir, the data
+    files, the checkpoint it would resume, memory), on this machine's file system, before anything
+    is written or queued; a CPU node's memory is the cluster preset's cluster.host_bytes."""
+    from axon import preflight
+
+    run_cfg = replace(freeze(cfg), run_dir=Path(job.run_dir), plan=Plan.from_dict(job.plan))
+    preflight.check(run_cfg, job.world_size, job.estimate, local_ranks=job.tasks_per_node,
+                    host_bytes=run_cfg.cluster.host_bytes)
 
 
 def pick_summary(job: SlurmJob) -> str:

@@ -7,13 +7,21 @@
 
 Both expose `name`, `vocab_size`, `eot_id` (the end-of-document token appended after each
 document by `axon prepare-data`; None when a tokenizer.json names none we recognise),
-`encode`, `encode_batch` and `decode`.
+`encode`, `encode_batch` and `decode`; and for instruction data (axon/sft_data.py) `chat`
+(the model's chat template, axon/chat_template.py, or None), `bos_id` and `add_bos`.
+
+A tokenizer.json's settings come from the `tokenizer_config.json` next to it, when there is one
+(as transformers reads a model directory): `chat_template` (a string, or a list of named
+templates of which `default` is used; a `chat_template.jinja` file next to it wins, as in
+transformers >= 4.43), `bos_token`, `eos_token`, `pad_token`, `unk_token` (strings or
+{"content": ...} objects) and `add_bos_token`. The byte tokenizer has no chat template.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,6 +38,9 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 256
     eot_id: Optional[int] = 0
+    chat = None  # no chat template: instruction data uses the plain rendering (axon/sft_data.py)
+    bos_id: Optional[int] = None
+    add_bos = False
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)  # [n_bytes]
@@ -68,6 +79,41 @@ class HFTokenizer:
         else:
             found = [self._tok.token_to_id(t) for t in EOT_CANDIDATES]
             self.eot_id = next((i for i in found if i is not None), None)
+        self._read_config(self.path.parent)
+
+    def _read_config(self, folder: Path) -> None:
+        """chat template, special tokens and add_bos from tokenizer_config.json (see the module doc)."""
+        cfg_path = folder / "tokenizer_config.json"
+        cfg: dict[str, Any] = {}
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{cfg_path} is not valid JSON ({e}); fix or remove it") from None
+        special = {k: _token_text(cfg.get(k)) for k in SPECIAL_TOKENS}
+        self.special_tokens = {k: v for k, v in special.items() if v is not None}
+        bos = self.special_tokens.get("bos_token")
+        self.bos_id = self._tok.token_to_id(bos) if bos is not None else None
+        self.add_bos = bool(cfg.get("add_bos_token", False)) and self.bos_id is not None
+        source = _template_source(cfg.get("chat_template"), cfg_path)
+        jinja_file = folder / "chat_template.jinja"
+        if jinja_file.is_file():
+            source = jinja_file.read_text(encoding="utf-8")
+        self.chat_source: Optional[str] = source or None
+        self._chat: Any = None
+
+    @property
+    def chat(self) -> Any:
+        """The chat template (axon/chat_template.py), compiled on first use; None when there is none."""
+        if self._chat is None and self.chat_source is not None:
+            from jinja2.exceptions import TemplateSyntaxError
+            from axon.chat_template import ChatTemplate
+            try:
+                self._chat = ChatTemplate(self.chat_source, self.special_tokens)
+            except TemplateSyntaxError as e:
+                raise ValueError(f"the chat_template next to {self.path} does not compile ({e}); fix it in "
+                                 f"tokenizer_config.json") from None
+        return self._chat
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint32)  # [n]
@@ -81,6 +127,26 @@ class HFTokenizer:
 
 
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # passed to chat templates
+
+
+def _token_text(value: Any) -> Optional[str]:
+    """A tokenizer_config.json special token: a string or an AddedToken object {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_source(value: Any, cfg_path: Path) -> Optional[str]:
+    """tokenizer_config.json's chat_template: a string, or [{"name", "template"}] (the `default` one)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise ValueError(f"{cfg_path}: chat_template must be a string or a list holding a 'default' template")
 
 
 def load_tokenizer(spec: str, eot_token: Optional[str] = None) -> Tokenizer:

@@ -3,9 +3,15 @@
     python -m axon.train model=tiny parallel.dp=4 train.steps=50             # under torchrun / srun / mpiexec
     python -m axon.train launch.nproc_per_node=8 model=tiny parallel=auto     # starts 8 local workers itself
 
-The layout is validated before any process group exists (or any worker is spawned), so a bad
-setting fails at once with a message naming it. A rank that fails, or whose peer died, exits
-non-zero; under the local launcher the other workers are then stopped.
+The layout, the settings' ranges, the data files, the run directory, a resumed checkpoint and
+the memory fit are checked before any process group exists (or any worker is spawned), so a bad
+setting fails at once with one line naming it (axon/preflight.py). A rank that fails, or whose
+peer died, exits non-zero; under the local launcher the other workers are then stopped.
+
+Exit codes: 0 every step ran; 1 a bug (the exception's type is named); 2 bad input; 3 an
+unusable checkpoint; 4 a non-finite loss or gradient norm (train.on_nonfinite); 124 a rank made
+no progress for launch.timeout_s (launch/watchdog.py); 128 + N stopped by signal N (TERM 143,
+INT 130, USR1 138) after a checkpoint at a step boundary, or killed by it.
 """
 from __future__ import annotations
 
@@ -17,10 +23,11 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from axon import trainer
+from axon import preflight, trainer
 from axon.checkpoint import CheckpointError
 from axon.config import RunConfig, freeze, load
 from axon.errors import BAD_INPUT, DEBUG_FLAG, guarded, report
+from axon.nonfinite import NONFINITE_EXIT, NonFiniteError
 from launch import dist as launch_dist
 from launch.env import detect
 from launch.grid import Grid
@@ -69,13 +76,19 @@ def _main(argv: list[str], full_argv: list[str]) -> int:
     cfg = freeze(composed)
     env = detect(os.environ)
     cfg = resolve_launch(cfg, env)  # backend vs GPUs and cluster preset, before any process starts
-    if env.kind == "single" and cfg.launch.nproc_per_node > 1:
-        resolve_plan(cfg, cfg.launch.nproc_per_node, argv)  # fail before spawning anything
+    spawn = env.kind == "single" and cfg.launch.nproc_per_node > 1
+    world = cfg.launch.nproc_per_node if spawn else env.world_size
+    cfg, plan_info = resolve_plan(cfg, world, argv)  # fail before spawning anything
+    try:  # run dir, data files, resumed checkpoint, memory (axon/preflight.py)
+        preflight.check(cfg, world, plan_info.get("estimate"), local_ranks=world if spawn else env.local_world_size)
+    except CheckpointError as e:  # an unreadable checkpoint: exit code 3, as in the workers
+        return report("axon train", e, DEBUG_FLAG in full_argv, code=3)
+    if spawn:
         from launch.spawn import run_local
 
         workers = [a for a in full_argv if a != "--cfg"]  # --debug travels to the workers
-        return run_local(cfg.launch.nproc_per_node, workers, master_port=cfg.launch.master_port)
-    cfg, plan_info = resolve_plan(cfg, env.world_size, argv)
+        return run_local(cfg.launch.nproc_per_node, workers, master_port=cfg.launch.master_port,
+                         timeout_s=cfg.launch.timeout_s)
     return _run_rank(cfg, env, plan_info, debug=DEBUG_FLAG in full_argv)
 
 
@@ -89,29 +102,49 @@ def resolve_launch(cfg: RunConfig, env: Any) -> RunConfig:
 
 
 def _run_rank(cfg: RunConfig, env: Any, plan_info: dict[str, Any], debug: bool = False) -> int:
-    preempt = None
-    try:
-        backend = launch_dist.init(env, cfg.launch.backend, cfg.launch.timeout_s)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        grid = Grid.build(cfg.plan, env.rank, env.world_size, timeout_s=cfg.launch.timeout_s)
-        from axon.preempt import PreemptionHandler
+    """One rank: exit 0 once every step ran; on TERM / INT / USR1 a checkpoint at the next step
+    boundary and 128 + the signal (axon/preempt.py); a stall of launch.timeout_s, even in the
+    rendezvous or inside a collective, ends the rank with a report (launch/watchdog.py)."""
+    import signal
 
-        preempt = PreemptionHandler.install()
-        result = trainer.run(cfg, grid, device, preempt=preempt, plan_info=plan_info)
-        if result.preempted:
-            preempt.requeue(os.environ)
-            if env.rank == 0:
-                print(f"axon train: preempted at step {result.steps[-1] if result.steps else result.start_step}; "
-                      f"checkpoint {result.final_checkpoint}", file=sys.stderr)
-        return 0
+    from axon.preempt import PreemptionHandler
+    from launch.watchdog import Watchdog
+
+    status = cfg.run_dir / "status"  # every rank's last step and phase, read by the stall report
+    watchdog = Watchdog.start(env.rank, env.world_size, status, cfg.launch.timeout_s)
+    preempt = PreemptionHandler.install()  # before the rendezvous: a stop signal never kills a rank midway
+    collective_s = launch_dist.collective_timeout(cfg.launch.timeout_s)  # the watchdog reports a stall first
+    try:
+        watchdog.mark(0, "rendezvous")
+        backend = launch_dist.init(env, cfg.launch.backend, collective_s, trace_dir=status)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        watchdog.mark(0, "groups")
+        grid = Grid.build(cfg.plan, env.rank, env.world_size, timeout_s=collective_s)
+        result = trainer.run(cfg, grid, device, preempt=preempt, plan_info=plan_info, watchdog=watchdog)
+        last = result.steps[-1] if result.steps else result.start_step
+        if not result.preempted or last >= cfg.train.steps:
+            return 0  # every step ran (a stop signal during the last one changes nothing)
+        watchdog.mark(last, "requeue")
+        preempt.requeue(os.environ)  # rank 0 of a Slurm job; the others wait for it before exiting non-zero,
+        torch.distributed.barrier()  # which `srun --kill-on-bad-exit=1` answers by stopping every task
+        if env.rank == 0:
+            print(f"axon train: stopped by {signal.Signals(preempt.agreed).name} at step {last} of "
+                  f"{cfg.train.steps}; checkpoint {result.final_checkpoint}; exit code {preempt.exit_code()} "
+                  "(run again with checkpoint.resume=auto to continue)", file=sys.stderr)
+        return preempt.exit_code()
     except CheckpointError as e:
         return report(f"axon train [rank {env.rank}]", e, debug, code=3)
+    except NonFiniteError as e:  # the loss or gradient norm became NaN/Inf (train.on_nonfinite)
+        return report(f"axon train [rank {env.rank}]", e, debug, code=NONFINITE_EXIT)
     except BAD_INPUT as e:  # found after start-up (vocab, resumed batch): still one line naming the setting
         return report(f"axon train [rank {env.rank}]", e, debug, code=2)
     except Exception as e:  # noqa: BLE001 - report which rank failed and why, then exit non-zero
         return report(f"axon train [rank {env.rank}] failed", e, debug, code=1)
     finally:
+        watchdog.mark(watchdog.last_step, "shutdown")  # a hung teardown is a stall too
         launch_dist.shutdown()
+        watchdog.stop()  # for callers that go on in this process (tests)
+        preempt.restore()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ AdamW -> metrics -> checkpoint.
 """
 from __future__ import annotations
 
-import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,21 +21,25 @@ import torch.distributed as dist
 from axon import checkpoint as ckpt
 from axon import hf_load
 from axon import goldfish
+from axon import sft_data
 from axon.config import RunConfig
 from axon.data import BatchSampler, open_dataset
 from axon.init import materialize
 from axon import memory
-from axon.metrics import Reporter, Throughput, device_peak_flops, peak_memory_bytes, write_json_atomic, write_run_files
+from axon.metrics import (Reporter, Throughput, device_peak_flops, peak_memory_bytes, truncate_metrics,
+                          write_json_atomic, write_run_files)
+from axon.nonfinite import NonFiniteGuard
+from axon.run_dir import RunLock, establish
 from axon.profiling import StepProfiler
 from axon.model import GPT
 from axon.optim import lr_at
 from launch import dist as launch_dist
 from launch.grid import Grid
-from parallel import grad_engine, layout, pipeline, recompute
+from parallel import grad_engine, layout, pipeline, precision, recompute
 from parallel.loss_mask import mask_targets
 from parallel.parallelize import parallelize
+from perfmodel import rules
 from perfmodel.flops import mfu, n_params
-from perfmodel.specs import PlanError
 
 @dataclass
 class TrainResult:
@@ -59,8 +61,8 @@ class Trainer:
         # one order (parallel/parallelize.py: TP -> CP -> recompute, the recomputed Blocks counted
         # per stage); then only this rank's shards materialize, read off the layouts
         self.pipe = pipeline.apply(spec, plan, grid, lambda ids, emb, head: GPT(spec, ids, emb, head),
-                                   cfg.train.seq_len, timeout_s=launch_dist.timeout_for(
-                                       "nccl" if device.type == "cuda" else "gloo", cfg.launch.timeout_s))
+                                   cfg.train.seq_len, timeout_s=launch_dist.collective_timeout(launch_dist.timeout_for(
+                                       "nccl" if device.type == "cuda" else "gloo", cfg.launch.timeout_s)))
         chunks = list(self.pipe.chunks.values())
         ks = recompute.per_chunk([len(chunk.layers) for chunk in chunks], plan.recompute_layers)
         self.parts = [parallelize(chunk, spec, plan, grid, k, self.pipe.recompute_meter)
@@ -77,13 +79,21 @@ class Trainer:
         # gradient reduction, norm, clip and AdamW: ZeRO (stages 1-3, optimizer offload) or
         # bucketed data parallelism, by the plan (parallel/grad_engine.py)
         self.engine = grad_engine.build(chunks, self.named, self.layouts, plan, grid, cfg.optim)
-        dataset = open_dataset(cfg.data, vocab_size=spec.vocab_size)
-        self.train_data = dataset.split("train")
-        self.sampler = BatchSampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size,
-                                    cfg.train.seed)
+        packed = sft_data.open_packed(cfg.data, cfg.train.seq_len, spec.vocab_size)  # None: token data
+        self.packed = packed is not None
+        if packed is not None:  # instruction rows (axon/sft_data.py): loss mask, per-document positions
+            rules.raise_if(rules.packed_rules(spec, plan))
+            self.train_data, sampler = packed.split("train"), sft_data.PackedSampler
+        else:
+            self.train_data, sampler = open_dataset(cfg.data, vocab_size=spec.vocab_size).split("train"), BatchSampler
+        self.sampler = sampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.seed)
         self.shard = grid.axis("dp").coord * plan.tp_depth + grid.axis("tp_depth").coord
-        self.autocast = _autocast(cfg.train.dtype, device)
+        # train.dtype: bf16 compute weights made once per step from the engine's fp32 masters
+        self.precision = precision.build(precision.policy(cfg.train.dtype, device), chunks, self.engine)
         self._memory_tracked = False
+        self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skips)
+        self.mark = _no_mark  # the watchdog's progress mark, set by run()
+        self.run_id = ""  # the run owning the run directory's checkpoints, set by run()
 
     def weights_changed(self) -> None:
         """The parameters changed outside autograd (an optimizer step, a checkpoint load): drop
@@ -98,24 +108,45 @@ class Trainer:
         global_tokens = cfg.train.global_batch_size * seq
         lr = lr_at(step, cfg.train.lr, cfg.optim, cfg.train.steps)
         local = self.sampler.local_batch(self.train_data, step, self.shard, plan.data_shards)  # [G/shards, S+1]
-        micro = local.split(plan.micro_batch_size)  # m x [mbs, S+1]
+        self.mark(step + 1, "data")
         self.engine.zero_grad()
-        # [mbs, S/cp] inputs and targets, global positions [S/cp], per microbatch
-        batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
-        if cfg.train.goldfish.k:  # dropped targets -> ignored; the loss is over the tokens kept
-            batches, global_tokens = self._mask_loss(local, batches)
-        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.engine, self.autocast,
+        if self.packed:  # [mbs, S/cp] inputs, targets (prompt, padding ignored), per-sample positions
+            batches, global_tokens = sft_data.microbatches(local, self.cp, plan.micro_batch_size, self.device,
+                                                           cfg.train.goldfish, self.data_group)
+        else:
+            micro = local.split(plan.micro_batch_size)  # m x [mbs, S+1]
+            # [mbs, S/cp] inputs and targets, global positions [S/cp], per microbatch
+            batches = [self.cp.shard(mb.to(self.device, non_blocking=True)) for mb in micro]
+            if cfg.train.goldfish.k:  # dropped targets -> ignored; the loss is over the tokens kept
+                batches, global_tokens = self._mask_loss(local, batches)
+        self.mark(step + 1, "forward-backward")
+        loss_sum = self.pipe.step(batches, self.loss_fn, global_tokens, self.engine, self.precision,
                                   track_memory=not self._memory_tracked)
         self._memory_tracked = True  # the first step measures activations (plan.json); the rest skip the hooks
+        self.mark(step + 1, "grad-sync")
         self.engine.finish()
         norm = self.engine.grad_norm(_group_or_none(self.grid.axis("pp")))
-        self.engine.clip(norm, cfg.optim.grad_clip)
-        self.engine.step(lr)
-        self.weights_changed()
         for group in (self.grid.axis("pp"), self.data_group):  # the last stage holds the loss
             if group.size > 1:
                 dist.all_reduce(loss_sum, group=group.group)
-        return {"loss": (loss_sum / global_tokens).item(), "lr": lr, "grad_norm": norm.item()}
+        loss, grad_norm, finite = self._agreed(loss_sum / global_tokens, norm)
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if not finite and not self.guard.allows(step + 1, loss, grad_norm, self.engine):  # NaN/Inf: stop or skip
+            return {**out, "skipped_steps": self.guard.skipped}
+        self.mark(step + 1, "optimizer")
+        self.engine.clip(norm, cfg.optim.grad_clip)
+        self.engine.step(lr)
+        self.weights_changed()
+        return out
+
+    def _agreed(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float, bool]:
+        """(loss, norm, finite everywhere): a NaN/Inf on any rank counts for all (a flipped bit
+        after the reductions must not split the ranks' decisions); one host sync."""
+        bad = (~(loss.isfinite() & norm.isfinite())).float()  # 0-dim
+        if dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        loss_f, norm_f, bad_f = torch.stack([loss.float(), norm.float(), bad]).tolist()
+        return loss_f, norm_f, bad_f == 0.0
 
     def _mask_loss(self, local: torch.Tensor, batches: list) -> tuple[list, int]:
         """The Goldfish mask of the full samples local [B, S+1], applied to each microbatch's
@@ -140,10 +171,14 @@ class Trainer:
         model_state, optim_state = self.engine.state_dict()
         meta = ckpt.plan_meta(self.cfg.model, self.cfg.plan, self.sampler.state_dict())
         return ckpt.save(self.cfg.run_dir / "checkpoints", step, model_state, optim_state, meta,
-                         self.cfg.checkpoint.keep)
+                         self.cfg.checkpoint.keep, self.run_id)
 
     def maybe_resume(self) -> int:
-        path = ckpt.resolve(self.cfg.checkpoint.resume, self.cfg.run_dir / "checkpoints")
+        root = self.cfg.run_dir / "checkpoints"
+        if dist.get_rank() == 0:
+            ckpt.recover(root)  # a crash between a same-step replacement's two renames
+        dist.barrier()
+        path = ckpt.resolve(self.cfg.checkpoint.resume, self.cfg.run_dir / "checkpoints", self.run_id)
         if path is None:
             return 0
         meta = ckpt.read_meta(path)
@@ -158,17 +193,34 @@ class Trainer:
 
 
 def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
-        plan_info: Optional[dict[str, Any]] = None) -> TrainResult:
-    """Train `cfg.train.steps` steps (continuing from a checkpoint if one is found)."""
+        plan_info: Optional[dict[str, Any]] = None, watchdog: Any = None) -> TrainResult:
+    """Train `cfg.train.steps` steps (continuing from a checkpoint if one is found). `watchdog`
+    (launch/watchdog.py) gets a `mark(step, phase)` at every phase boundary."""
+    mark = watchdog.mark if watchdog is not None else _no_mark
+    mark(0, "build")
     trainer = Trainer(cfg, grid, device)
-    start = trainer.maybe_resume()
+    trainer.mark = mark
     rank0 = dist.get_rank() == 0
+    lock = RunLock.acquire(cfg.run_dir) if rank0 else None  # one job per run directory
+    try:
+        mark(0, "resume")
+        trainer.run_id = _run_id(cfg.run_dir, rank0)
+        start = trainer.maybe_resume()
+        return _train(cfg, trainer, start, rank0, preempt, plan_info, mark)
+    finally:
+        trainer.engine.remove()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, trainer: Trainer, start: int, rank0: bool, preempt: Any,
+           plan_info: Optional[dict[str, Any]], mark: Any) -> TrainResult:
     reporter = None
     if rank0:
         info = {"plan": cfg.plan.to_dict(), "world_size": dist.get_world_size(), "n_params": n_params(cfg.model),
-                "resumed_from_step": start, **(plan_info or {})}
+                "resumed_from_step": start, "run_id": trainer.run_id, **(plan_info or {})}
         write_run_files(cfg.run_dir, cfg.raw, info)
-        _truncate_metrics(cfg.run_dir / "metrics.jsonl", start)
+        truncate_metrics(cfg.run_dir / "metrics.jsonl", start)
         reporter = Reporter(cfg.run_dir, cfg.train.steps, start, cfg.logging, cfg.raw, cfg.train.progress,
                             cfg.run_name, tensorboard=cfg.tensorboard)
     result = TrainResult(start_step=start)
@@ -190,35 +242,43 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
             meter.add(tokens, dt)
             result.losses.append(out["loss"])
             result.steps.append(step)
+            mark(step, "metrics")
             if step == start + 1 and rank0:
                 _record_memory(cfg.run_dir / "plan.json", info, trainer.measured_memory())
-            if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps
+                                         or "skipped_steps" in out):
                 tps = tokens / dt
                 reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt,
                               "mfu": mfu(cfg.model, cfg.train.seq_len, tps, world, peak),
-                              "peak_mem_bytes": peak_memory_bytes(device), **meter.figures(world)})
+                              "peak_mem_bytes": peak_memory_bytes(trainer.device), **meter.figures(world)})
             if preempt is not None and preempt.requested():
+                mark(step, "checkpoint")
                 result.final_checkpoint = trainer.save(step)
                 result.preempted = True
                 break
             if every > 0 and step % every == 0 and step < cfg.train.steps:
+                mark(step, "checkpoint")
                 trainer.save(step)
         if not result.preempted and cfg.checkpoint.at_end and step > start:
+            mark(step, "checkpoint")
             result.final_checkpoint = trainer.save(step)
     finally:
         profiler.close()
-        trainer.engine.remove()
         if reporter is not None:
             reporter.close()
     return result
 
 
-def _truncate_metrics(path: Path, start: int) -> None:
-    """Drop records past the resumed step, so a resumed run logs every step exactly once."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-    path.write_text("".join(line + "\n" for line in kept))
+def _run_id(run_dir: Path, rank0: bool) -> str:
+    """The run directory's run id (axon/run_dir.py): rank 0 reads or creates it, all ranks get it."""
+    box = [establish(run_dir) if rank0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def _no_mark(step: int, phase: str) -> None:
+    """The progress mark when no watchdog runs."""
 
 
 def _record_memory(path: Path, info: dict[str, Any], measured: dict[str, int]) -> None:
@@ -230,11 +290,3 @@ def _record_memory(path: Path, info: dict[str, Any], measured: dict[str, int]) -
 
 def _group_or_none(axis: Any) -> Any:
     return axis.group if axis.size > 1 else None
-
-
-def _autocast(dtype: str, device: torch.device) -> Any:
-    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
-        return nullcontext()
-    if dtype in ("auto", "bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise PlanError(f"train.dtype={dtype!r} must be auto, fp32 or bf16")

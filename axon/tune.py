@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from axon.config import ConfigError, freeze, load
-from axon.errors import Parser, guarded
+from axon import preflight
+from axon.config import ConfigError, RunConfig, freeze, load
+from axon.errors import Parser, UsageError, guarded
+from perfmodel import rules
 from perfmodel.estimate import Estimate, estimate
 from perfmodel.flops import n_params
 from perfmodel.search import parse_constraints, search
@@ -52,6 +54,11 @@ def _main(argv: list[str]) -> int:
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         raise ConfigError(f"unknown option(s) {' '.join(bad)}; see axon tune --help")
+    if args.top < 1:
+        raise UsageError(f"--top {args.top} must be >= 1 (how many plans to show)")
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            preflight.check_output_file(path, option)
     if args.calibrate:
         from axon.calibrate import calibrate
 
@@ -79,8 +86,16 @@ def default_batch(model: ModelSpec, gbs: int, seq: int) -> tuple[int, int, str]:
                       f"model; set train.global_batch_size and train.seq_len to change it")
 
 
+def check_fixed(cfg: RunConfig) -> None:
+    """The rules every layout must meet, on the settings given (the search only skips plans
+    that break them, so a bad fixed setting would read as "no layout fits")."""
+    rules.raise_if(rules.model_rules(cfg.model) + rules.setting_rules(cfg.plan)
+                   + rules.split_rules(cfg.model, Plan(), cfg.train.seq_len))
+
+
 def _tune(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = freeze(load(overrides))
+    check_fixed(cfg)
     cluster, model = cfg.cluster, cfg.model
     world = cluster.world_size
     gbs, seq = cfg.train.global_batch_size, cfg.train.seq_len

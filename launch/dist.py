@@ -5,24 +5,37 @@ the same code as many. The rendezvous is a TCP store at master_addr:master_port 
 torch connects to the agent's store by itself). Under MPI with no MASTER_ADDR, rank 0 picks its
 hostname and a free port and broadcasts them with mpi4py. `timeout_s` (unset: DEFAULT_TIMEOUT_S of
 the backend) becomes the process-group timeout: a collective whose peer died or stopped fails after
-at most that long instead of hanging; launch/grid.py gives every subgroup the same timeout.
+at most that long instead of hanging; launch/grid.py gives every subgroup the same timeout. The
+rendezvous (TCP store) has the same timeout. On nccl, torch's own NCCL watchdog is set to the same
+timeout (`nccl_env`: abort and exit on a timed-out collective, dump its flight recorder next to the
+rank status files); a variable the user set is never overridden. Stalls no collective notices are
+ended by launch/watchdog.py.
 """
 from __future__ import annotations
 
+import math
+import os
 import socket
 from datetime import timedelta
-from typing import Optional
+from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from launch.env import LaunchEnv
+from launch.watchdog import MARGIN_S
 
 BACKENDS = ("auto", "gloo", "nccl")  # nccl is RCCL on a ROCm build of torch
 # launch.timeout_s when unset: a CPU run shows a dead peer quickly; on GPUs NCCL's start-up, the
 # first step's compilation and checkpoint barriers of a large model take minutes
 DEFAULT_TIMEOUT_S = {"gloo": 120.0, "nccl": 600.0}
 CPU_CLUSTERS = ("local-cpu",)  # cluster presets that describe CPUs (axon tune --calibrate writes local-cpu)
+# torch reads each NCCL watchdog setting under several names (the first wins); a user's value under any is kept
+NCCL_ALIASES = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"),
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"),
+}
 INSTALL_GPU_BUILD = ("install the GPU build of torch with `AXON_TORCH=cuda bash scripts/setup.sh` "
                      "(AMD: `AXON_TORCH=rocm AXON_ROCM=<the rocm module's X.Y> bash scripts/setup.sh`)")
 
@@ -72,18 +85,46 @@ def timeout_for(backend: str, timeout_s: Optional[float]) -> float:
     return value
 
 
+def collective_timeout(timeout_s: float) -> float:
+    """The process-group timeout for a job whose ranks run launch/watchdog.py with `timeout_s`:
+    MARGIN_S past the watchdog's limit, so a stall ends with the watchdog's report of every rank
+    and a collective's own timeout error stays the backstop."""
+    return timeout_s + 2 * MARGIN_S
+
+
 def _torch_build() -> str:
     hip, cuda = getattr(torch.version, "hip", None), torch.version.cuda
     kind = f"ROCm {hip}" if hip else f"CUDA {cuda}" if cuda else "CPU-only"
     return f"{torch.__version__} ({kind} build)"
 
 
-def init(env: LaunchEnv, backend: str, timeout_s: Optional[float]) -> str:
+def nccl_env(environ: Mapping[str, str], timeout_s: float, trace_dir: Optional[Path] = None) -> dict[str, str]:
+    """The variables of torch's NCCL watchdog (torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp) to
+    add to `environ` so a stuck NCCL collective ends the process within `timeout_s` (the group's
+    timeout) + MARGIN_S; only those not already set (under any of torch's names)."""
+    wanted = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a timed-out collective aborts the communicators, ends the process
+        "TORCH_NCCL_ENABLE_MONITORING": "1",  # ... also when NCCL's own watchdog thread is stuck
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(math.ceil(timeout_s + MARGIN_S)),
+        # the flight recorder (on by default: TORCH_FR_BUFFER_SIZE, 2000 entries), written out
+        # when a collective times out
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    }
+    if trace_dir is not None:
+        wanted["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(Path(trace_dir) / "nccl_trace_rank_")
+    return {k: v for k, v in wanted.items() if not any(name in environ for name in NCCL_ALIASES.get(k, (k,)))}
+
+
+def init(env: LaunchEnv, backend: str, timeout_s: Optional[float], trace_dir: Optional[Path] = None) -> str:
     """Create the default process group for `env`; returns the backend used (gloo | nccl). On
     nccl the group is bound to this rank's GPU (`device_id`), so NCCL's communicator is created
-    here rather than at the first collective, and barriers know their device."""
+    here rather than at the first collective, and barriers know their device; torch's NCCL
+    watchdog gets the same timeout (`nccl_env`; its flight-recorder dumps go to `trace_dir`)."""
     chosen = resolve_backend(backend, env.gpus_given)
-    timeout = timedelta(seconds=timeout_for(chosen, timeout_s))
+    seconds = timeout_for(chosen, timeout_s)
+    timeout = timedelta(seconds=seconds)
+    if chosen == "nccl":  # read by ProcessGroupNCCL when it is constructed below
+        os.environ.update(nccl_env(os.environ, seconds, trace_dir))
     device_id = _select_device(env) if chosen == "nccl" else None
     addr, port = env.master_addr, env.master_port
     if addr is None:

@@ -59,8 +59,8 @@ def join_generation(store: dist.Store, rank: int, world: int, generation: int, t
 def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0) -> list[Any]:
     """Run `fn(*args)` on `world` new gloo ranks (one CPU thread each); the per-rank return values.
 
-    `fn` must be importable (a module-level function) and its results picklable by torch.save,
-    so tensors come back too. When a rank raises or dies, the others get FAILURE_GRACE_S to report
+    `fn` must be importable (a module-level function) and its results tensors, numbers, strings
+    and containers of them: they come back through torch.save / torch.load(weights_only=True). When a rank raises or dies, the others get FAILURE_GRACE_S to report
     their own errors and are then stopped, and RuntimeError names the first failed rank with its
     traceback (or exit code), then any later failures (often just the peers losing it)."""
     if world < 1:
@@ -78,7 +78,7 @@ def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 600
         failed = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in stopped]
         if failed:
             raise RuntimeError(_failure_report(fn, procs, failed, stopped, out))
-        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False) for r in range(world)]
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(world)]
 
 
 def _entry(rank: int, world: int, port: int, timeout_s: float, out: str, fn: Callable[..., Any],

@@ -7,13 +7,15 @@ and optionally moved to host memory until its backward.
     store.reload((chunk, mb))    # a few actions before B: host -> device (asynchronous on GPU)
     out.backward(g); store.release((chunk, mb))
 
-Every saved tensor other than a parameter is wrapped in a `_Saved` handle; its bytes count as
-device activation memory from F until `release` (after B, or after W when the backward is split,
-where `hold` adds the tensors W keeps). Offloaded bytes move to the host count; the peaks of both
-are the measured activation memory (`stats()`). On a GPU the copies run on a separate stream from
-pinned host buffers, ordered by events: an offload waits for the forward that produced the data;
-a reload is waited for (by the compute stream) only when backward unpacks the tensor. On the CPU
-the same logic runs with synchronous copies into separate host tensors.
+Every saved tensor other than a weight (the `params` given: the parameters and, under mixed
+precision, their compute tensors, parallel/precision.py) is wrapped in a `_Saved` handle; its
+bytes count as device activation memory from F until `release` (after B, or after W when the
+backward is split, where `hold` adds the tensors W keeps). Offloaded bytes move to the host
+count; the peaks of both are the measured activation memory (`stats()`). On a GPU the copies
+run on a separate stream from pinned host buffers, ordered by events: an offload waits for the
+forward that produced the data; a reload is waited for (by the compute stream) only when backward
+unpacks the tensor. On the CPU the same logic runs with synchronous copies into separate host
+tensors.
 """
 from __future__ import annotations
 

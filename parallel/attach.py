@@ -17,7 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attention core: (q [B, S, Hq, hd], k, v [B, S, Hkv, hd], optional per-sample positions [B, S] of
+# packed rows) -> [B, S, Hq, hd]
+Core = Callable[..., torch.Tensor]
 
 
 def blocks(chunk: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,6 +11,12 @@ tokens, so `apply` only replaces each Block's attention core (`parallel.attach`)
   on the full sequence for Hq/cp heads, and a second all-to-all trades back (needs the local
   query heads divisible by cp; kv heads are repeated just enough when they are not).
 
+Packed rows (axon/sft_data.py: per-sample positions [b, S/cp] restarting at 0 per document,
+`shard_packed`): the cores take the positions as a fourth argument. Token g (global index) of a
+row belongs to the document starting at g - position[g]; ring attention sends these starts around
+with K/V and masks keys of other documents; Ulysses all-gathers the positions into natural order
+for the inner core, which masks by them (axon/model.py `document_mask`).
+
 Usage (the trainer): `ctx = apply(model, spec, plan, grid)` on the meta model, then per
 microbatch `inputs, targets, positions = ctx.shard(tokens)` and `model(inputs, positions)`.
 Every rank holds S/cp of each sample's tokens: the global token count of a step is unchanged,
@@ -29,6 +35,7 @@ from torch import nn
 
 from launch.grid import Grid
 from parallel.attach import Core, blocks, wrap_attention_core
+from parallel.loss_mask import mask_targets
 from parallel.ring_attention import Ring, RingAttention
 from perfmodel.specs import ModelSpec, Plan, PlanError
 
@@ -51,8 +58,13 @@ class RingCore:
     def __init__(self, ring: Ring):
         self.ring = ring
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return RingAttention.apply(q, k, v, self.ring)  # [B, S/cp, Hq, hd]
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            return RingAttention.apply(q, k, v, self.ring)  # [B, S/cp, Hq, hd]
+        cp, s = self.ring.size, q.shape[1]
+        g = zigzag_positions(cp * s, cp, self.ring.coord).to(positions.device)  # [S/cp] global indices
+        return RingAttention.apply(q, k, v, self.ring, g - positions)  # documents' starts [B, S/cp]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -104,7 +116,15 @@ class UlyssesCore:
         y = _AllToAll.apply(y, self.group)  # [cp (head group), B, s, h, hd]
         return y.permute(1, 2, 0, 3, 4).reshape(B, S // self.cp, self.cp * h, hd)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _full_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Per-sample positions of the local shard [B, S/cp] -> the whole rows' [B, S], natural order."""
+        parts = [torch.empty_like(positions) for _ in range(self.cp)]
+        dist.all_gather(parts, positions.contiguous(), group=self.group)
+        rank_major = torch.cat(parts, dim=1)  # [B, S]: rank 0's shard, rank 1's, ...
+        return rank_major.index_select(1, self._rank_major(rank_major.shape[1], positions.device)[1])
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
         Hq, Hkv = q.shape[2], k.shape[2]
         if Hq % self.cp:
             raise PlanError(f"Ulysses context parallelism needs the local query heads ({Hq}) divisible by "
@@ -115,7 +135,11 @@ class UlyssesCore:
         # the inner core takes grouped K/V as they are (axon.model.attention_core, enable_gqa): a
         # rank saves the lcm(Hkv, cp)/cp kv heads its query heads read, the fewest it can hold;
         # the repeat and the all-to-alls save nothing
-        out = self.inner(self._to_heads(q), self._to_heads(k), self._to_heads(v))  # [B, S, Hq/cp, hd]
+        qkv = (self._to_heads(q), self._to_heads(k), self._to_heads(v))
+        if positions is None:
+            out = self.inner(*qkv)  # [B, S, Hq/cp, hd]
+        else:
+            out = self.inner(*qkv, self._full_positions(positions))
         return self._to_seq(out)
 
 
@@ -132,6 +156,14 @@ class ContextParallel:
         """tokens [b, S+1] -> inputs [b, S/cp], targets [b, S/cp], global positions [S/cp]."""
         positions = zigzag_positions(tokens.shape[1] - 1, self.cp, self.coord).to(tokens.device)
         return tokens[:, positions], tokens[:, positions + 1], positions
+
+    def shard_packed(self, tokens: torch.Tensor, keep: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed rows (axon/sft_data.py): tokens [b, S+1], keep [b, S] (bool: target j is trained
+        on), per-document positions [b, S+1] -> inputs [b, S/cp], targets [b, S/cp] (IGNORE_INDEX
+        where not kept), per-sample positions [b, S/cp]."""
+        idx = zigzag_positions(tokens.shape[1] - 1, self.cp, self.coord).to(tokens.device)  # [S/cp]
+        return tokens[:, idx], mask_targets(tokens[:, idx + 1], keep[:, idx]), positions[:, idx]
 
     def local_tokens(self, batch: int, seq_len: int) -> int:
         """Tokens this rank computes the loss on for `batch` samples of `seq_len`."""

@@ -10,7 +10,7 @@ launched when backward ends: no overlap at all); and the last bucket, the earlie
 parameters (embedding, first layer) whose gradients are ready only as backward ends, is kept
 to at most EDGE_MB, since whatever it holds is exposed. (DDP keeps its first bucket small
 instead; a small first bucket hides only what it holds, a small last one shortens the exposed
-tail: BENCHMARKS.md, data parallel what-if.) On the non-final backwards of an accumulation
+tail: benchmarks/results/dp_vs_ddp_2026-11-22.md, what-if.) On the non-final backwards of an accumulation
 (`set_last_backward(False)`) nothing is reduced; `finish()` launches any bucket that was not
 launched (unused parameters) and waits for all before the optimizer.
 Gradients are SUMMED: the trainer divides the loss by the global token count. A group of size 1

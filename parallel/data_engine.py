@@ -9,9 +9,12 @@ Gradients are summed in overlapped buckets (`parallel.data.DataParallel`) over e
 reduction group (`ParamLayout.grad_axes`: dp x cp, plus the tensor axes a tensor-parallel
 parameter is replicated over). The norm weighs a parameter's squares by 1 / copies (the ranks of
 the tensor-parallel group holding the same piece) and sums over that group and the pipeline
-stages. Checkpoints: parameters and Adam states `<param>.<exp_avg|exp_avg_sq|step>` by name, a
-tensor-parallel piece as a DTensor of the full tensor (`parallel.layout_dtensor`), so
-torch.distributed.checkpoint reshards between layouts and loads in place.
+stages. Mixed precision (`compute_weights`, parallel/precision.py): the parameters stay fp32 (the
+masters: AdamW, the fp32 gradient buckets, checkpoints) and a bf16 copy of each, refreshed after
+every update, is what the forward reads. Checkpoints: parameters and Adam states
+`<param>.<exp_avg|exp_avg_sq|step>` by name, a tensor-parallel piece as a DTensor of the full
+tensor (`parallel.layout_dtensor`), so torch.distributed.checkpoint reshards between layouts and
+loads in place.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from parallel.data import CommStats, DataParallel
 from parallel.grad_norm import clip_, total_norm
 from parallel.layout import TP_AXES, ParamLayout, decays
 from parallel.layout_dtensor import TensorMesh
+from parallel.precision import compute_tensor
 from perfmodel.specs import Optim, Plan
 
 
@@ -64,6 +68,19 @@ class DataParallelEngine:
         tp = grid.group(*TP_AXES)
         self.tensor_group = tp.group if tp.size > 1 else None
         self.mesh = TensorMesh(grid)
+        self.compute: dict[nn.Parameter, torch.Tensor] = {}  # mixed precision: master -> compute copy
+
+    def compute_weights(self, dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
+        """{parameter: its `dtype` copy}, made now and refreshed after every update (call once)."""
+        self.compute = {p: compute_tensor(torch.empty(p.shape, dtype=dtype, device=p.device))
+                        for p in self.named.values() if p.is_floating_point()}
+        self._refresh()
+        return self.compute
+
+    def _refresh(self) -> None:
+        with torch.no_grad():
+            for p, w in self.compute.items():
+                w.copy_(p)
 
     # ---- gradients ----
     def zero_grad(self) -> None:
@@ -88,10 +105,15 @@ class DataParallelEngine:
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
         clip_([p.grad for p in self.named.values()], norm, max_norm)
 
+    def nonfinite(self) -> list[str]:
+        """Names of my parameters whose reduced gradient holds a NaN/Inf (a failure-path check)."""
+        return [name for name, p in self.named.items() if p.grad is not None and not p.grad.isfinite().all()]
+
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self._refresh()
 
     # ---- checkpoints and memory ----
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,13 +133,15 @@ class DataParallelEngine:
         return model_state, optim_state
 
     def after_load(self) -> None:
-        """Nothing to refresh: the loaded tensors are the parameters and states themselves."""
+        """The loaded tensors are the parameters and states themselves; refresh the compute copies."""
+        self._refresh()
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Model-state tensors by role, for `axon.memory`: parameters, the flat gradient buckets,
-        the torch AdamW states."""
+        the torch AdamW states (mixed precision: params include the compute copies)."""
         states = [v for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-        return {"params": list(self.named.values()), "grads": [b.buffer for b in self.dp.buckets],
+        return {"params": list(self.named.values()) + list(self.compute.values()),
+                "grads": [b.buffer for b in self.dp.buckets],
                 "optimizer": states, "host": []}
 
     def reset_stats(self) -> CommStats:

@@ -2,11 +2,14 @@
 on its model chunks.
 
     ex = Executor(chunks, n_chunks, p2p, store, stash, b_params)   # the last two: split backward only
-    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, engine, autocast)
+    loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, engine, precision)
 
 F runs a chunk's forward (embedding on the first chunk; head and `loss_fn` on the last) under the
-activation store's saved-tensor hooks. B runs its backward; when the schedule splits the backward
-(a W appears), B computes only the input gradients and W the weight gradients:
+activation store's saved-tensor hooks and `precision.forward()` (autocast when mixed; the loss in
+fp32); the whole action list runs inside `precision.step()`, where the modules read the step's
+compute weights (parallel/precision.py: one bf16 copy per step, not one per microbatch). B runs
+its backward; when the schedule splits the backward (a W appears), B computes only the input
+gradients and W the weight gradients:
 
 B/W split (zero-bubble style, no recomputation): every plain `nn.Linear` of a chunk becomes a
 `DeferredLinear` whose backward returns dX = dY W and, instead of computing dW, stashes (X, dY)
@@ -29,7 +32,7 @@ before the compute that consumes it; sends are waited for at the end of the step
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -39,10 +42,12 @@ from torch import nn
 from parallel.activation_offload import ActivationStore
 from parallel.grad_engine import GradEngine
 from parallel.p2p import P2P
+from parallel.precision import FP32, Precision
 from perfmodel.schedules import B, COMM, OFFLOAD, RECV_B, RECV_F, RELOAD, SEND_B, SEND_F, W, Action
 from perfmodel.schedules import F as FWD
 
-Microbatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [b, S], targets [b, S], positions [S]
+# inputs [b, S], targets [b, S], positions [S] (or [b, S]: packed rows, axon/sft_data.py)
+Microbatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class WeightGradStash:
@@ -123,12 +128,19 @@ class Executor:
         self.b_params = b_params or {}
 
     def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
-            engine: GradEngine | None, autocast: AbstractContextManager | None = None,
+            engine: GradEngine | None, precision: Precision | None = None,
             track: bool = True) -> torch.Tensor:
         """Run one step's actions; returns the summed loss of the microbatches (0 unless this rank
         holds the last chunk). `track`: run the activation store's saved-tensor hooks (memory
         accounting); they run anyway when the actions offload."""
-        autocast = autocast if autocast is not None else nullcontext()
+        precision = precision if precision is not None else FP32
+        with precision.step():
+            loss_sum = self._run(actions, microbatches, loss_fn, global_tokens, engine, precision, track)
+        self.p2p.wait_sends()
+        return loss_sum
+
+    def _run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
+             engine: GradEngine | None, precision: Precision, track: bool) -> torch.Tensor:
         last_backward = engine.set_last_backward if engine is not None else lambda last: None
         split = any(a.kind == W for a in actions)
         hooks = track or any(a.kind == OFFLOAD for a in actions)
@@ -148,7 +160,7 @@ class Executor:
                 k = end
                 continue
             if a.kind == FWD:
-                with autocast:
+                with precision.forward():
                     loss = self._forward(a, microbatches[a.microbatch], loss_fn, state, hooks)
                 if loss is not None:
                     loss_sum += loss.detach()
@@ -165,7 +177,6 @@ class Executor:
                 self.store.reload((a.chunk, a.microbatch))
             k += 1
         last_backward(True)
-        self.p2p.wait_sends()
         return loss_sum
 
     def _post(self, batch: list[Action], state: "_StepState") -> None:

@@ -48,6 +48,15 @@ class GradEngine(Protocol):
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
         """Scale the gradients by min(1, max_norm / (norm + eps)) (`max_norm` 0 disables)."""
 
+    def compute_weights(self, dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
+        """Per parameter, the tensor the forward computes with in `dtype` (parallel/precision.py):
+        a copy refreshed after every step and load (ZeRO-3: of the gathered unit), or the
+        parameter itself in its own dtype."""
+
+    def nonfinite(self) -> list[str]:
+        """Names of this rank's parameters whose reduced gradient (or my shard of it) holds a
+        NaN/Inf; for the non-finite guard's report (axon/nonfinite.py), on its failure path only."""
+
     def step(self, lr: float) -> None:
         """One AdamW update at learning rate `lr`."""
 

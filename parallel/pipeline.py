@@ -17,7 +17,6 @@ is the schedule `none` (one chunk, F B per microbatch), so the trainer calls `st
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +29,7 @@ from parallel.activation_offload import ActivationStore, MemoryStats
 from parallel.executor import Executor, Microbatch, WeightGradStash, defer_weight_grads
 from parallel.grad_engine import GradEngine
 from parallel.p2p import P2P
+from parallel.precision import FP32, Precision
 from parallel.recompute import RecomputeMeter
 from perfmodel.specs import ModelSpec, Plan
 
@@ -63,7 +63,7 @@ class Pipeline:
             self._actions[microbatches] = lists[self.grid.axis("pp").coord]
         return self._actions[microbatches]
 
-    def _build_executor(self, mb: Microbatch) -> Executor:
+    def _build_executor(self, mb: Microbatch, precision: Precision) -> Executor:
         inputs = mb[0]
         device = inputs.device
         params = list(self.named_parameters().values())
@@ -72,34 +72,38 @@ class Pipeline:
         plan = self.plan
         seq = inputs.shape[1] // (plan.tp_col if plan.sequence_parallel else 1)
         shape = (inputs.shape[0], seq, self.spec.d_model // plan.tp_row)  # [b, S local, h local]
-        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        dtype = precision.activation_dtype(next((p.dtype for p in params if p.is_floating_point()), torch.float32))
         p2p = P2P(self.grid.axis("pp"), shape, dtype, device, self.timeout_s)
+        store = ActivationStore(device, params + precision.compute_tensors())  # weights are not activations
         if self.schedule not in schedules.SPLIT_BACKWARD:
-            return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params))
+            return Executor(self.chunks, self.n_chunks, p2p, store)
         stash = WeightGradStash()
         b_params = {c: defer_weight_grads(chunk, stash) for c, chunk in self.chunks.items()}
-        return Executor(self.chunks, self.n_chunks, p2p, ActivationStore(device, params), stash, b_params)
+        return Executor(self.chunks, self.n_chunks, p2p, store, stash, b_params)
 
     def step(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             global_tokens: int, engine: GradEngine | None, autocast: AbstractContextManager | None = None,
+             global_tokens: int, engine: GradEngine | None, precision: Precision | None = None,
              track_memory: bool = False) -> torch.Tensor:
-        """Forward and backward of every microbatch (inputs [b, S], targets [b, S], positions [S])
+        """Forward and backward of every microbatch (inputs [b, S], targets [b, S], positions [S] or
+        [b, S] for packed rows)
         under the schedule; gradients of (sum of loss_fn) / global_tokens accumulate into the
         parameters, reduced by `engine` (parallel.grad_engine; None: not reduced) during the last
         backward of each chunk.
-        Returns the summed loss on the rank holding the last chunk, 0 elsewhere.
+        Returns the summed loss on the rank holding the last chunk, 0 elsewhere. `precision`
+        (parallel/precision.py; default fp32) must be the same object every step.
 
         `track_memory`: count the saved activations (Python saved-tensor hooks on every saved
         tensor, a few percent of a small model's step; and the Blocks full recomputation reruns,
         through `recompute_meter`) into `last_memory`; steps whose schedule offloads activations
         always run the hooks."""
+        precision = precision if precision is not None else FP32
         if self._executor is None:
-            self._executor = self._build_executor(microbatches[0])
+            self._executor = self._build_executor(microbatches[0], precision)
         ex = self._executor
         ex.store.reset_stats()
         self.recompute_meter.sink = ex.store.note_transient if track_memory else None
         try:
-            loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, engine, autocast,
+            loss = ex.run(self.actions(len(microbatches)), microbatches, loss_fn, global_tokens, engine, precision,
                           track_memory)
         finally:
             self.recompute_meter.sink = None

@@ -108,10 +108,11 @@ def _full(forward: Callable[..., torch.Tensor], meter: RecomputeMeter) -> Callab
 
 
 def _selective(core: Core) -> Core:
-    def recomputed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def recomputed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
-            return core(q, k, v)
-        return checkpoint(core, q, k, v, use_reentrant=False)  # keeps q, k, v; reruns the core
+            return core(q, k, v, *positions)
+        # keeps q, k, v (and packed rows' positions [b, S]); reruns the core
+        return checkpoint(core, q, k, v, *positions, use_reentrant=False)
     return recomputed
 
 

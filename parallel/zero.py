@@ -34,6 +34,14 @@ so under a split backward (B/W) it waits for the W action that completes the wei
 
 Gradients are SUMMED over the group (the trainer divides the loss by the global token count).
 
+Mixed precision (`compute_weights`, parallel/precision.py): the flat fp32 buffers stay the
+masters (updated, checkpointed; gradients accumulate and are reduced in fp32) and each unit gets a
+flat compute buffer `cfull` in the compute dtype, which the forward reads. Stages 0-2 refresh it
+from `full` after every update; stage 3 keeps a compute copy `cshard` of my shard (refreshed after
+every update) and gathers and frees `cfull` from it instead of `full` (half the bytes moved and
+held in bf16), so the fp32 `full` is never materialized. In fp32, `cfull` is `full` and `cshard`
+is `shard`.
+
 Checkpoints (`state_dict`): keyed by the layout-independent parameter names, optimizer
 state `<param>.<exp_avg|exp_avg_sq|step>` as the data-parallel engine keys it. Replicated tensors are
 plain; a sharded piece is a ShardedTensor of the parameter's full shape whose local shards are
@@ -55,6 +63,7 @@ from parallel.grad_norm import clip_, total_norm
 from parallel.layout import ParamLayout
 from parallel.layout import complete as complete_layouts
 from parallel.offload import HostAdamW
+from parallel.precision import compute_tensor
 from parallel.zero_comm import gather
 from parallel.zero_stage3 import Residency
 from parallel.zero_optim import ShardAdamW
@@ -80,6 +89,8 @@ class Unit:
     launched: bool = False
     state: str = "ready"  # stage 3: free | gathering | ready
     gather: Any = None  # stage 3: in-flight all-gather
+    cfull: torch.Tensor | None = None  # what the forward reads [padded]: `full`, or its compute-dtype copy
+    cshard: torch.Tensor | None = None  # stage 3: what is gathered into `cfull` [shard]: `shard` or its copy
 
 
 @dataclass
@@ -158,12 +169,40 @@ class ZeroEngine:
             grad_shard = grad_full[lo:hi]
         else:
             grad_shard = torch.zeros_like(shard)
-        unit = Unit(name, group, root, layout, full, shard, grad_full, grad_shard, self._norm_ranges(layout, group))
+        unit = Unit(name, group, root, layout, full, shard, grad_full, grad_shard, self._norm_ranges(layout, group),
+                    cfull=full, cshard=shard)
         for s in layout.slots:
             self._unit_of[s.param] = (unit, s)
         if self.stage == 3:
             self._res.free(unit)
         return unit
+
+    def compute_weights(self, dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
+        """Give every unit a compute buffer in `dtype` (see the module docstring; call once, before
+        the first step) and return {parameter: its compute tensor, a view of the buffer}."""
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for u in self.units:
+            if self.stage == 3:
+                if u.state != "free":
+                    raise RuntimeError("compute_weights: call before the first step")
+                u.cshard = u.shard.to(dtype)  # [shard]
+                u.cfull = torch.zeros(u.layout.padded, dtype=dtype, device=u.full.device)
+            else:
+                u.cfull = u.full.to(dtype)  # [padded]
+            for s in u.layout.slots:
+                out[s.param] = compute_tensor(u.cfull[s.start:s.stop].view(s.shape))
+            if self.stage == 3:
+                u.cfull.untyped_storage().resize_(0)  # free, as `full` is
+        return out
+
+    def _refresh(self) -> None:
+        """The compute copies take the updated masters (nothing to do in fp32)."""
+        with torch.no_grad():
+            for u in self.units:
+                if self.stage == 3 and u.cshard is not u.shard:
+                    u.cshard.copy_(u.shard)
+                elif self.stage < 3 and u.cfull is not u.full:
+                    u.cfull.copy_(u.full)
 
     def _norm_ranges(self, layout: Layout, group: Axis) -> list[tuple[int, int, float]]:
         """[a, b) ranges of my shard with the weight of their squares in the gradient norm, so that
@@ -289,6 +328,15 @@ class ZeroEngine:
         """Scale my gradient shards so the global norm is at most `max_norm` (0 disables)."""
         clip_([u.grad_shard for u in self.units], norm, max_norm)
 
+    def nonfinite(self) -> list[str]:
+        """Names of the parameters whose piece of my reduced gradient shard holds a NaN/Inf."""
+        out = []
+        for u in self.units:
+            lo = u.layout.owned()[0]
+            out += [s.name for s, a, b in u.layout.pieces()
+                    if not u.grad_shard[s.start + a - lo:s.start + b - lo].isfinite().all()]
+        return out
+
     # ---- optimizer ----
     def step(self, lr: float) -> None:
         """Update my shard, then (stages 1-2) all-gather every unit in place."""
@@ -299,6 +347,7 @@ class ZeroEngine:
                 h.wait()
             self.stats.bytes_gathered += sum(u.full.numel() * u.full.element_size() for u in self.units
                                              if u.group.size > 1)
+        self._refresh()
 
     # ---- checkpoints ----
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -325,10 +374,11 @@ class ZeroEngine:
     def after_load(self) -> None:
         """Refresh derived copies after DCP filled `state_dict()` in place."""
         self.optimizer.reload_params()
+        self._refresh()
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Model-state tensors by role, for `axon.memory` (device and host)."""
-        return {"params": [u.full for u in self.units] + [u.shard for u in self.units],
+        return {"params": [t for u in self.units for t in (u.full, u.shard, u.cfull, u.cshard)],
                 "grads": [u.grad_full if u.grad_full is not None else u.grad_shard for u in self.units],
                 "optimizer": self.optimizer.device_states(), "host": self.optimizer.host_states()}
 

@@ -14,8 +14,10 @@ Per Block (a unit list: one unit per gradient-reduction group, gathered together
   step's memory peaks. The engine frees the Block as soon as its gradient is complete (under a
   split backward: at its last W, so it stays gathered from B to W).
 A chunk's root units (embeddings, final norm, head) are gathered on first use in a step; the
-engine frees them in `finish()`. Freeing resizes the flat buffer's storage to zero: parameters
-stay views of it, so autograd's saved references see the regathered values, and recomputation
+engine frees them in `finish()`. What is gathered is `Unit.cshard` into `Unit.cfull`: the fp32
+shard and buffer, or under mixed precision their bf16 compute copies (parallel/zero.py).
+Freeing resizes the flat buffer's storage to zero: parameters (or compute tensors) stay views
+of it, so autograd's saved references see the regathered values, and recomputation
 (which runs inside the Block's backward) finds the Block gathered.
 Under tensor parallelism with tp_depth > 1 a weight's depth gather reads the parameter at its
 use, inside the Block's forward or backward, when the Block is gathered; nothing may read it
@@ -50,18 +52,19 @@ class Residency:
 
     def free(self, u: "Unit") -> None:
         self._finish(u)
-        u.full.untyped_storage().resize_(0)
+        u.cfull.untyped_storage().resize_(0)
         u.state = "free"
 
     def _launch(self, u: "Unit") -> None:
         if u.state != "free":
             return
-        u.full.untyped_storage().resize_(u.full.numel() * u.full.element_size())
+        full = u.cfull  # the buffer the forward reads: `full`, or its compute-dtype copy (precision.py)
+        full.untyped_storage().resize_(full.numel() * full.element_size())
         if u.group.size > 1:
-            u.gather = gather(u.full, u.shard, u.group)
-            self.stats().bytes_gathered += u.full.numel() * u.full.element_size()
+            u.gather = gather(full, u.cshard, u.group)
+            self.stats().bytes_gathered += full.numel() * full.element_size()
         else:
-            u.full.copy_(u.shard)
+            full.copy_(u.cshard)
         u.state = "gathering"
         self.stats().gathers += 1
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from perfmodel import comm, flops, pipeline
 from perfmodel.flops import mfu, n_params
-from perfmodel.memory import Memory, memory, optimizer_bytes_per_param, stage_activation_bytes, stage_params
+from perfmodel.memory import (GRAD_BYTES, MASTER_BYTES, Memory, memory, optimizer_bytes_per_param,
+                              stage_activation_bytes, stage_params)
 from perfmodel.specs import Cluster, ModelSpec, Plan
 from perfmodel.split import stage_layers
 
@@ -173,7 +174,9 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
     if d == 1:
         return 0.0
     link = comm.link_for(plan, ("cp", "dp"), c)
-    grads, weights = psi * c.dtype_bytes, psi * c.dtype_bytes
+    # gradients reduce in fp32; ZeRO-3 gathers the compute weights, stages 1-2 the fp32 weights
+    grads = psi * GRAD_BYTES
+    weights = psi * (c.dtype_bytes if plan.zero >= 3 else max(c.dtype_bytes, MASTER_BYTES))
     # parallel/data.py's bucket layout: at most bucket_mb, at least MIN_BUCKETS buckets once the
     # gradients exceed EDGE_MB, and a last (exposed) bucket of at most EDGE_MB
     edge = DP_EDGE_MB * 2**20
@@ -200,13 +203,15 @@ def zero_units(m: ModelSpec, plan: Plan, seq: int) -> int:
 
 
 def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:
-    """Adam over this rank's shard: memory-bound on the device, or on the host when offloaded
-    (gradients down, weights up, and the host update at host_bw)."""
+    """Adam over this rank's shard: memory-bound on the device (read the fp32 gradient, read and
+    write the fp32 weights and m, v, write the compute copy in mixed precision), or on the host
+    when offloaded (gradients down, compute weights up, and the host update at host_bw)."""
     shard = psi / (plan.dp * plan.cp if plan.zero >= 1 else 1)
     e, k = c.dtype_bytes, optimizer_bytes_per_param(c.dtype_bytes)
+    update = 2 * MASTER_BYTES + 2 * k  # fp32 weights and Adam states, read and written
     if plan.offload.optimizer:
-        return shard * (2 * e + 2 * k + 2 * e) / c.host_bw
-    return shard * (2 * e + e + 2 * k) / c.mem_bw
+        return shard * (GRAD_BYTES + e + update) / c.host_bw
+    return shard * (GRAD_BYTES + update + (e if e < MASTER_BYTES else 0)) / c.mem_bw
 
 
 def step_time(busy: float, bubble_fraction: float, sync: float, opt: float, ranks_per_unit: float = 1.0

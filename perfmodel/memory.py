@@ -1,9 +1,13 @@
 """Per-rank memory: model states (every ZeRO stage, optimizer offload), activations (per
 schedule, recomputation, sequence/context parallelism, activation offload), buffers, overhead.
 
-Model states follow the ZeRO paper: bytes per parameter w (weights) + g (gradients) + K
-(optimizer), K = 12 for mixed precision (fp32 master + Adam m, v) and 8 for pure fp32 training
-(m, v only: the weights are already fp32). Activations follow Korthikanti et al. (docs/architecture.md,
+Model states are what the runtime keeps (parallel/precision.py): bytes per parameter w (weights)
++ g (gradients) + K (optimizer). Gradients are accumulated and reduced in fp32 (g = 4) and Adam's
+m and v are fp32 (K = 8); in fp32 training w = 4, in mixed precision w = 2 + 4 (the bf16 compute
+weights and the fp32 master beside them, sharded together by ZeRO-3 only). So mixed precision is
+18 bytes per parameter at stage 0, 10 + 8/d at stage 1, 6 + 12/d at stage 2, 18/d at stage 3;
+the ZeRO paper's 4 + 12/d and 2 + 14/d at stages 1 and 2 would need the fp32 master sharded
+with the optimizer states (the runtime all-gathers fp32 weights after each step instead). Activations follow Korthikanti et al. (docs/architecture.md,
 Formulas), generalised to grouped-query attention, SwiGLU and the 3D tensor split, term by term
 as the runtime saves them (docs/activation_memory.md). All sizes are bytes on the most loaded rank.
 """
@@ -35,9 +39,18 @@ class Memory:
         return {**asdict(self), "total": self.total}
 
 
+GRAD_BYTES = 4  # gradients accumulate and reduce in fp32 (parallel/precision.py)
+MASTER_BYTES = 4  # mixed precision: the fp32 master weights beside the compute copy
+
+
 def optimizer_bytes_per_param(dtype_bytes: int) -> int:
-    """K of the ZeRO paper: fp32 master + Adam m, v (12) in mixed precision, m and v (8) in fp32."""
-    return 12 if dtype_bytes < 4 else 8
+    """K: Adam's m and v in fp32 (the fp32 master, in mixed precision, is counted with the weights)."""
+    return 8
+
+
+def weight_bytes_per_param(dtype_bytes: int) -> int:
+    """w: the compute weights, plus the fp32 master when they are narrower (mixed precision)."""
+    return dtype_bytes + (MASTER_BYTES if dtype_bytes < 4 else 0)
 
 
 def stage_params(m: ModelSpec, pp: int, seq_len: int) -> int:
@@ -56,7 +69,7 @@ def model_states(psi: float, shards: int, zero: int, dtype_bytes: int, offload_o
                  ) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes for `psi` parameters on a rank, ZeRO over `shards` ranks.
     Stage 0: (w+g+K)psi; 1: (w+g)psi + K psi/d; 2: w psi + (g+K)psi/d; 3: (w+g+K)psi/d."""
-    w = g = dtype_bytes
+    w, g = weight_bytes_per_param(dtype_bytes), GRAD_BYTES
     k = optimizer_bytes_per_param(dtype_bytes)
     d = shards
     params = w * psi / (d if zero >= 3 else 1)
@@ -73,8 +86,9 @@ def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
     term (the table in docs/activation_memory.md, against Korthikanti et al.'s terms).
 
     `dtype_bytes` is the compute dtype; `residual_bytes` the residual stream's (the norm inputs and
-    the block input; default the same: the paper's all-16-bit layer. Under bf16 autocast the
-    residual stream stays fp32: residual_bytes=4). Per token, unsplit, with kv = n_kv_heads * head_dim:
+    the block input; default the same: the paper's all-16-bit layer, and the trainer's bf16, whose
+    compute weights make the embedding and residual stream bf16 (parallel/precision.py); plain
+    autocast over fp32 weights keeps the residual stream fp32: residual_bytes=4). Per token, unsplit, with kv = n_kv_heads * head_dim:
     - norm inputs: the two norms' inputs, 2h (the norms keep no normalized copy);
     - projection inputs: the two norm outputs, 2h, each saved once by the projections reading it;
     - q, k, v: h + 2kv (grouped-query K/V are never saved repeated);

@@ -16,7 +16,9 @@ rule. The groups, by what they read:
 - `cp_mode_rules(model, plan)`: the Ulysses head split;
 - `chunk_rules(model, plan)`: the layers over the schedule's pipeline chunks;
 - `schedule_rules(plan, microbatches)`: the pipeline schedule with the real microbatch count
-  (chunks per rank, interleaving groups); the schedule builder checks with it too.
+  (chunks per rank, interleaving groups); the schedule builder checks with it too;
+- `packed_rules(model, plan)`: what packed instruction data (several documents per row,
+  axon/sft_data.py) cannot combine with; the trainer checks it when data.path is packed.
 """
 from __future__ import annotations
 
@@ -200,6 +202,17 @@ def chunk_rules(m: ModelSpec, p: Plan) -> list[Violation]:
         out.append(_v("model.tied_embeddings", "model.tied_embeddings=true with several pipeline chunks is not "
                                                "supported yet; set model.tied_embeddings=false or a one-chunk "
                                                "schedule (parallel.schedule=1f1b)"))
+    return out
+
+
+def packed_rules(m: ModelSpec, p: Plan) -> list[Violation]:
+    """Packed rows (per-sample positions, attention kept within each document) need the positions
+    where they are used: sequence-parallel learned positions do not split them by row yet."""
+    out = []
+    if m.pos == "learned" and p.sequence_parallel:
+        out.append(_v("parallel.sequence_parallel", "packed instruction data with model.pos=learned does not support "
+                                                    "parallel.sequence_parallel=true; set it to false or use "
+                                                    "model.pos=rope"))
     return out
 
 

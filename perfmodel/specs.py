@@ -2,18 +2,95 @@
 
 `ModelSpec` is the model's shape, `Plan` the parallel layout (validated by `Plan.check`, i.e. the
 rules of perfmodel/rules.py, before any process group exists), `Cluster` the hardware.
+A numeric setting's allowed range is declared once, in its type's `RANGES` table next to the
+fields, and checked by one function, `check_ranges` (axon/config.py's types use the same).
 Standard library only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Optional
 
 AXES = ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")  # outermost first; tp_col innermost
 
 
 class PlanError(ValueError):
     """An invalid layout or model/plan combination; the message names the setting to change."""
+
+
+class RangeError(ValueError):
+    """A setting outside its declared range (`Range`); the message names it and the allowed values."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting may take: a finite number within [low, high] (either end open or
+    absent), or one of `choices`; `none_ok`: None (unset) is allowed too."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] = ()
+    none_ok: bool = False
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why `value` is outside the range (the allowed values), or None."""
+        if value is None and self.none_ok:
+            return None
+        if self.choices:
+            return None if value in self.choices else f"is not one of {', '.join(map(str, self.choices))}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"must be a finite number {self.describe()}".rstrip()
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self.describe()}" if below or above else None
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+def at_least(low: float, none_ok: bool = False) -> Range:
+    return Range(low=low, none_ok=none_ok)
+
+
+def above(low: float, none_ok: bool = False) -> Range:
+    return Range(low=low, low_open=True, none_ok=none_ok)
+
+
+def within(low: float, high: float, high_open: bool = False, low_open: bool = False) -> Range:
+    return Range(low=low, high=high, low_open=low_open, high_open=high_open)
+
+
+def one_of(*choices: Any) -> Range:
+    return Range(choices=choices)
+
+
+def range_problems(obj: Any, section: str = "") -> list[tuple[str, str]]:
+    """(setting, one-line message) for each field of `obj` outside its type's `RANGES`; `section`
+    (default: the type's `SECTION`) prefixes the setting names."""
+    section = section or getattr(type(obj), "SECTION", "")
+    out = []
+    for name, allowed in getattr(type(obj), "RANGES", {}).items():
+        value = getattr(obj, name)
+        why = allowed.problem(value)
+        if why:
+            name = name.removeprefix(getattr(type(obj), "STRIP", ""))  # Logging.wandb_mode is logger.wandb.mode
+            key = f"{section}.{name}" if section else name
+            out.append((key, f"{key}={value!r} {why}"))
+    return out
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise RangeError naming every setting of `obj` outside its declared range (one line)."""
+    found = range_problems(obj)
+    if found:
+        raise RangeError("; ".join(message for _, message in found))
 
 
 @dataclass(frozen=True)
@@ -42,6 +119,16 @@ class ModelSpec:
     rope_original_max_len: int = 8192  # original_max_position_embeddings
     init_std: float = 0.02
     kernels: str = "auto"  # auto (Triton on GPUs, PyTorch on CPU) | triton | torch: kernels/__init__.py
+    # numeric ranges (the names and divisibility rules are perfmodel/rules.py's model_rules)
+    SECTION: ClassVar[str] = "model"
+    RANGES: ClassVar[dict[str, Range]] = {
+        **{n: at_least(1) for n in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size",
+                                    "max_seq_len", "rope_original_max_len")},
+        **{n: above(0) for n in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
+                                 "rope_high_freq_factor", "init_std")}}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     @property
     def head_dim(self) -> int:
@@ -132,7 +219,14 @@ class Plan:
         return cls(offload=Offload(**off), **d)
 
     def replace(self, **changes: Any) -> "Plan":
-        return replace(self, **changes)
+        """dataclasses.replace without its per-call field introspection (the search calls this
+        hundreds of thousands of times); Plan has no __post_init__ to rerun."""
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"Plan has no field(s) {sorted(unknown)}")
+        new = object.__new__(Plan)
+        new.__dict__.update(self.__dict__, **changes)
+        return new
 
 
 @dataclass(frozen=True)
@@ -162,6 +256,17 @@ class Cluster:
     # (a CPU run) peak_flops is a rank's rate while all are busy, and a rank idle in the pipeline
     # bubble lends its share to the busy ones
     compute_units: int = 0
+    SECTION: ClassVar[str] = "cluster"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "nodes": at_least(1), "gpus_per_node": at_least(1), "compute_units": at_least(0),
+        "dtype_bytes": one_of(1, 2, 4, 8), "compute_efficiency": within(0, 1, low_open=True),
+        **{n: above(0) for n in ("peak_flops", "hbm_bytes", "host_bytes", "intra_bw", "inter_bw", "host_bw",
+                                 "mem_bw")},
+        **{n: at_least(0) for n in ("intra_lat", "inter_lat", "gemm_half_dim", "block_overhead_s",
+                                    "overhead_bytes")}}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     @property
     def world_size(self) -> int:
@@ -186,3 +291,11 @@ class Optim:
     grad_clip: float = 1.0  # global-norm clipping threshold (0 disables)
     warmup_steps: int = 10  # linear warm-up from lr / warmup_steps to lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    SECTION: ClassVar[str] = "optim"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "name": one_of("adamw"), "beta1": within(0, 1, high_open=True), "beta2": within(0, 1, high_open=True),
+        "eps": above(0), "weight_decay": at_least(0), "grad_clip": at_least(0), "warmup_steps": at_least(0),
+        "min_lr_ratio": within(0, 1)}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)

@@ -1,4 +1,5 @@
-"""PreemptionHandler across ranks: one rank's signal makes every rank stop; requeue runs on rank 0 only."""
+"""PreemptionHandler across ranks: one rank's signal makes every rank stop with the same exit code
+(the largest signal number received); requeue runs on rank 0 only."""
 import os
 import signal
 import stat
@@ -11,19 +12,23 @@ import torch.distributed as dist
 from axon.preempt import PreemptionHandler
 
 
-def _signal_on(rank_with_signal):
-    saved = signal.getsignal(signal.SIGUSR1)
+def _signal_on(signals_by_rank):
+    """Rank r sends itself signals_by_rank.get(r); returns (requested before, after, exit code)."""
+    stops = (signal.SIGUSR1, signal.SIGTERM)
+    saved = {sig: signal.getsignal(sig) for sig in stops}
     try:
-        handler = PreemptionHandler.install(signals=(signal.SIGUSR1,))
+        handler = PreemptionHandler.install(signals=stops)
         before = handler.requested()
-        if dist.get_rank() == rank_with_signal:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        sig = signals_by_rank.get(dist.get_rank())
+        if sig is not None:
+            os.kill(os.getpid(), sig)
             deadline = time.monotonic() + 5.0
             while handler.signum is None and time.monotonic() < deadline:
                 time.sleep(0.001)
-        return before, handler.requested()
+        return before, handler.requested(), handler.exit_code()
     finally:
-        signal.signal(signal.SIGUSR1, saved)
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
 
 
 def _requeue_from_every_rank(calls_dir):
@@ -36,7 +41,12 @@ def _requeue_from_every_rank(calls_dir):
 
 
 def test_every_rank_agrees(dist_pools):
-    assert dist_pools.run(4, _signal_on, 2) == [(False, True)] * 4
+    assert dist_pools.run(4, _signal_on, {2: signal.SIGUSR1}) == [(False, True, 128 + signal.SIGUSR1)] * 4
+
+
+def test_every_rank_exits_with_the_largest_signal_received(dist_pools):
+    got = dist_pools.run(4, _signal_on, {1: signal.SIGUSR1, 3: signal.SIGTERM})
+    assert got == [(False, True, 128 + signal.SIGTERM)] * 4
 
 
 def test_requeue_runs_once_on_rank_zero(dist_pools):

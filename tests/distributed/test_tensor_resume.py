@@ -38,7 +38,7 @@ def _save(root: str, plan_kw: dict) -> None:
     sgd(model)
     mesh = TensorMesh(grid)
     state = {n: mesh.to_dtensor(tp.layouts[n], p.data) for n, p in model.named_parameters()}
-    ckpt.save(Path(root), 1, state, {}, {"model": {}}, keep=1)
+    ckpt.save(Path(root), 1, state, {}, {"model": {}}, keep=1, run_id="tp-test")
 
 
 def _load(root: str, plan_kw: dict) -> float:

@@ -29,7 +29,7 @@ def save_after_training(plan: Plan, root: str, steps: int) -> None:
     model, engine, grid = drv.make(plan)
     for s in range(steps):
         drv.train_step(model, engine, grid, plan, s)
-    ckpt.save(Path(root), steps, *engine.state_dict(), {"step": steps}, keep=0)
+    ckpt.save(Path(root), steps, *engine.state_dict(), {"step": steps}, keep=0, run_id="zero-test")
     engine.remove()
 
 
@@ -38,7 +38,7 @@ def load_into_engine_and_resave(plan: Plan, src: str, dst: str) -> tuple[dict, d
     model_state, optim_state = engine.state_dict()
     ckpt.load(Path(src), model_state, optim_state)
     engine.after_load()
-    ckpt.save(Path(dst), 1, model_state, optim_state, {}, keep=0)
+    ckpt.save(Path(dst), 1, model_state, optim_state, {}, keep=0, run_id="zero-test")
     engine.remove()
     return _local(model_state), _local(optim_state)
 

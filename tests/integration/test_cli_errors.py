@@ -99,10 +99,10 @@ def test_through_a_real_process(args, message):
     assert p.stderr.startswith(message) and "Traceback" not in p.stderr
 
 
-def test_bad_input_found_on_rank_0_after_start_up_is_one_line(tmp_path):
-    # the embedded corpus is byte-tokenized: the data set, opened after start-up, refuses vocab 100
+def test_data_vocab_beyond_the_model_is_one_line_before_start_up(tmp_path):
+    # the embedded corpus is byte-tokenized: preflight (axon/preflight.py) refuses vocab 100
     p = _axon("train", "model.vocab_size=100", "train.steps=1", f"run.dir={tmp_path / 'run'}", *FAST)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     line = [ln for ln in p.stderr.splitlines() if ln.startswith("axon train")]
-    assert len(line) == 1 and line[0].startswith("axon train [rank 0]: ") and "model.vocab_size" in line[0]
+    assert len(line) == 1 and line[0].startswith("axon train: ") and "model.vocab_size" in line[0]

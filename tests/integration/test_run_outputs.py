@@ -86,11 +86,11 @@ def test_checkpoints_lists_and_inspects(run, capsys, tmp_path):
     assert not row["valid"] and "truncated" in row["problem"]
 
 
-def test_a_changed_batch_on_resume_is_one_line_from_rank_0(run):
-    run_dir, _ = run  # resumes from step 4 with another batch: found after start-up, still one line
+def test_a_changed_batch_on_resume_is_one_line_before_start_up(run):
+    run_dir, _ = run  # resumes from step 4 with another batch: found by preflight, one line
     p = subprocess.run([sys.executable, "-m", "axon.cli", "train", "cluster=local-cpu", "model.n_layers=2",
                         "train.seq_len=32", "train.global_batch_size=16", "train.steps=5", "logger.wandb.mode=disabled",
                         f"run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     lines = [line for line in p.stderr.splitlines() if line.startswith("axon train")]
-    assert len(lines) == 1 and lines[0].startswith("axon train [rank 0]: resumed run changes train.global_batch_size")
+    assert len(lines) == 1 and lines[0].startswith("axon train: resumed run changes train.global_batch_size")

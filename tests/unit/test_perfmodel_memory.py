@@ -16,16 +16,19 @@ GPT = ModelSpec(n_layers=4, d_model=1024, n_heads=16, n_kv_heads=16, d_ff=4096, 
 S, B, H, A = 2048, 2, 1024, 16
 
 
-@pytest.mark.parametrize("zero,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
-def test_zero_paper_model_states(zero, expected_gb):
-    # ZeRO paper, Figure 1: 7.5B parameters, N_d = 64, K = 12, mixed precision
+@pytest.mark.parametrize("zero,expected_gb", [(0, 135.0), (1, 75.9), (2, 46.4), (3, 2.1)])
+def test_zero_model_states_as_the_runtime_keeps_them(zero, expected_gb):
+    # the ZeRO paper's Figure 1 model (7.5B parameters, N_d = 64) in the runtime's mixed precision
+    # (parallel/precision.py): bf16 compute + fp32 master weights (6), fp32 gradients (4), Adam m, v
+    # (8): 18 / 10 + 8/d / 6 + 12/d / 18/d bytes per parameter. The paper's 120 / 31.4 / 16.6 / 1.9 GB
+    # shard the fp32 master with the optimizer at stages 1-2; the runtime replicates it (a known gap)
     total = sum(model_states(7.5e9, 64, zero, dtype_bytes=2))
     assert total / 1e9 == pytest.approx(expected_gb, abs=0.05)
 
 
 def test_optimizer_offload_and_fp32():
     params, grads, opt = model_states(1e9, 4, 1, dtype_bytes=2, offload_optimizer=True)
-    assert (params, grads, opt) == (2e9, 2e9, 0.0)
+    assert (params, grads, opt) == (6e9, 4e9, 0.0)
     # fp32 training: 4 (weights) + 4 (grads) + 8 (Adam m, v; no master copy) = 16 bytes per parameter
     assert sum(model_states(1e9, 1, 0, dtype_bytes=4)) == 16e9
 

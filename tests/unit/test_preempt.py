@@ -12,7 +12,7 @@ from axon.preempt import PreemptionHandler
 
 @pytest.fixture
 def restore_signals():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
