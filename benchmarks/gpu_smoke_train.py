@@ -132,7 +132,15 @@ def _fake_world(world: int) -> None:
 
 
 def _fake_layout(ctx: Ctx, name: str, parallel: list[str]) -> dict[str, Any]:
+    """One training step of rank 0 of an 8-rank layout over the fake process group: its peak
+    memory beside the prediction. The fake collectives and receives exchange no data, so the loss
+    and gradient norm are garbage (often inf): the non-finite guard (axon/nonfinite.py) is told to
+    let the step update anyway, so the optimizer's states are allocated and measured."""
+    from unittest import mock
+
     import torch.distributed as dist
+
+    from axon.nonfinite import NonFiniteGuard
 
     size = (["train.global_batch_size=16", "train.seq_len=64"] if ctx.cpu else
             [*SMALL_LLAMA, "train.global_batch_size=32", "train.seq_len=2048"])
@@ -140,8 +148,9 @@ def _fake_layout(ctx: Ctx, name: str, parallel: list[str]) -> dict[str, Any]:
     try:
         if not ctx.cpu:
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        metrics, plan = _train(ctx, ctx.work / name, [*size, *parallel, "train.steps=1", "checkpoint.at_end=false",
-                                                     "optim.grad_clip=0"], world=8)
+        with mock.patch.object(NonFiniteGuard, "allows", lambda *args: True):
+            metrics, plan = _train(ctx, ctx.work / name, [*size, *parallel, "train.steps=1",
+                                                         "checkpoint.at_end=false", "optim.grad_clip=0"], world=8)
     finally:
         dist.destroy_process_group()
     predicted = plan["estimate"]["memory"]["total"]

@@ -32,6 +32,9 @@ LAYOUTS = {
     "pp2-offload": (["parallel.pp=2", "parallel.schedule=1f1b", "parallel.offload.activations=1.0"], 2),
     "pp2-zbv": (["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2"], 2),
     "tp2": (["parallel.tp_col=2"], 2),
+    "tp3d-sp": (["parallel.tp_col=2", "parallel.tp_depth=2", "parallel.sequence_parallel=true"], 4),
+    "cp2-ring": (["parallel.cp=2"], 2),
+    "cp2-ulysses": (["parallel.cp=2", "parallel.cp_mode=ulysses"], 2),
 }
 
 

@@ -74,7 +74,7 @@ def test_preempted_job_requeues_and_resumes_every_step_once(local_slurm, tmp_pat
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')}\n{log}"
     assert info["Restarts"] == "1", log
     assert "(restart 1)" in log
-    preempted_at = int(log.split("preempted at step ")[1].split(";")[0])
+    preempted_at = int(log.split("stopped by SIGUSR1 at step ")[1].split(" ")[0])
     assert 2 <= preempted_at < steps
     # The second run started from the preemption checkpoint: nothing lost, nothing repeated.
     assert json.loads((run_dir / "plan.json").read_text())["resumed_from_step"] == preempted_at
