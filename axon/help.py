@@ -6,6 +6,7 @@ one-line doc. The doc of a key is the comment on its field in the frozen datacla
 from __future__ import annotations
 
 import inspect
+import textwrap
 import io
 import tokenize
 from dataclasses import MISSING, fields, is_dataclass
@@ -114,4 +115,13 @@ def train_help() -> str:
     dw = max(len(_value(r[2])) for r in rows)
     for key, typ, default, doc in rows:
         lines.append(f"  {key:<{kw}}  {typ:<{tw}}  {_value(default):<{dw}}  {doc}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *exit_codes()])
+
+
+def exit_codes() -> list[str]:
+    """The "Exit codes:" paragraph of axon/train.py's docstring (their one home), as help lines."""
+    from axon import train
+
+    text = (train.__doc__ or "").split("Exit codes:", 1)[-1].split("\n\n", 1)[0]
+    return ["exit codes:", *textwrap.wrap(" ".join(text.split()), width=96, initial_indent="  ",
+                                          subsequent_indent="  ")]
