@@ -34,15 +34,17 @@ from perfmodel.specs import Optim, Plan
 
 def adamw(named: Mapping[str, nn.Parameter], cfg: Optim, lr: float = 0.0,
           layouts: Mapping[str, ParamLayout] | None = None) -> torch.optim.AdamW:
-    """torch AdamW (foreach=False, the arithmetic `parallel.zero_optim` copies per element);
-    weight decay by `parallel.layout.decays` of the full shape (`layouts`; default the local shape)."""
+    """torch AdamW with torch's default implementation choice: the multi-tensor (foreach) kernels
+    on GPUs, the per-tensor loop on CPU (the arithmetic `parallel.zero_optim` copies per element,
+    so the two engines agree bit for bit there); weight decay by `parallel.layout.decays` of the
+    full shape (`layouts`; default the local shape)."""
     decay, no_decay = [], []
     for name, p in named.items():
         if p.requires_grad:
             full = layouts[name].full_shape if layouts is not None else tuple(p.shape)
             (decay if decays(full) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def reduction_groups(named: Mapping[str, nn.Parameter], layouts: Mapping[str, ParamLayout],
