@@ -2,12 +2,15 @@
 
 Usage:
     axon tune model=llama3.1-405b cluster=perlmutter cluster.nodes=256 [parallel.pp=8 ...]
-              [--top N] [--json] [--out FILE.yaml] [--plot FILE.png]
+              [--top N] [--json] [--out FILE.yaml] [--plot FILE.png] [--why-not dp=8,tp_col=2,...]
     axon tune --calibrate [cluster.gpus_per_node=8] [model=tiny] [train.seq_len=128]
 
 Hydra overrides pick the model, the cluster (world = cluster.nodes x cluster.gpus_per_node),
 the batch (train.global_batch_size, train.seq_len) and any `parallel.*` settings to hold fixed;
-with all six degrees fixed it evaluates just that plan. `--out` writes the winner as a parallel
+with all six degrees fixed it evaluates just that plan (an error naming what overflows when it does
+not fit the device memory). The table shows each plan's memory against the device's HBM; below it
+come what limits the pick, how a near-tie was broken, and, with `--why-not LAYOUT`, why another
+layout lost (axon/tune_explain.py). `--out` writes the winner as a parallel
 config group file: save it as configs/parallel/<name>.yaml and run `axon train parallel=<name>`
 (the file's first line also lists the same plan as `parallel.*=` overrides). `--calibrate`
 measures this machine (collectives, GEMMs and a Block of the given model) and writes
@@ -22,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from axon import preflight
+from axon import tune_explain as explain
 from axon.config import ConfigError, RunConfig, freeze, load
 from axon.errors import Parser, UsageError, guarded
 from perfmodel import rules
 from perfmodel.estimate import Estimate, estimate
 from perfmodel.flops import n_params
 from perfmodel.search import parse_constraints, search
-from perfmodel.specs import AXES, ModelSpec, Plan, PlanError
+from perfmodel.specs import AXES, Cluster, ModelSpec, Plan, PlanError
 
 GiB = 2**30
 
@@ -39,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top", type=int, default=10, help="how many plans to show (default 10)")
     ap.add_argument("--json", action="store_true", help="print the ranked plans as JSON")
     ap.add_argument("--out", type=Path, help="write the winning plan as a parallel config YAML")
-    ap.add_argument("--plot", type=Path, help="draw the top plans' time breakdown to this PNG")
+    ap.add_argument("--plot", type=Path, help="draw the top plans' time and memory per rank to this PNG")
+    ap.add_argument("--why-not", metavar="LAYOUT", help="explain why a layout (e.g. dp=8,tp_col=2; degrees not "
+                                                        "given are 1, other knobs optional) was not picked")
     ap.add_argument("--calibrate", action="store_true", help="measure this machine, write configs/cluster/local-cpu.yaml")
     ap.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     return ap
@@ -106,28 +112,34 @@ def _tune(args: argparse.Namespace, overrides: list[str]) -> int:
     searched = None
     if all(axis in constraints for axis in AXES):
         estimates = [estimate(model, cfg.plan, cluster, gbs, seq)]
+        if not estimates[0].fits:
+            raise explain.pinned_error(estimates[0], cluster,
+                                       explain.fitting_variant(model, cluster, cfg.plan, gbs, seq))
     else:
         result = search(model, cluster, world, constraints, gbs, seq, top=args.top)
         estimates, searched = result.estimates, result
     if not estimates:
-        raise PlanError(f"no layout of {world} devices fits {cluster.hbm_bytes / GiB:.1f} GiB per device for "
-                        f"model={cfg.raw['model']['name']}; add devices (cluster.nodes), lower train.seq_len or "
-                        f"train.global_batch_size, or relax the parallel.* constraints")
+        raise explain.no_layout_error(model, cluster, world, constraints, gbs, seq,
+                                      f"{world} devices for model={cfg.raw['model']['name']}")
     header = {"model": cfg.raw["model"]["name"], "cluster": cluster.name, "world": world,
-              "global_batch_size": gbs, "seq_len": seq, "constraints": constraints}
+              "global_batch_size": gbs, "seq_len": seq, "constraints": constraints,
+              "hbm_gib": cluster.hbm_bytes / GiB}
     if note:
         header["batch_note"] = note
     if searched is not None:
         header.update(layouts=searched.layouts, plans_timed=searched.candidates, search_s=searched.seconds)
+    why_not = args.why_not and explain.why_not(model, cluster, world, constraints, gbs, seq, args.why_not,
+                                                estimates[0])
     if args.json:
-        print(json.dumps({**header, "candidates": [e.to_dict() for e in estimates]}, indent=2))
+        print(json.dumps({**header, "candidates": [e.to_dict() for e in estimates],
+                          **({"why_not": why_not} if why_not else {})}, indent=2))
     else:
-        print(report(header, estimates))
+        print(report(header, estimates, cluster) + (f"\n{why_not}" if why_not else ""))
     if args.out:
         args.out.write_text(plan_yaml(estimates[0].plan, header))
         print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
     if args.plot:
-        plot(estimates, args.plot, f"{header['model']} on {world} x {cluster.name}")
+        plot(estimates, args.plot, f"{header['model']} on {world} x {cluster.name}", cluster.hbm_bytes)
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -152,8 +164,9 @@ def knobs(p: Plan) -> str:
     return " ".join(out)
 
 
-def report(header: dict[str, Any], estimates: list[Estimate]) -> str:
-    """The ranked table, the winner's time and memory breakdown, and why it beats the runner-up."""
+def report(header: dict[str, Any], estimates: list[Estimate], cluster: Cluster) -> str:
+    """The ranked table (memory against the device's HBM), the winner's time and memory breakdown,
+    what limits it, and why it beats the runner-up (with the tie-break when they are close)."""
     lines = [f"{header['model']} on {header['world']} devices of {header['cluster']}: global batch "
              f"{header['global_batch_size']} x {header['seq_len']} tokens"]
     if header.get("batch_note"):
@@ -161,21 +174,23 @@ def report(header: dict[str, Any], estimates: list[Estimate]) -> str:
     if "layouts" in header:
         lines.append(f"searched {header['layouts']} layouts, timed {header['plans_timed']} fitting plans in "
                      f"{header['search_s']:.2f} s; best plan per layout:")
-    lines.append(f"{'#':>3} {'step s':>8} {'tok/s/dev':>10} {'MFU':>6} {'mem GiB':>8}  layout / knobs")
+    lines.append(f"{'#':>3} {'step s':>8} {'tok/s/dev':>10} {'MFU':>6} {'mem/HBM GiB':>16}  layout / knobs")
     for i, e in enumerate(estimates, 1):
         per_dev = e.tokens_per_s / e.plan.world_size
-        lines.append(f"{i:>3} {e.step_time_s:>8.3f} {per_dev:>10.1f} {e.mfu:>6.1%} {e.memory.total / GiB:>8.1f}  "
-                     f"{layout_name(e.plan)} | {knobs(e.plan)}")
+        lines.append(f"{i:>3} {e.step_time_s:>8.3f} {per_dev:>10.1f} {e.mfu:>6.1%} "
+                     f"{explain.memory_fit(e.memory, cluster):>16}  {layout_name(e.plan)} | {knobs(e.plan)}")
     win = estimates[0]
     lines.append("")
     lines.append("winner, time per step: " + ", ".join(f"{k[:-2]} {v:.3f}s" for k, v in win.breakdown.items() if v > 0))
     mem = win.memory
     lines.append(f"winner, memory per device (GiB): params {mem.params / GiB:.2f}, grads {mem.grads / GiB:.2f}, "
                  f"optimizer {mem.optimizer / GiB:.2f}, activations {mem.activations / GiB:.2f}, buffers "
-                 f"{mem.buffers / GiB:.2f}, overhead {mem.overhead / GiB:.2f}; total {mem.total / GiB:.2f}"
+                 f"{mem.buffers / GiB:.2f}, overhead {mem.overhead / GiB:.2f}; total {mem.total / GiB:.2f} of {cluster.hbm_bytes / GiB:.2f} HBM"
                  + (f"; host {mem.host / GiB:.2f}" if mem.host else ""))
+    lines.append(explain.limits(win, cluster))
     if len(estimates) > 1:
         lines.append(why(win, estimates[1]))
+        lines += [t for t in (explain.tie(win, estimates[1]),) if t]
     return "\n".join(lines)
 
 
@@ -184,8 +199,8 @@ def why(win: Estimate, other: Estimate) -> str:
     diffs = sorted(((other.breakdown[k] - v, k[:-2]) for k, v in win.breakdown.items()), reverse=True)
     gains = [f"{name} -{d:.3f}s" for d, name in diffs if d > 1e-4][:3]
     losses = [f"{name} +{-d:.3f}s" for d, name in diffs if d < -1e-4][:2]
-    text = (f"why: {(other.step_time_s / win.step_time_s - 1):.1%} faster than #2 ({layout_name(other.plan)} | "
-            f"{knobs(other.plan)}): " + (", ".join(gains) or "equal components"))
+    text = (f"why: {(other.step_time_s / win.step_time_s - 1):.2%} faster than #2 ({layout_name(other.plan)} | "
+            f"{knobs(other.plan)}): " + (", ".join(gains) or "equal step components"))
     return text + (f"; it pays {', '.join(losses)}" if losses else "")
 
 
@@ -206,29 +221,41 @@ def plan_yaml(plan: Plan, header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(estimates: list[Estimate], path: Path, title: str) -> None:
-    """Stacked bars of each plan's step-time components."""
-    try:
-        import matplotlib
+def plot(estimates: list[Estimate], path: Path, title: str, hbm_bytes: float) -> None:
+    """Write `plot_figure` to `path` (PNG)."""
+    fig = plot_figure(estimates, title, hbm_bytes)
+    fig.savefig(path, dpi=120)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def plot_figure(estimates: list[Estimate], title: str, hbm_bytes: float) -> Any:
+    """Two panels: each plan's stacked step-time components, and its stacked memory per rank with
+    the device's HBM as a line; legends sit outside the bars."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
     except ImportError as err:
         raise PlanError(f"--plot needs matplotlib ({err}); pip install matplotlib or drop --plot") from None
-    keys = list(estimates[0].breakdown)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(estimates) + 3), 4.5))
-    bottoms = [0.0] * len(estimates)
-    xs = range(len(estimates))
-    for k in keys:
-        vals = [e.breakdown[k] for e in estimates]
-        if any(vals):
-            ax.bar(xs, vals, bottom=bottoms, label=k[:-2].replace("_", " "))
-            bottoms = [b + v for b, v in zip(bottoms, vals)]
-    ax.set_xticks(list(xs), [f"#{i + 1}\n{layout_name(e.plan)}".replace(" ", "\n") for i, e in enumerate(estimates)],
-                  fontsize=7)
-    ax.set_ylabel("seconds per step")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    fig = Figure(figsize=(max(9, 2 * len(estimates) + 5), 4.8))
+    t_ax, m_ax = fig.subplots(1, 2)
+    fig.suptitle(title)
+    labels = [f"#{i + 1}\n{layout_name(e.plan)}".replace(" ", "\n") for i, e in enumerate(estimates)]
+    _stack(t_ax, [{k[:-2].replace("_", " "): v for k, v in e.breakdown.items()} for e in estimates], labels)
+    t_ax.set_ylabel("seconds per step")
+    _stack(m_ax, [{k: getattr(e.memory, k) / GiB for k in explain.MEMORY_PARTS} for e in estimates], labels)
+    m_ax.axhline(hbm_bytes / GiB, color="black", linestyle="--", label="HBM")
+    m_ax.set_ylabel("GiB per rank")
+    for ax in (t_ax, m_ax):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _stack(ax: Any, rows: list[dict[str, float]], labels: list[str]) -> None:
+    """Stacked bars of `rows` (one dict of component -> value per plan), components all zero left out."""
+    xs = list(range(len(rows)))
+    bottoms = [0.0] * len(rows)
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        if any(vals):
+            ax.bar(xs, vals, bottom=bottoms, label=k)
+            bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_xticks(xs, labels, fontsize=7)

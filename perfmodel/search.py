@@ -18,10 +18,16 @@ Pruning keeps it fast without losing the optimum:
   neighbour on one of those chains already fits (the fitting set is closed upwards);
 - sequence parallelism is on whenever the tensor group splits activations: same traffic, less
   memory.
+
+Ranking: by step time raised 0.01% per mechanism turned on (`mechanisms`, a third of that per
+ZeRO stage), so of two near-equal plans the simpler wins; exact ties go to the lower degree tuple
+in AXES order. When nothing fits, `rejections` (the rules that drop each layout) and
+`leanest_plans` (each valid layout at its most memory-saving knobs) say why (axon/tune_explain.py).
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
@@ -210,9 +216,21 @@ def _complexity(knobs: tuple) -> float:
     """How many mechanisms a plan turns on: breaks near-ties (within 0.01% per mechanism) in favour
     of the simpler plan."""
     plan_r, sched, v, zero, opt, frac = knobs
-    used = (plan_r.pp > 1, plan_r.cp > 1, plan_r.tp_col > 1, plan_r.tp_row > 1, plan_r.tp_depth > 1,
-            plan_r.recompute != "none", opt, frac > 0, v > 1)
-    return sum(used) + zero / 3
+    return complexity(plan_r.replace(virtual_stages=v, zero=zero, offload=Offload(opt, frac)))
+
+
+def mechanisms(plan: Plan) -> list[str]:
+    """The mechanisms a plan turns on (besides ZeRO), as the tie-break counts them."""
+    used = {"pp": plan.pp > 1, "cp": plan.cp > 1, "tp_col": plan.tp_col > 1, "tp_row": plan.tp_row > 1,
+            "tp_depth": plan.tp_depth > 1, f"recompute={plan.recompute}": plan.recompute != "none",
+            "offload.optimizer": plan.offload.optimizer, "offload.activations": plan.offload.activations > 0,
+            "virtual_stages": plan.virtual_stages > 1}
+    return [name for name, on in used.items() if on]
+
+
+def complexity(plan: Plan) -> float:
+    """The tie-break's count: one per mechanism, a third per ZeRO stage."""
+    return len(mechanisms(plan)) + plan.zero / 3
 
 
 def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
@@ -275,6 +293,71 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                     if i == 0:
                         break
     return timed, best
+
+
+def rejections(m: ModelSpec, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
+               seq_len: int) -> tuple[Counter, int, int]:
+    """Why layouts are dropped, for explaining an empty search: (rule message -> layouts it
+    rejects, layouts that pass every rule, layouts enumerated). A layout's messages are its first
+    failing group's, at its first micro-batch size (the search tries every size: `_micro_choices`)."""
+    cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
+    base = _base(cons)
+    found = rules.model_rules(m) + rules.setting_rules(base)
+    if found:
+        return Counter(v.message for v in found), 0, 0
+    counts: Counter = Counter()
+    valid = total = 0
+    for degrees in _factorisations(world, AXES, cons):
+        sp = _choices(cons, "sequence_parallel", (degrees["tp_col"] * degrees["tp_row"] > 1,))[0]
+        reasons = _layout_reasons(m, base.replace(sequence_parallel=sp, **degrees), cons, global_batch_size, seq_len)
+        counts.update(v.message for v in reasons)
+        valid += not reasons
+        total += 1
+    if not total:  # the fixed degrees leave no factorisation of the world
+        pinned = base.replace(**{a: cons.get(a, 1) for a in AXES})
+        counts.update(v.message for v in rules.world_rules(pinned, world) or [rules.Violation(
+            "parallel.dp", f"the fixed degrees {', '.join(f'parallel.{a}={cons[a]}' for a in AXES if a in cons)} "
+                           f"leave no factorisation of the {world} ranks; change or free one of them")])
+    return counts, valid, total
+
+
+def _layout_reasons(m: ModelSpec, layout: Plan, cons: dict[str, Any], gbs: int, seq: int) -> list[rules.Violation]:
+    """The rules that leave `layout` without a single valid plan ([] when one exists)."""
+    found = rules.split_rules(m, layout, seq)
+    if found:
+        return found
+    choices = list(_micro_choices(m, layout, cons, gbs))
+    if not choices:
+        mbs = _choices(cons, "micro_batch_size", (1,))[0]
+        sized = layout.replace(micro_batch_size=mbs)
+        return rules.batch_rules(sized, gbs) or rules.cp_mode_rules(m, layout.replace(
+            cp_mode=_choices(cons, "cp_mode", ("ulysses",))[0]))
+    if any(_schedules(m, layout, micro, cons) for _, micro, _ in choices):
+        return []
+    mbs, micro, _ = choices[0]
+    p = layout.replace(micro_batch_size=mbs, schedule=_choices(cons, "schedule", ("1f1b",))[0],
+                       virtual_stages=_choices(cons, "virtual_stages", (1,))[0])
+    return rules.chunk_rules(m, p) + rules.schedule_rules(p, micro) or [rules.Violation(
+        "parallel.schedule", f"no pipeline schedule accepts parallel.pp={layout.pp} with {micro} microbatches; "
+                             f"change parallel.pp or train.global_batch_size")]
+
+
+def leanest_plans(m: ModelSpec, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
+                  seq_len: int) -> Iterator[Plan]:
+    """Each valid layout's plans with the most memory-saving knobs the constraints allow (the
+    highest ZeRO stage, full recomputation, offload on), one per micro-batch size, cp_mode and
+    schedule: where the smallest predicted memory is found when nothing fits."""
+    cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
+    if rules.model_rules(m) or rules.setting_rules(_base(cons)):
+        return
+    for layout in _layouts(m, world, cons, seq_len):
+        zero = max(_choices(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,)))
+        lean = layout.replace(zero=zero, recompute=_choices(cons, "recompute", rules.RECOMPUTE)[-1], offload=Offload(
+            max(_choices(cons, "offload.optimizer", (True,))),
+            max(_choices(cons, "offload.activations", ACT_OFFLOAD if layout.pp > 1 else (0.0,)))))
+        for mbs, micro, cp_mode in _micro_choices(m, layout, cons, global_batch_size):
+            for sched, v in _schedules(m, layout, micro, cons):
+                yield lean.replace(micro_batch_size=mbs, cp_mode=cp_mode, schedule=sched, virtual_stages=v)
 
 
 def best_plan(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
