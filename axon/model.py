@@ -239,6 +239,14 @@ class GPT(nn.Module):
             return F.linear(x, self.tok_emb.weight)
         return self.head(x)
 
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, h], targets [B, S] -> the summed cross-entropy of `logits(x)` over kept
+        targets, the head matmul and the loss fused by token chunks (kernels/linear_ce.py): the
+        [B, S, V] logits never exist whole. Call it where the logits would be computed (under the
+        same autocast); an unsplit head only (tensor parallelism splits it)."""
+        weight = self.tok_emb.weight if self.spec.tied_embeddings else self.head.weight  # [V, h]
+        return kernels.linear_cross_entropy(self.norm(x), weight, targets, self.spec.kernels)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] (global positions [S], default 0..S-1, or per-sample [B, S]) -> logits [B, S, V]."""
         if positions is None:
