@@ -63,11 +63,16 @@ class Train:
     # skip its update (the job stops once more than max_skips steps were skipped)
     on_nonfinite: str = "stop"  # stop | skip
     max_skips: int = 10  # with on_nonfinite=skip: skipped steps tolerated in one run
+    # the validation loss (metrics.jsonl `val_loss`) on the data's val split every eval_every steps
+    # and at the end (0 = off), over eval_batches global batches of it (axon/evaluate.py)
+    eval_every: int = 0
+    eval_batches: int = 4
     SECTION: ClassVar[str] = "train"
     RANGES: ClassVar[dict[str, Range]] = {
         "steps": at_least(0), "global_batch_size": at_least(1), "seq_len": at_least(1), "lr": at_least(0),
         "seed": at_least(0), "log_every": at_least(1), "dtype": one_of("auto", "fp32", "bf16"),
-        "on_nonfinite": one_of("stop", "skip"), "max_skips": at_least(0)}  # goldfish: axon/goldfish.py check
+        "on_nonfinite": one_of("stop", "skip"), "max_skips": at_least(0),
+        "eval_every": at_least(0), "eval_batches": at_least(1)}  # goldfish: axon/goldfish.py check
 
     def __post_init__(self) -> None:
         check_ranges(self)

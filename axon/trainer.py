@@ -6,7 +6,8 @@ Order (docs/architecture.md, "One training step"): model on the meta device -> p
 outside the model) -> materialize this rank's shards -> gradient engine (parallel/grad_engine.py:
 data parallelism or ZeRO, each with its AdamW). Every step: microbatches (forward, loss / global
 tokens, backward; the engine reduces gradients overlapped with backward) -> global-norm clip ->
-AdamW -> metrics -> checkpoint.
+AdamW -> validation loss every train.eval_every steps (forward only, axon/evaluate.py) -> metrics
+-> checkpoint.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from axon import checkpoint as ckpt
+from axon import evaluate
 from axon import hf_load
 from axon import goldfish
 from axon import sft_data
-from axon.config import RunConfig
+from axon.config import Goldfish, RunConfig
 from axon.data import BatchSampler, open_dataset
 from axon.init import materialize
 from axon import memory
@@ -36,7 +38,7 @@ from axon.optim import lr_at
 from launch import dist as launch_dist
 from launch.grid import Grid
 from parallel import grad_engine, layout, pipeline, precision, recompute
-from parallel.loss_mask import mask_targets
+from parallel.loss_mask import kept, mask_targets
 from parallel.parallelize import parallelize
 from perfmodel import rules
 from perfmodel.flops import mfu, n_params
@@ -45,6 +47,7 @@ from perfmodel.flops import mfu, n_params
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step run by this call
     steps: list[int] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss (train.eval_every)
     start_step: int = 0
     preempted: bool = False
     final_checkpoint: Optional[Path] = None
@@ -83,10 +86,15 @@ class Trainer:
         self.packed = packed is not None
         if packed is not None:  # instruction rows (axon/sft_data.py): loss mask, per-document positions
             rules.raise_if(rules.packed_rules(spec, plan))
-            self.train_data, sampler = packed.split("train"), sft_data.PackedSampler
+            data, sampler = packed, sft_data.PackedSampler
         else:
-            self.train_data, sampler = open_dataset(cfg.data, vocab_size=spec.vocab_size).split("train"), BatchSampler
+            data, sampler = open_dataset(cfg.data, vocab_size=spec.vocab_size), BatchSampler
+        self.train_data = data.split("train")
         self.sampler = sampler(len(self.train_data), cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.seed)
+        if cfg.train.eval_every:  # the held-out windows of the validation loss (axon/evaluate.py)
+            self.val_data = data.split("val")
+            self.val_sampler = evaluate.val_windows(self.val_data, self.packed, cfg.train.seq_len,
+                                                    cfg.train.global_batch_size, cfg.train.eval_batches)
         self.shard = grid.axis("dp").coord * plan.tp_depth + grid.axis("tp_depth").coord
         # train.dtype: bf16 compute weights made once per step from the engine's fp32 masters
         self.precision = precision.build(precision.policy(cfg.train.dtype, device), chunks, self.engine)
@@ -138,6 +146,38 @@ class Trainer:
         self.engine.step(lr)
         self.weights_changed()
         return out
+
+    # ---- validation ----
+    def evaluating(self, step: int) -> bool:
+        """Whether the validation loss is computed after `step` steps: every train.eval_every and at the end."""
+        every = self.cfg.train.eval_every
+        return every > 0 and (step % every == 0 or step == self.cfg.train.steps)
+
+    def evaluate(self) -> float:
+        """The validation loss (axon/evaluate.py): train.eval_batches global batches of the val
+        split, forward only under the step's layout and precision, averaged over the kept targets;
+        the same on every rank. Weights, gradients, generators and the data order are untouched."""
+        cfg, plan = self.cfg, self.cfg.plan
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's kept targets
+        with evaluate.kept_rng(self.device):
+            for j in range(cfg.train.eval_batches):
+                local = self.val_sampler.local_batch(self.val_data, j, self.shard, plan.data_shards)  # [G/shards, S+1]
+                if self.packed:  # prompt and padding targets ignored; no Goldfish mask
+                    batches, _ = sft_data.microbatches(local, self.cp, plan.micro_batch_size, self.device, Goldfish(),
+                                                       self.data_group)
+                else:  # m x ([mbs, S/cp] inputs and targets, positions)
+                    batches = [self.cp.shard(mb.to(self.device)) for mb in local.split(plan.micro_batch_size)]
+                loss_sum += self.pipe.forward(batches, self.loss_fn, self.precision).double()
+                count += sum(kept(targets).sum() for _, targets, _ in batches)
+        self.engine.after_forward()  # ZeRO-3: free what the forward left gathered
+        if self.grid.axis("pp").size > 1:  # the last stage holds the loss
+            dist.all_reduce(loss_sum, group=self.grid.axis("pp").group)
+        both = torch.stack([loss_sum, count])  # the data group's ranks hold disjoint targets
+        if self.data_group.size > 1:
+            dist.all_reduce(both, group=self.data_group.group)
+        loss, tokens = both.tolist()
+        return loss / max(tokens, 1.0)
 
     def _agreed(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float, bool]:
         """(loss, norm, finite everywhere): a NaN/Inf on any rank counts for all (a flipped bit
@@ -242,11 +282,15 @@ def _train(cfg: RunConfig, trainer: Trainer, start: int, rank0: bool, preempt: A
             meter.add(tokens, dt)
             result.losses.append(out["loss"])
             result.steps.append(step)
+            if trainer.evaluating(step):
+                mark(step, "eval")
+                out = {**out, "val_loss": trainer.evaluate()}
+                result.val_losses[step] = out["val_loss"]
             mark(step, "metrics")
             if step == start + 1 and rank0:
                 _record_memory(cfg.run_dir / "plan.json", info, trainer.measured_memory())
             if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps
-                                         or "skipped_steps" in out):
+                                         or "skipped_steps" in out or "val_loss" in out):
                 tps = tokens / dt
                 reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt,
                               "mfu": mfu(cfg.model, cfg.train.seq_len, tps, world, peak),

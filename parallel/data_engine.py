@@ -94,6 +94,9 @@ class DataParallelEngine:
     def finish(self) -> None:
         self.dp.finish()
 
+    def after_forward(self) -> None:
+        """After a forward-only pass: nothing is gathered or pending here."""
+
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
         """L2 norm of the full gradient: squares weighted by 1 / copies, summed over the tensor
         group and `stage_group` (the pipeline stages)."""

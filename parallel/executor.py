@@ -29,6 +29,12 @@ reduce) holds exactly during the last backward action that produces each chunk's
 last B and, when split, its last W.
 Messages: a maximal run of SEND/RECV actions is posted as one batch; a RECV is waited for just
 before the compute that consumes it; sends are waited for at the end of the step.
+
+Forward only (`forward_only`, the validation loss): the action list keeps its F, SEND_F and
+RECV_F actions in their order and runs under `torch.no_grad()` with no gradient engine and no
+saved-tensor hooks; every rank filters its own list the same way, so the sends and receives still
+pair up, and since each kept action waits on nothing the full list did not wait on, no new
+deadlock can appear. No backward, no gradient reduction, the weights unchanged.
 """
 from __future__ import annotations
 
@@ -45,6 +51,13 @@ from parallel.p2p import P2P
 from parallel.precision import FP32, Precision
 from perfmodel.schedules import B, COMM, OFFLOAD, RECV_B, RECV_F, RELOAD, SEND_B, SEND_F, W, Action
 from perfmodel.schedules import F as FWD
+
+FORWARD_KINDS = (FWD, SEND_F, RECV_F)  # what a forward-only step keeps of an action list
+
+
+def forward_only(actions: list[Action]) -> list[Action]:
+    """The forward actions of a schedule's action list, in order (see the module docstring)."""
+    return [a for a in actions if a.kind in FORWARD_KINDS]
 
 # inputs [b, S], targets [b, S], positions [S] (or [b, S]: packed rows, axon/sft_data.py)
 Microbatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -139,6 +152,13 @@ class Executor:
         self.p2p.wait_sends()
         return loss_sum
 
+    def forward(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable,
+                precision: Precision | None = None) -> torch.Tensor:
+        """Forward only: the F / SEND_F / RECV_F actions of `actions` under no_grad; returns the
+        summed loss of the microbatches (0 unless this rank holds the last chunk)."""
+        with torch.no_grad():
+            return self.run(forward_only(actions), microbatches, loss_fn, 1, None, precision, track=False)
+
     def _run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
              engine: GradEngine | None, precision: Precision, track: bool) -> torch.Tensor:
         last_backward = engine.set_last_backward if engine is not None else lambda last: None
@@ -209,8 +229,9 @@ class Executor:
             if a.chunk == 0:
                 x = chunk.embed(inputs, positions)  # [b, S, h]
             else:
-                x = self._take(RECV_F, key, state.handoff_f, state).requires_grad_()  # [b, S, h]
-                state.inputs[key] = x
+                x = self._take(RECV_F, key, state.handoff_f, state)  # [b, S, h]
+                if torch.is_grad_enabled():  # its .grad is the input gradient B sends back
+                    state.inputs[key] = x.requires_grad_()
             x = chunk.blocks(x, positions)  # [b, S, h]
             if a.chunk == self.n_chunks - 1:
                 logits = chunk.logits(x)  # [b, S, V]

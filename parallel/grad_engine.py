@@ -41,6 +41,10 @@ class GradEngine(Protocol):
     def finish(self) -> None:
         """Launch the reductions backward did not and wait for all; call before `grad_norm`."""
 
+    def after_forward(self) -> None:
+        """After a forward-only pass (the validation loss: no backward, no gradients), release what
+        the forward left gathered (ZeRO-3), so the next step starts as it would have without it."""
+
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
         """The L2 norm of the full reduced gradient (0-dim float32), the same on every rank;
         `stage_group` (the pipeline stages, or None) sums the stages' parts."""

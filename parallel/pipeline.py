@@ -3,6 +3,7 @@
     pipe = apply(spec, plan, grid, build_chunk, seq_len)    # chunks on the meta device
     for chunk in pipe.chunks.values(): materialize(chunk, spec, seed, device)
     loss_sum = pipe.step(microbatches, loss_fn, global_tokens, engine)   # one optimizer step
+    loss_sum = pipe.forward(microbatches, loss_fn)                        # forward only (validation)
 
 `build_chunk(layer_ids, has_embedding, has_head) -> nn.Module` comes from the trainer (parallel/
 does not import the model); a chunk exposes `embed(tokens, positions)`, `blocks(x, positions)` and
@@ -111,6 +112,17 @@ class Pipeline:
         if track_memory:
             self.last_memory = stats
         return loss
+
+    def forward(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                precision: Precision | None = None) -> torch.Tensor:
+        """The forward of every microbatch under the schedule's forward actions only, without
+        gradients (parallel/executor.py `forward_only`): the summed loss on the rank holding the
+        last chunk, 0 elsewhere. The microbatches have the training step's shape (the pipeline's
+        message buffers are sized by it); `precision` is the training step's object."""
+        precision = precision if precision is not None else FP32
+        if self._executor is None:
+            self._executor = self._build_executor(microbatches[0], precision)
+        return self._executor.forward(self.actions(len(microbatches)), microbatches, loss_fn, precision)
 
 
 def _virtual(plan: Plan) -> int:

@@ -312,6 +312,14 @@ class ZeroEngine:
                 self._res.free(u)
         self.stats.wait_s += time.perf_counter() - start
 
+    def after_forward(self) -> None:
+        """After a forward-only pass (no backward, no gradients: the validation loss): stage 3
+        frees what its forward left gathered (the root units; Blocks free themselves after their
+        forward), so the next step starts as it would have without it."""
+        if self.stage == 3:
+            for u in self.units:
+                self._res.free(u)
+
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
         """L2 norm of the full (reduced) gradient: weighted squares (`Unit.norm`) summed over dp x cp
         (ZeRO 1-3: each rank holds a shard) and the tensor group; `stage_group` sums pipeline stages."""
