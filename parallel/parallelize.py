@@ -17,10 +17,6 @@ On the meta chunk, in this order:
 3. recomputation: the chunk's first `recompute_layers` Blocks are wrapped (full: the Block's
    forward; selective: the attention core as step 2 left it, so the context-parallel core is what
    reruns). The count is per chunk; `recompute.per_chunk` derives it from the per-stage plan.
-With the head not split (no tensor parallelism), `Parallelized.head_loss` is the fused head and
-loss (`fused_head_loss`: GPT.head_loss, kernels/linear_ce.py), which replaces `logits` + `loss_fn`
-on the last chunk without materializing the [B, S, V] logits; under tensor parallelism it is None
-and `loss_fn` is the vocab-parallel cross-entropy.
 Materializing this rank's shards is the caller's next step (`axon.init.materialize` reads
 `layouts`; parallel/ does not import axon), and the gradient engine comes after that.
 """
@@ -44,21 +40,11 @@ from perfmodel.specs import ModelSpec, Plan
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> summed loss
 # (last chunk, hidden [B, S, h], targets [B, S]) -> summed loss
-HeadLossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies: logits [B, S, V], targets [B, S] (no vocabulary split);
     targets equal to IGNORE_INDEX (parallel/loss_mask.py) count for nothing."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
                            ignore_index=IGNORE_INDEX)
-
-
-def fused_head_loss(chunk: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`cross_entropy_sum(chunk.logits(x), targets)` without the whole logits: hidden x [B, S, h]
-    of the last chunk, whose head is not split, through the fused head and loss
-    (axon/model.py GPT.head_loss, kernels/linear_ce.py)."""
-    return chunk.head_loss(x, targets)
 
 
 def depth_prefetch(plan: Plan) -> bool:
@@ -77,7 +63,6 @@ class Parallelized:
     layouts: dict[str, ParamLayout] = field(default_factory=dict)  # of the parameters it sharded
     tensor: Optional[TensorParallel] = None
     recomputed: list[str] = field(default_factory=list)  # names of the recomputed Blocks
-    head_loss: Optional[HeadLossFn] = None  # the fused head + loss, replacing logits + loss_fn (unsplit head)
 
     def weights_changed(self) -> None:
         """Call after the parameters change outside autograd (an optimizer step, a load)."""
@@ -94,5 +79,5 @@ def parallelize(chunk: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid, recom
     ctx = context.apply(chunk, spec, plan, grid)
     names = recompute.apply(chunk, plan, meter, recompute_layers)
     if tp is None:
-        return Parallelized(ctx, cross_entropy_sum, recomputed=names, head_loss=fused_head_loss)
+        return Parallelized(ctx, cross_entropy_sum, recomputed=names)
     return Parallelized(ctx, tp.loss_fn, dict(tp.layouts), tp, names)

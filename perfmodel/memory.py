@@ -7,9 +7,12 @@ m and v are fp32 (K = 8); in fp32 training w = 4, in mixed precision w = 2 + 4 (
 weights and the fp32 master beside them, sharded together by ZeRO-3 only). So mixed precision is
 18 bytes per parameter at stage 0, 10 + 8/d at stage 1, 6 + 12/d at stage 2, 18/d at stage 3;
 the ZeRO paper's 4 + 12/d and 2 + 14/d at stages 1 and 2 would need the fp32 master sharded
-with the optimizer states (the runtime all-gathers fp32 weights after each step instead). Activations follow Korthikanti et al. (docs/architecture.md,
-Formulas), generalised to grouped-query attention, SwiGLU and the 3D tensor split, term by term
-as the runtime saves them (docs/activation_memory.md). All sizes are bytes on the most loaded rank.
+with the optimizer states (the runtime all-gathers fp32 weights after each step instead). With
+the optimizer offloaded the host holds 16 bytes per parameter of the shard (fp32 master, m, v
+and the gradient's landing buffer) and the device keeps w + g. Activations follow Korthikanti
+et al. (docs/architecture.md, Formulas), generalised to grouped-query attention, SwiGLU and the
+3D tensor split, term by term as the runtime saves them (docs/activation_memory.md). All sizes
+are bytes on the most loaded rank.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from perfmodel.comm import tensor_volumes
 from perfmodel.flops import layer_params
+from perfmodel.schedules import V_SHAPED
 from perfmodel.specs import Cluster, ModelSpec, Plan
 from perfmodel.split import stage_layers
 
@@ -53,14 +57,21 @@ def weight_bytes_per_param(dtype_bytes: int) -> int:
     return dtype_bytes + (MASTER_BYTES if dtype_bytes < 4 else 0)
 
 
-def stage_params(m: ModelSpec, pp: int, seq_len: int) -> int:
+def host_optimizer_bytes_per_param() -> int:
+    """Optimizer offload (parallel/offload.py): the host keeps the fp32 master, Adam's m and v and
+    a landing buffer for the fp32 gradient, whatever the compute dtype."""
+    return MASTER_BYTES + 8 + GRAD_BYTES
+
+
+def stage_params(m: ModelSpec, pp: int, seq_len: int, v_shape: bool = False) -> int:
     """Parameters of the largest pipeline stage (embedding on the first, head on the last; the
-    layers of the most loaded stage of the cost-balanced split, perfmodel/split.py)."""
+    layers of the most loaded stage of the cost-balanced split, perfmodel/split.py). V-shaped
+    schedules (`v_shape`) put the first and the last chunk on rank 0: embedding and head both."""
     emb = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.pos == "learned" else 0)
     head = m.vocab_size * m.d_model  # a tied head is a copy of the embedding on the last stage
     final_norm = (2 if m.norm == "layernorm" else 1) * m.d_model
     blocks = stage_layers(m, pp, seq_len) * layer_params(m)
-    if pp == 1:
+    if pp == 1 or v_shape:
         return blocks + emb + (0 if m.tied_embeddings else head) + final_norm
     return blocks + max(emb, head + final_norm)
 
@@ -80,8 +91,8 @@ def model_states(psi: float, shards: int, zero: int, dtype_bytes: int, offload_o
 
 def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 1, tp_row: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", cp: int = 1,
-                           flash: bool = True, dropout: bool = False, dtype_bytes: int = 2,
-                           residual_bytes: int | None = None) -> dict[str, float]:
+                           ulysses: bool = False, flash: bool = True, dropout: bool = False,
+                           dtype_bytes: int = 2, residual_bytes: int | None = None) -> dict[str, float]:
     """Activation bytes one block keeps for backward, for `batch` sequences of `seq` tokens, term by
     term (the table in docs/activation_memory.md, against Korthikanti et al.'s terms).
 
@@ -105,7 +116,9 @@ def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
     tp_col only (heads are computed redundantly over tp_row). SP saves the sequence-gathered
     projection inputs, where Megatron-SP re-gathers them in backward. Selective recomputation
     re-runs the core from its saved inputs (no scores, no log-sum-exp); full recomputation keeps
-    the block input only. With cp the local sequence is seq/cp (queries) against seq keys.
+    the block input only. With cp the local sequence is seq/cp (queries) against seq keys; Ulysses
+    (`ulysses`, cp > 1) keeps the attention output twice: the core's, head-sharded, and the output
+    projection's input after the second all-to-all (parallel/context.py).
     """
     h, e = m.d_model, dtype_bytes
     r = e if residual_bytes is None else residual_bytes
@@ -125,7 +138,7 @@ def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
         "norm inputs": sb * 2 * h * r / region,
         "projection inputs": sb * 2 * h * e / tp_row,  # gathered over the sequence under SP
         "q, k, v": sb * (h + 2 * kv) * e / tp_col,
-        "attention output": sb * h * e / tp_col,
+        "attention output": sb * h * e / tp_col * (2 if ulysses and cp > 1 else 1),
         "mlp": sb * mlp * e / tp_col,
         "dropout masks": sb * 2 * h / region if dropout else 0.0,  # 1 byte per element
         "scores": scores,
@@ -146,7 +159,7 @@ def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int,
     layers = stage_layers(m, plan.pp, seq)
     k = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
     common = dict(tp_col=plan.tp_col, tp_row=plan.tp_row, sequence_parallel=plan.sequence_parallel,
-                  cp=plan.cp, flash=flash, dtype_bytes=dtype_bytes)
+                  cp=plan.cp, ulysses=plan.cp_mode == "ulysses", flash=flash, dtype_bytes=dtype_bytes)
     b = plan.micro_batch_size
     if plan.recompute == "none":
         return layers * layer_activation_bytes(m, seq, b, **common)
@@ -177,8 +190,8 @@ def activation_parts(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash
     working = 0.0
     if plan.recompute == "full":
         working = layer_activation_bytes(m, seq, plan.micro_batch_size, tp_col=plan.tp_col, tp_row=plan.tp_row,
-                                         sequence_parallel=plan.sequence_parallel, cp=plan.cp, flash=flash,
-                                         dtype_bytes=dtype_bytes)
+                                         sequence_parallel=plan.sequence_parallel, cp=plan.cp,
+                                         ulysses=plan.cp_mode == "ulysses", flash=flash, dtype_bytes=dtype_bytes)
     return ActivationParts(stage_activation_bytes(m, plan, seq, dtype_bytes, flash), working,
                            logits_bytes(m, plan, seq, dtype_bytes))
 
@@ -209,7 +222,7 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, 
     """(params, grads, optimizer, buffers, host) bytes: model states on the largest stage, sharded
     over the tensor group and, by ZeRO, over dp x cp; gathered-weight buffers; offloaded states."""
     e = c.dtype_bytes
-    psi = stage_params(m, plan.pp, seq) / plan.tp
+    psi = stage_params(m, plan.pp, seq, plan.schedule in V_SHAPED) / plan.tp
     shards = plan.dp * plan.cp
     params, grads, optimizer = model_states(psi, shards, plan.zero, e, plan.offload.optimizer)
     buffers = 0.0
@@ -220,7 +233,7 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, 
         buffers += 2 * layer_params(m) / plan.tp * e
     host = 0.0
     if plan.offload.optimizer:
-        host = optimizer_bytes_per_param(e) * psi / (shards if plan.zero >= 1 else 1)
+        host = host_optimizer_bytes_per_param() * psi / (shards if plan.zero >= 1 else 1)
     return params, grads, optimizer, buffers, host
 
 

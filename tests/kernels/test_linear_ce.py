@@ -133,11 +133,11 @@ def test_vocabulary_split_over_a_group(dtype):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_model_head_loss_equals_logits_then_cross_entropy(tied, autocast):
-    """GPT.head_loss (what parallelize.fused_head_loss calls) against the unfused loss path:
+    """GPT.head_loss against the unfused loss path (logits, then parallelize's cross_entropy_sum):
     parallelize.cross_entropy_sum of GPT.logits, with the norm's and the head's gradients; under
     bf16 autocast as the trainer computes the logits."""
     from axon.model import GPT
-    from parallel.parallelize import cross_entropy_sum, fused_head_loss
+    from parallel.parallelize import cross_entropy_sum
     from perfmodel.specs import ModelSpec
 
     spec = ModelSpec(n_layers=1, d_model=32, n_heads=4, vocab_size=257, tied_embeddings=tied, kernels="torch")
@@ -148,7 +148,7 @@ def test_model_head_loss_equals_logits_then_cross_entropy(tied, autocast):
     x = torch.randn(2, 19, 32)
     _, _, t = problem(tokens=(2, 19), vocab=257, seed=3)
     grads = []
-    for loss_of in (lambda x: fused_head_loss(model, x, t), lambda x: cross_entropy_sum(model.logits(x), t)):
+    for loss_of in (lambda x: model.head_loss(x, t), lambda x: cross_entropy_sum(model.logits(x), t)):
         model.zero_grad()
         xl = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
