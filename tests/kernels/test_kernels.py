@@ -1,14 +1,14 @@
 """Every Triton kernel against its PyTorch reference, forward and backward, fp32 and bf16, on
 awkward sizes (widths that are not powers of two, odd row counts, GQA head counts), run under
 Triton's interpreter on CPU (tests/conftest.py). Tolerances: fp32 1e-5 relative (the kernels
-sum in a different order); bf16 one bf16 ulp of the output scale (2^-7 relative)."""
+sum in a different order); bf16 one bf16 ulp of the output scale (2^-7 relative). The
+tensor-parallel split row of RMSNorm, for both paths: tests/kernels/test_torch_paths.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
-from kernels.rmsnorm import rms_norm_reference
 from kernels.triton_support import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="Triton is not installed (pip install triton)")
@@ -44,31 +44,6 @@ def test_rms_norm(shape, dtype):
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
     both(lambda x, w: kernels.rms_norm(x, w, 1e-5, "triton"), lambda x, w: kernels.rms_norm(x, w, 1e-5, "torch"),
          [x, w], dtype)
-
-
-def test_rms_norm_with_statistics_over_a_split_row():
-    """The tensor-parallel variant: each half of a row, normalized with its row sums completed by
-    `sum_across` (here: adding the other half's partial sum, as the tp_row all-reduce would, in
-    the forward and again in the backward), gives that half of the whole row's norm and
-    gradients. (The reference's variant runs in the tensor-parallel parity tests.)"""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 90, generator=g).requires_grad_()
-    w = (1 + 0.1 * torch.randn(90, generator=g)).requires_grad_()
-    dy = torch.randn(6, 90, generator=g)
-    rms_norm_reference(x, w, 1e-5).backward(dy)
-    halves = (slice(0, 45), slice(45, 90))
-    xd, wd = x.detach(), w.detach()
-    rstd = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)  # [6, 1]
-    for h, other in zip(halves, reversed(halves)):
-        forward_sum = xd[:, other].pow(2).sum(-1, keepdim=True)  # the other half's partial sums
-        backward_dot = (dy[:, other] * wd[other] * xd[:, other] * rstd).sum(-1, keepdim=True)
-        sums = iter((forward_sum, backward_dot))
-        xk, wk = xd[:, h].clone().requires_grad_(), wd[h].clone().requires_grad_()
-        y = kernels.rms_norm(xk, wk, 1e-5, "triton", width=90, sum_across=lambda t: t + next(sums))
-        y.backward(dy[:, h])
-        assert torch.allclose(y, rms_norm_reference(xd, wd, 1e-5)[:, h], rtol=1e-5, atol=1e-6)
-        assert torch.allclose(xk.grad, x.grad[:, h], rtol=1e-4, atol=1e-5)
-        assert torch.allclose(wk.grad, w.grad[h], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
