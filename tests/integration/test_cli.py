@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from axon.config import freeze, load
+from tests.integration.local_workers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model.n_layers=2", "train.seq_len=32", "train.global_batch_size=8", "logger.wandb.mode=disabled",
@@ -74,21 +75,6 @@ def test_documented_override_keys():
         freeze(load([f"model={preset}"])).model.check()
 
 
-def _worker_pids(parent: int) -> dict[int, int]:
-    """rank -> pid of the local workers started by `parent`."""
-    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in map(int, out):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                ranks[int(item[5:])] = pid
-    return ranks
-
-
 def test_killed_rank_fails_the_job_in_time(tmp_path):
     run = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "-m", "axon.cli", "train", "launch.nproc_per_node=2", "parallel.dp=2",
@@ -100,7 +86,7 @@ def test_killed_rank_fails_the_job_in_time(tmp_path):
             assert job.poll() is None, job.stderr.read()
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
-        ranks = _worker_pids(job.pid)
+        ranks = worker_pids(job.pid)
         assert set(ranks) == {0, 1}
         os.kill(ranks[1], signal.SIGKILL)
         code = job.wait(timeout=120)  # bounded: a hang fails the test here

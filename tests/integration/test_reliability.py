@@ -20,6 +20,7 @@ import pytest
 
 from launch import dist as launch_dist
 from launch.watchdog import MARGIN_S, STALL_EXIT, compact, rank_table
+from tests.integration.local_workers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -73,22 +74,9 @@ def _wait_for_step(job: subprocess.Popen, run: Path, step: int, limit_s: float =
         time.sleep(0.02)
 
 
-def _worker_pids(parent: int) -> dict[int, int]:
-    """rank -> pid of the local workers started by `parent`."""
-    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in map(int, out):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ranks.update({int(item[5:]): pid for item in env if item.startswith(b"RANK=")})
-    return ranks
-
-
 def _workers(job: subprocess.Popen, n: int = 2) -> dict[int, int]:
     deadline = time.monotonic() + 60
-    while len(ranks := _worker_pids(job.pid)) < n:
+    while len(ranks := worker_pids(job.pid)) < n:
         assert job.poll() is None and time.monotonic() < deadline, "the workers never started"
         time.sleep(0.02)
     return ranks
