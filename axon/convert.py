@@ -17,6 +17,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -70,17 +71,16 @@ def hf_to_axon(hf_dir: Path, out: Path) -> Path:
     return out
 
 
-def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Full shape of every model parameter in the DCP checkpoint at `path`, by Axon name."""
-    metadata = ckpt.read_metadata(path)  # restricted unpickling (axon/checkpoint_reader.py)
+def _param_shapes(metadata: Any) -> dict[str, tuple[int, ...]]:
+    """Full shape of every model parameter in a DCP checkpoint's `metadata`, by Axon name."""
     return {key[len("model."):]: tuple(md.size) for key, md in metadata.state_dict_metadata.items()
             if key.startswith("model.") and hasattr(md, "size")}
 
 
-def _read_param(path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _read_param(path: Path, metadata: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """One whole parameter [shape] out of the sharded checkpoint (DCP reassembles the pieces)."""
     t = torch.empty(shape, dtype=torch.float32)
-    ckpt.read_state(path, {"model": {name: t}})
+    ckpt.read_state(path, {"model": {name: t}}, metadata)
     return t
 
 
@@ -90,7 +90,8 @@ def axon_to_hf(path: Path, out: Path, dtype: str = "float32", max_shard_bytes: i
     path = ckpt.resolve(str(path), path)
     ckpt.verify(path)  # sizes and hashes once, before any tensor is read
     spec = ModelSpec(**ckpt.read_meta(path)["model"])
-    shapes = _param_shapes(path)
+    metadata = ckpt.read_metadata(path)  # once (restricted unpickling, axon/checkpoint_reader.py)
+    shapes = _param_shapes(metadata)
     size = DTYPES[dtype].itemsize
     groups: list[list[str]] = [[]]
     used = 0
@@ -105,7 +106,7 @@ def axon_to_hf(path: Path, out: Path, dtype: str = "float32", max_shard_bytes: i
     weight_map, total = {}, 0
     for i, names in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {hf_name(n): to_hf_rows(spec, n, _read_param(path, n, shapes[n])).to(DTYPES[dtype]).contiguous()
+        tensors = {hf_name(n): to_hf_rows(spec, n, _read_param(path, metadata, n, shapes[n])).to(DTYPES[dtype]).contiguous()
                    for n in names}
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
