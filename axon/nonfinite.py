@@ -13,20 +13,16 @@ all_gather_object, on the failure path only.
 from __future__ import annotations
 
 import re
-from typing import Protocol
 
 import torch.distributed as dist
 
+from parallel.grad_engine import GradEngine
 
 NONFINITE_EXIT = 4  # exit code of `axon train` stopped by the guard
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm became NaN/Inf; the message names the step and the fix."""
-
-
-class _Engine(Protocol):
-    def nonfinite(self) -> list[str]: ...
 
 
 class NonFiniteGuard:
@@ -36,7 +32,7 @@ class NonFiniteGuard:
         self.on_nonfinite, self.max_skips = on_nonfinite, max_skips
         self.skipped = 0  # steps of this run whose update was skipped
 
-    def allows(self, step: int, loss: float, norm: float, engine: _Engine) -> bool:
+    def allows(self, step: int, loss: float, norm: float, engine: GradEngine) -> bool:
         """Called (on every rank) for a step whose loss or norm was non-finite on some rank:
         False to skip its update, or raises NonFiniteError to stop. `step` is 1-based; collective."""
         where = first_nonfinite(engine)
@@ -52,7 +48,7 @@ class NonFiniteGuard:
         return False
 
 
-def first_nonfinite(engine: _Engine) -> str:
+def first_nonfinite(engine: GradEngine) -> str:
     """The first parameter in model order (embedding, layers by index, head) whose reduced
     gradient holds a NaN/Inf on any rank; '' when none does (the loss alone was non-finite)."""
     local = engine.nonfinite()
