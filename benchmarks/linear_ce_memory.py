@@ -37,7 +37,8 @@ def child(variant: str, tokens: int, width: int, vocab: int, dtype_name: str, ch
     import torch
 
     import kernels
-    from kernels.linear_ce import default_chunk, linear_cross_entropy_reference
+    from kernels.linear_ce import linear_cross_entropy_reference
+    from perfmodel.memory import loss_chunk_tokens
     from parallel.loss_mask import IGNORE_INDEX
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -56,7 +57,7 @@ def child(variant: str, tokens: int, width: int, vocab: int, dtype_name: str, ch
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {"variant": variant, "peak_above_inputs": peak - base, "seconds": seconds, "loss": loss.item(),
-            "chunk": (chunk or default_chunk(tokens, width, vocab)) if variant == "fused" else tokens}
+            "chunk": (chunk or loss_chunk_tokens(tokens, width, vocab)) if variant == "fused" else tokens}
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--chunk", type=int, default=None,
-                    help="tokens per chunk (default: kernels/linear_ce.default_chunk)")
+                    help="tokens per chunk (default: perfmodel/memory.py loss_chunk_tokens)")
     ap.add_argument("--child", choices=("fused", "unfused"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

@@ -5,17 +5,17 @@ Not a benchmark by itself; `pp_memory.py` and `pp_vs_torch.py` use it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from axon.init import materialize
 from axon.model import GPT
 from launch.grid import Grid
+from parallel.head_loss import cross_entropy_sum, of_logits
 from parallel.pipeline import Pipeline, apply
 from perfmodel.specs import ModelSpec, Offload, Plan
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+loss_fn = cross_entropy_sum  # on logits: torch.distributed.pipelining's loss
+head_loss = of_logits(cross_entropy_sum)  # the same objective through our executor (unfused, as the peer)
 
 
 def plan_for(pp: int, schedule: str, virtual_stages: int = 1, offload: float = 0.0, mbs: int = 1) -> Plan:

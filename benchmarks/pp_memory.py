@@ -19,9 +19,10 @@ import argparse
 
 import torch.distributed as dist
 
-from benchmarks.pp_common import build_pipeline, loss_fn, microbatches, plan_for
+from benchmarks.pp_common import build_pipeline, microbatches, plan_for
 from launch.grid import Grid
 from launch.local import spawn
+from parallel.head_loss import fused
 from perfmodel import schedules
 from perfmodel.schedule_sim import simulate
 from perfmodel.specs import ModelSpec
@@ -40,7 +41,7 @@ def _rank(pp: int, m: int, seq: int, layers: int) -> list[dict]:
     grid = Grid.build(plan_for(pp, "1f1b"), dist.get_rank(), dist.get_world_size())
     for schedule, frac in [("1f1b", 0.0), ("gpipe", 0.0)] + ROWS:
         pipe = build_pipeline(spec, plan_for(pp, schedule, offload=frac), grid, seq)
-        pipe.step(microbatches(spec, m, 1, seq, 0), loss_fn, m * seq, None, track_memory=True)
+        pipe.step(microbatches(spec, m, 1, seq, 0), fused, m * seq, None, track_memory=True)
         out.append({"schedule": schedule, "offload": frac, "device": pipe.last_memory.peak_device_bytes,
                     "host": pipe.last_memory.peak_host_bytes})
     return out

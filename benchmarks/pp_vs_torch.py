@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from benchmarks.pp_common import build_pipeline, loss_fn, microbatches, plan_for
+from benchmarks.pp_common import build_pipeline, head_loss, loss_fn, microbatches, plan_for
 from launch.grid import Grid
 from launch.local import spawn
 from perfmodel.specs import ModelSpec
@@ -64,7 +64,7 @@ def _rank(spec: ModelSpec, pp: int, m: int, seq: int, trials: int) -> dict:
         torch_sched = (Schedule1F1B(stages[0], m, loss_fn=scaled, scale_grads=False) if v == 1 else
                        ScheduleInterleaved1F1B(stages, m, loss_fn=scaled, scale_grads=False))
         params = list(pipe.named_parameters().values())
-        variants[f"ours {name}"] = (params, lambda mbs, pipe=pipe: pipe.step(mbs, loss_fn, tokens, None))
+        variants[f"ours {name}"] = (params, lambda mbs, pipe=pipe: pipe.step(mbs, head_loss, tokens, None))
         variants[f"torch {name}"] = (params, lambda mbs, s=torch_sched, n=n: _torch_step(s, mbs, me, n, pp))
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}

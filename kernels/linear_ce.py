@@ -37,17 +37,16 @@ layer's input does); dW is this rank's rows.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from kernels.triton_support import triton, tl, launch_rows
+from perfmodel.memory import loss_chunk_tokens
 
 VocabReduce = Callable[[torch.Tensor, str], None]  # in-place all-reduce over the vocab group: "max" | "sum"
 VOCAB_BLOCK = 4096  # vocabulary columns per Triton loop step
-MIN_CHUNK = 256  # the fewest tokens per chunk `default_chunk` picks
 
 
 def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,14 +54,6 @@ def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, target
     logits = F.linear(x, weight)  # [.., V]
     kept = torch.where(targets < 0, -100, targets).flatten()  # -100: torch's own ignore_index
     return F.cross_entropy(logits.float().flatten(0, -2), kept, reduction="sum", ignore_index=-100)
-
-
-def default_chunk(tokens: int, width: int, vocab: int) -> int:
-    """Tokens per chunk: a chunk's logits [C, V] about the size of the hidden states [N, h]
-    (Liger-Kernel's rule), a power of two, at least MIN_CHUNK (narrower matmuls run far below
-    peak: 16-row chunks ran the CPU loss step 4x slower than 256-row ones)."""
-    c = max(1, math.ceil(tokens / max(1, math.ceil(vocab / width))))
-    return max(MIN_CHUNK, 1 << (c - 1).bit_length())
 
 
 def chunk_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int = 0,
@@ -212,7 +203,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         dtype = torch.get_autocast_dtype(dev)
         x, weight = x.to(dtype), weight.to(dtype)
     n = targets.numel()
-    chunk = chunk or default_chunk(n, x.shape[-1], weight.shape[0])
+    chunk = chunk or loss_chunk_tokens(n, x.shape[-1], weight.shape[0])
     with torch.autocast(dev, enabled=False):
         return LinearCrossEntropyFn.apply(x.contiguous(), weight.contiguous(), targets.contiguous(), chunk, use_triton,
                                           vocab_start, vocab_reduce)

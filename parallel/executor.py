@@ -4,14 +4,17 @@ on its model chunks.
     ex = Executor(chunks, n_chunks, p2p, store, stash, b_params)   # the last two: split backward only
     loss_sum = ex.run(actions, microbatches, loss_fn, global_tokens, engine, precision)
 
-F runs a chunk's forward (embedding on the first chunk; head and `loss_fn` on the last) under the
-activation store's saved-tensor hooks and `precision.forward()` (autocast when mixed; the loss in
-fp32); the whole action list runs inside `precision.step()`, where the modules read the step's
-compute weights (parallel/precision.py: one bf16 copy per step, not one per microbatch). B runs
-its backward; when the schedule splits the backward (a W appears), B computes only the input
-gradients and W the weight gradients:
+F runs a chunk's forward (embedding on the first chunk; on the last, the head and the loss:
+`loss_fn(chunk, x, targets)`, parallel/head_loss.py, which computes the loss in fp32) under the
+activation store's saved-tensor hooks and `precision.forward()` (autocast when mixed); the whole
+action list runs inside `precision.step()`, where the modules read the step's compute weights
+(parallel/precision.py: one bf16 copy per step, not one per microbatch). B runs its backward;
+when the schedule splits the backward (a W appears), B computes only the input gradients and W
+the weight gradients:
 
-B/W split (zero-bubble style, no recomputation): every plain `nn.Linear` of a chunk becomes a
+B/W split (zero-bubble style, no recomputation): every plain `nn.Linear` of a chunk but the head
+(the fused head loss computes the head's weight gradient in the same pass as its input gradient,
+so it comes in B) becomes a
 `DeferredLinear` whose backward returns dX = dY W and, instead of computing dW, stashes (X, dY)
 for the (chunk, microbatch) being run. W computes dW = dY^T X (and db = sum dY) from the stash
 and accumulates them with one `torch.autograd.backward(weights, dWs)`, so the gradients land
@@ -39,7 +42,6 @@ deadlock can appear. No backward, no gradient reduction, the weights unchanged.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,7 @@ from torch import nn
 
 from parallel.activation_offload import ActivationStore
 from parallel.grad_engine import GradEngine
+from parallel.head_loss import HeadLoss
 from parallel.p2p import P2P
 from parallel.precision import FP32, Precision
 from perfmodel.schedules import B, COMM, OFFLOAD, RECV_B, RECV_F, RELOAD, SEND_B, SEND_F, W, Action
@@ -113,12 +116,14 @@ class DeferredLinear(nn.Linear):
 
 
 def defer_weight_grads(chunk: nn.Module, stash: WeightGradStash) -> list[nn.Parameter]:
-    """Turn the chunk's plain nn.Linear modules into DeferredLinear in place (parameters, names and
-    values unchanged, as torch's fully_shard does with its module classes). Returns the chunk's
-    parameters whose gradients B still computes (all but the deferred weights and biases)."""
+    """Turn the chunk's plain nn.Linear modules but its head (`chunk.head`, whose weight the fused
+    head loss reads directly) into DeferredLinear in place (parameters, names and values unchanged,
+    as torch's fully_shard does with its module classes). Returns the chunk's parameters whose
+    gradients B still computes (all but the deferred weights and biases)."""
     deferred: set[int] = set()
+    head = getattr(chunk, "head", None)
     for module in chunk.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and module is not head:
             module.__class__ = DeferredLinear
             module.stash = stash
             deferred.update(id(p) for p in module.parameters())
@@ -140,7 +145,7 @@ class Executor:
         self.chunks, self.n_chunks, self.p2p, self.store, self.stash = chunks, n_chunks, p2p, store, stash
         self.b_params = b_params or {}
 
-    def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
+    def run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: HeadLoss, global_tokens: int,
             engine: GradEngine | None, precision: Precision | None = None,
             track: bool = True) -> torch.Tensor:
         """Run one step's actions; returns the summed loss of the microbatches (0 unless this rank
@@ -152,14 +157,14 @@ class Executor:
         self.p2p.wait_sends()
         return loss_sum
 
-    def forward(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable,
+    def forward(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: HeadLoss,
                 precision: Precision | None = None) -> torch.Tensor:
         """Forward only: the F / SEND_F / RECV_F actions of `actions` under no_grad; returns the
         summed loss of the microbatches (0 unless this rank holds the last chunk)."""
         with torch.no_grad():
             return self.run(forward_only(actions), microbatches, loss_fn, 1, None, precision, track=False)
 
-    def _run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: Callable, global_tokens: int,
+    def _run(self, actions: list[Action], microbatches: list[Microbatch], loss_fn: HeadLoss, global_tokens: int,
              engine: GradEngine | None, precision: Precision, track: bool) -> torch.Tensor:
         last_backward = engine.set_last_backward if engine is not None else lambda last: None
         split = any(a.kind == W for a in actions)
@@ -220,7 +225,7 @@ class Executor:
         tag = state.pending.pop((kind, *key))
         return self.p2p.wait_recv(tag)
 
-    def _forward(self, a: Action, mb: Microbatch, loss_fn: Callable, state: "_StepState",
+    def _forward(self, a: Action, mb: Microbatch, loss_fn: HeadLoss, state: "_StepState",
                  hooks: bool) -> torch.Tensor | None:
         key = (a.chunk, a.microbatch)
         chunk = self.chunks[a.chunk]
@@ -234,9 +239,7 @@ class Executor:
                     state.inputs[key] = x.requires_grad_()
             x = chunk.blocks(x, positions)  # [b, S, h]
             if a.chunk == self.n_chunks - 1:
-                logits = chunk.logits(x)  # [b, S, V]
-                with torch.autocast(x.device.type, enabled=False):
-                    out = loss_fn(logits, targets)  # scalar: sum of token losses
+                out = loss_fn(chunk, x, targets)  # scalar: sum of token losses
             else:
                 out = x
         state.outputs[key] = out

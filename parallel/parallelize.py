@@ -10,7 +10,7 @@
 On the meta chunk, in this order:
 1. tensor parallelism (plan.tp > 1): the modules `tensor.GPT_STYLES` names become their 3D
    tensor-parallel versions, which report their parameters' layouts; the loss becomes the
-   vocab-parallel one. Depth gathers prefetch one weight ahead (`plan.prefetch_tp_weights`)
+   vocab-parallel one (without tensor parallelism: the fused head loss, parallel/head_loss.py). Depth gathers prefetch one weight ahead (`plan.prefetch_tp_weights`)
    except under ZeRO-3 (`depth_prefetch`).
 2. context parallelism: each Block's attention core becomes the cp-sharded one (ring, or the
    Block's own core inside the Ulysses all-to-alls; `parallel.attach`).
@@ -23,28 +23,19 @@ Materializing this rank's shards is the caller's next step (`axon.init.materiali
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from launch.grid import Grid
 from parallel import context, recompute, tensor
 from parallel.context import ContextParallel
+from parallel.head_loss import HeadLoss, fused, of_logits
 from parallel.layout import ParamLayout
-from parallel.loss_mask import IGNORE_INDEX
 from parallel.recompute import RecomputeMeter
 from parallel.tensor import TensorParallel
+from perfmodel.memory import fused_head_loss
 from perfmodel.specs import ModelSpec, Plan
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> summed loss
-# (last chunk, hidden [B, S, h], targets [B, S]) -> summed loss
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies: logits [B, S, V], targets [B, S] (no vocabulary split);
-    targets equal to IGNORE_INDEX (parallel/loss_mask.py) count for nothing."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
-                           ignore_index=IGNORE_INDEX)
 
 
 def depth_prefetch(plan: Plan) -> bool:
@@ -59,7 +50,7 @@ class Parallelized:
     """What `parallelize` did to one chunk, and what the trainer needs from it."""
 
     context: ContextParallel  # the data sharder: `context.shard(tokens)` per microbatch
-    loss_fn: LossFn  # summed loss of this chunk's logits (vocab-parallel under TP)
+    loss_fn: HeadLoss  # the last chunk's summed loss from its hidden states (parallel/head_loss.py)
     layouts: dict[str, ParamLayout] = field(default_factory=dict)  # of the parameters it sharded
     tensor: Optional[TensorParallel] = None
     recomputed: list[str] = field(default_factory=list)  # names of the recomputed Blocks
@@ -78,6 +69,7 @@ def parallelize(chunk: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid, recom
     tp = tensor.apply(chunk, spec, plan, grid, prefetch=depth_prefetch(plan)) if plan.tp > 1 else None
     ctx = context.apply(chunk, spec, plan, grid)
     names = recompute.apply(chunk, plan, meter, recompute_layers)
+    loss_fn = fused if fused_head_loss(plan) else of_logits(tp.loss_fn)
     if tp is None:
-        return Parallelized(ctx, cross_entropy_sum, recomputed=names)
-    return Parallelized(ctx, tp.loss_fn, dict(tp.layouts), tp, names)
+        return Parallelized(ctx, loss_fn, recomputed=names)
+    return Parallelized(ctx, loss_fn, dict(tp.layouts), tp, names)

@@ -29,6 +29,7 @@ from perfmodel.split import split_layers  # the one split, shared with the perfo
 from parallel.activation_offload import ActivationStore, MemoryStats
 from parallel.executor import Executor, Microbatch, WeightGradStash, defer_weight_grads
 from parallel.grad_engine import GradEngine
+from parallel.head_loss import HeadLoss
 from parallel.p2p import P2P
 from parallel.precision import FP32, Precision
 from parallel.recompute import RecomputeMeter
@@ -82,7 +83,7 @@ class Pipeline:
         b_params = {c: defer_weight_grads(chunk, stash) for c, chunk in self.chunks.items()}
         return Executor(self.chunks, self.n_chunks, p2p, store, stash, b_params)
 
-    def step(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def step(self, microbatches: list[Microbatch], loss_fn: HeadLoss,
              global_tokens: int, engine: GradEngine | None, precision: Precision | None = None,
              track_memory: bool = False) -> torch.Tensor:
         """Forward and backward of every microbatch (inputs [b, S], targets [b, S], positions [S] or
@@ -113,7 +114,7 @@ class Pipeline:
             self.last_memory = stats
         return loss
 
-    def forward(self, microbatches: list[Microbatch], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def forward(self, microbatches: list[Microbatch], loss_fn: HeadLoss,
                 precision: Precision | None = None) -> torch.Tensor:
         """The forward of every microbatch under the schedule's forward actions only, without
         gradients (parallel/executor.py `forward_only`): the summed loss on the rank holding the

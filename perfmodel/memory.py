@@ -16,6 +16,7 @@ are bytes on the most loaded rank.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from perfmodel.comm import tensor_volumes
@@ -168,11 +169,34 @@ def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int,
     return k * recomputed + (layers - k) * kept
 
 
+def fused_head_loss(plan: Plan) -> bool:
+    """Whether the last chunk's head and loss run fused by token chunks (parallel/head_loss.py):
+    an unsplit head, i.e. no tensor parallelism (a split head keeps the vocab-parallel loss)."""
+    return plan.tp == 1
+
+
+LOSS_MIN_CHUNK = 256  # the fewest tokens per chunk `loss_chunk_tokens` picks
+
+
+def loss_chunk_tokens(tokens: float, width: int, vocab: int) -> int:
+    """Tokens per chunk of the fused head loss (kernels/linear_ce.py): a chunk's logits [C, V] about
+    the size of the hidden states [N, h] (Liger-Kernel's rule), a power of two, at least
+    LOSS_MIN_CHUNK (narrower matmuls run far below peak: 16-row chunks ran the CPU loss step 4x
+    slower than 256-row ones)."""
+    c = max(1, math.ceil(tokens / max(1, math.ceil(vocab / width))))
+    return max(LOSS_MIN_CHUNK, 1 << (c - 1).bit_length())
+
+
 def logits_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int) -> float:
     """The last stage's final norm, logits and their fp32 softmax for one microbatch (vocab split
-    over tp_col, replicated over tp_row like the heads; the norm over tp_row)."""
+    over tp_col, replicated over tp_row like the heads; the norm over tp_row). Fused
+    (`fused_head_loss`): the norm's input and output, the fp32 log-sum-exp per token and one
+    chunk of logits with its fp32 copy, alive while the loss runs."""
     tokens = plan.micro_batch_size * seq / plan.cp
     norm = 2 * m.d_model / plan.tp_row * dtype_bytes  # input, output
+    if fused_head_loss(plan):
+        chunk = min(tokens, loss_chunk_tokens(tokens, m.d_model, m.vocab_size))
+        return tokens * (norm + 4) + chunk * m.vocab_size * (dtype_bytes + 4)
     return tokens * (norm + m.vocab_size / plan.tp_col * (dtype_bytes + 4))
 
 

@@ -17,6 +17,7 @@ from axon.model import GPT, build
 from launch.grid import Grid
 from tests.distributed.tp_driver import local_slice
 from parallel.data import DataParallel
+from parallel.head_loss import fused, of_logits
 from parallel import tensor
 from parallel.layout import replicated
 from parallel.pipeline import apply
@@ -57,7 +58,7 @@ def parity_many(dp: int, pp: int, configs: list[dict], microbatches: int = 4) ->
     return [parity(make_plan(pp, dp=dp, **cfg), microbatches, grid=grid) for cfg in configs]
 
 
-def _die(logits, targets):
+def _die(chunk, x, targets):
     """A loss function that kills its rank (a peer dying in the middle of the schedule)."""
     os._exit(3)
 
@@ -74,7 +75,7 @@ def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = N
     global_samples = microbatches * plan.micro_batch_size * plan.dp
     global_tokens = global_samples * SEQ
     local = batch(0, grid.axis("dp").coord, microbatches * plan.micro_batch_size)
-    killer = _die if kill_rank is not None and grid.rank == kill_rank else loss_fn
+    killer = _die if kill_rank is not None and grid.rank == kill_rank else fused
     loss = pipe.step(microbatches_of(local, plan.micro_batch_size), killer, global_tokens, sync, track_memory=True)
     sync.finish()
     sync.remove()
@@ -113,7 +114,7 @@ def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
         last = pipe.n_chunks - 1
         global_tokens = microbatches * plan.dp * SEQ
         local = batch(0, grid.axis("dp").coord, microbatches)
-        tp_loss = tps[last].loss_fn if last in tps else loss_fn
+        tp_loss = of_logits(tps[last].loss_fn) if last in tps else fused
         loss = pipe.step(microbatches_of(local, 1), tp_loss, global_tokens, None)
         dist.all_reduce(loss, group=grid.axis("pp").group)
         dist.all_reduce(loss, group=grid.group("dp", "cp").group)

@@ -133,11 +133,11 @@ def test_vocabulary_split_over_a_group(dtype):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_model_head_loss_equals_logits_then_cross_entropy(tied, autocast):
-    """GPT.head_loss against the unfused loss path (logits, then parallelize's cross_entropy_sum):
-    parallelize.cross_entropy_sum of GPT.logits, with the norm's and the head's gradients; under
+    """GPT.head_loss against the unfused loss path (logits, then head_loss.cross_entropy_sum):
+    head_loss.cross_entropy_sum of GPT.logits, with the norm's and the head's gradients; under
     bf16 autocast as the trainer computes the logits."""
     from axon.model import GPT
-    from parallel.parallelize import cross_entropy_sum
+    from parallel.head_loss import cross_entropy_sum
     from perfmodel.specs import ModelSpec
 
     spec = ModelSpec(n_layers=1, d_model=32, n_heads=4, vocab_size=257, tied_embeddings=tied, kernels="torch")

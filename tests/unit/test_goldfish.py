@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from axon.config import Goldfish
 from axon.goldfish import hash_drop, keep_mask, reference_drop
 from parallel.loss_mask import IGNORE_INDEX, mask_targets
-from parallel.parallelize import cross_entropy_sum
+from parallel.head_loss import cross_entropy_sum
 from parallel.tensor_ops import VocabCrossEntropy
 
 

@@ -237,7 +237,7 @@ def test_per_sample_positions_equal_shared_ones_for_one_document():
 
 
 def test_masked_targets_change_neither_loss_nor_gradients():
-    from parallel.parallelize import cross_entropy_sum
+    from parallel.head_loss import cross_entropy_sum
 
     m = tiny_model(tiny_spec())
     tokens = torch.randint(0, 64, (2, 17))
