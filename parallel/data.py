@@ -72,6 +72,7 @@ class Bucket:
     group_size: int
     ready: set = field(default_factory=set)  # ids of params whose gradient is final in this step
     handle: Any = None
+    wire: torch.Tensor | None = None  # what the collective reduces: `buffer`, or its reduce-dtype copy
 
 
 @dataclass
@@ -89,8 +90,10 @@ class DataParallel:
     """Bucketed, overlapped gradient all-reduce for `groups`: [(params, process group, size)]."""
 
     def __init__(self, groups: Iterable[tuple[list[nn.Parameter], Any, int]], bucket_mb: float = 4.0,
-                 overlap: bool = True):
-        self.overlap = overlap
+                 overlap: bool = True, reduce_dtype: torch.dtype | None = None):
+        """`reduce_dtype`: reduce a copy in this dtype and copy the sum back (None: the buffer's
+        own dtype; parallel/precision.py `reduce_dtype`)."""
+        self.overlap, self.reduce_dtype = overlap, reduce_dtype
         self._last = True  # this backward is the last of the step: reduce what it completes
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
@@ -138,8 +141,10 @@ class DataParallel:
 
     def _launch(self, b: Bucket) -> None:
         if b.group_size > 1:
-            b.handle = dist.all_reduce(b.buffer, group=b.group, async_op=True)
-            self.stats.bytes_reduced += b.buffer.numel() * b.buffer.element_size()
+            cast = self.reduce_dtype not in (None, b.buffer.dtype)
+            b.wire = b.buffer.to(self.reduce_dtype) if cast else b.buffer  # [numel]
+            b.handle = dist.all_reduce(b.wire, group=b.group, async_op=True)
+            self.stats.bytes_reduced += b.wire.numel() * b.wire.element_size()
         else:
             b.handle = True
 
@@ -152,6 +157,9 @@ class DataParallel:
         for b in self.buckets:
             if b.handle is not True and b.handle is not None:
                 b.handle.wait()
+                if b.wire is not b.buffer:
+                    b.buffer.copy_(b.wire)  # the reduce-dtype sum back into the fp32 gradients
+                b.wire = None
         self.stats.wait_s += time.perf_counter() - start
         self.stats.buckets = len(self.buckets)
 

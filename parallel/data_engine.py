@@ -28,7 +28,7 @@ from parallel.data import CommStats, DataParallel
 from parallel.grad_norm import clip_, total_norm
 from parallel.layout import TP_AXES, ParamLayout, decays
 from parallel.layout_dtensor import TensorMesh
-from parallel.precision import compute_tensor
+from parallel.precision import compute_tensor, reduce_dtype
 from perfmodel.specs import Optim, Plan
 
 
@@ -64,7 +64,7 @@ class DataParallelEngine:
                  grid: Grid, optim_cfg: Optim):
         self.named, self.layouts = dict(named), layouts
         self.dp = DataParallel(reduction_groups(self.named, layouts, grid), bucket_mb=plan.bucket_mb,
-                               overlap=plan.overlap_grad_reduce)
+                               overlap=plan.overlap_grad_reduce, reduce_dtype=reduce_dtype(plan.reduce_dtype))
         self.optimizer = adamw(self.named, optim_cfg, layouts=layouts)
         self.weights = {name: 1.0 / layouts[name].copies(plan) for name in self.named}
         tp = grid.group(*TP_AXES)

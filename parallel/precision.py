@@ -1,5 +1,6 @@
 """Mixed precision (`train.dtype`): fp32 master weights where the optimizer lives, bf16 compute
-weights made once per step, fp32 gradients.
+weights made once per step, fp32 gradients (reduced in fp32, or in bf16 under
+`parallel.reduce_dtype=bf16`: `reduce_dtype`).
 
     policy = precision.policy("bf16", device)          # frozen: which dtype computes
     prec = precision.build(policy, chunks, engine)     # engine.compute_weights(dtype) when mixed
@@ -54,6 +55,15 @@ def policy(dtype: str, device: torch.device) -> Policy:
     if dtype not in DTYPES:
         raise PlanError(f"train.dtype={dtype!r} must be auto, fp32 or bf16")
     return Policy(DTYPES[dtype], device.type)
+
+
+def reduce_dtype(plan_reduce_dtype: str) -> torch.dtype:
+    """`parallel.reduce_dtype` (perfmodel/rules.py validated it): the dtype the gradient engines
+    reduce in. Gradients accumulate in their fp32 buffers either way; under bf16 each reduction
+    moves a bf16 copy (half the bytes) and its sum, rounded to bf16, is copied back, as FSDP2's
+    `reduce_dtype` and Megatron's `grad_reduce_in_bf16` do. A group of one rank reduces nothing and
+    rounds nothing."""
+    return DTYPES[plan_reduce_dtype]
 
 
 def compute_tensor(view: torch.Tensor) -> nn.Parameter:

@@ -35,7 +35,8 @@ so under a split backward (B/W) it waits for the W action that completes the wei
 Gradients are SUMMED over the group (the trainer divides the loss by the global token count).
 
 Mixed precision (`compute_weights`, parallel/precision.py): the flat fp32 buffers stay the
-masters (updated, checkpointed; gradients accumulate and are reduced in fp32) and each unit gets a
+masters (updated, checkpointed; gradients accumulate in fp32 and are reduced in fp32, or in a bf16
+copy under `parallel.reduce_dtype=bf16`) and each unit gets a
 flat compute buffer `cfull` in the compute dtype, which the forward reads. Stages 0-2 refresh it
 from `full` after every update; stage 3 keeps a compute copy `cshard` of my shard (refreshed after
 every update) and gathers and frees `cfull` from it instead of `full` (half the bytes moved and
@@ -63,7 +64,7 @@ from parallel.grad_norm import clip_, total_norm
 from parallel.layout import ParamLayout
 from parallel.layout import complete as complete_layouts
 from parallel.offload import HostAdamW
-from parallel.precision import compute_tensor
+from parallel.precision import compute_tensor, reduce_dtype
 from parallel.zero_comm import gather
 from parallel.zero_stage3 import Residency
 from parallel.zero_optim import ShardAdamW
@@ -107,8 +108,10 @@ class ZeroEngine:
     `stage` is 0-3 (perfmodel/rules.py validated it), 0 only with optimizer offload."""
 
     def __init__(self, chunks: list[nn.Module], stage: int, grid: Grid, optim_cfg: Optim, offload: bool,
-                 layouts: Mapping[str, ParamLayout] | None = None):
-        self.stage, self.grid = stage, grid
+                 layouts: Mapping[str, ParamLayout] | None = None, wire: torch.dtype | None = None):
+        """`wire`: the dtype gradients are reduced in (None: their own; parallel/precision.py
+        `reduce_dtype`)."""
+        self.stage, self.grid, self.wire = stage, grid, wire
         self._last_backward = True  # stage 0/1: this backward is the step's last; reduce what it completes
         self.stats = ZeroStats()
         self._inflight: list[tuple[Unit, Any, torch.Tensor | None]] = []
@@ -274,9 +277,12 @@ class ZeroEngine:
                 s.param.grad = None
             out = torch.empty_like(u.grad_shard)
         handle = None
+        if u.group.size > 1 and self.wire not in (None, src.dtype):  # reduce a copy; _complete adds it back
+            src = src.to(self.wire)  # [padded]
+            out = src if out is None else torch.empty(out.shape, dtype=self.wire, device=out.device)
         if u.group.size > 1:
             self.stats.bytes_reduced += src.numel() * src.element_size()
-            if out is None:
+            if out is None or out is src:
                 handle = dist.all_reduce(src, group=u.group.group, async_op=True)
             else:
                 handle = dist.reduce_scatter_single(out, src, group=u.group.group, async_op=True)
@@ -292,7 +298,9 @@ class ZeroEngine:
         u, handle, out = item
         if handle is not None:
             handle.wait()
-        if self.stage == 1:
+        if self.stage == 0 and out is not None:  # the all-reduced reduce-dtype copy
+            u.grad_full.copy_(out)
+        elif self.stage == 1:
             u.grad_shard.copy_(out)
         elif self.stage >= 2:
             u.grad_shard.add_(out)
@@ -408,4 +416,5 @@ def apply(model: nn.Module | Sequence[nn.Module], plan: Plan, grid: Grid, optim_
     local piece is sharded over the group its gradient is summed over (`grad_axes`). The learning
     rate is given to each `step(lr)`."""
     chunks = [model] if isinstance(model, nn.Module) else list(model)
-    return ZeroEngine(chunks, plan.zero, grid, optim_cfg, plan.offload.optimizer, layouts)
+    return ZeroEngine(chunks, plan.zero, grid, optim_cfg, plan.offload.optimizer, layouts,
+                      reduce_dtype(plan.reduce_dtype))

@@ -15,7 +15,7 @@ from typing import Any
 
 from perfmodel import comm, flops, pipeline
 from perfmodel.flops import mfu, n_params
-from perfmodel.memory import (GRAD_BYTES, MASTER_BYTES, Memory, memory, optimizer_bytes_per_param,
+from perfmodel.memory import (GRAD_BYTES, MASTER_BYTES, Memory, memory, optimizer_bytes_per_param, reduce_bytes,
                               stage_activation_bytes, stage_params)
 from perfmodel.specs import Cluster, ModelSpec, Plan
 from perfmodel.split import stage_layers
@@ -174,8 +174,8 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
     if d == 1:
         return 0.0
     link = comm.link_for(plan, ("cp", "dp"), c)
-    # gradients reduce in fp32; ZeRO-3 gathers the compute weights, stages 1-2 the fp32 weights
-    grads = psi * GRAD_BYTES
+    # gradients reduce in parallel.reduce_dtype; ZeRO-3 gathers the compute weights, stages 1-2 the fp32 weights
+    grads = psi * reduce_bytes(plan)
     weights = psi * (c.dtype_bytes if plan.zero >= 3 else max(c.dtype_bytes, MASTER_BYTES))
     # parallel/data.py's bucket layout: at most bucket_mb, at least MIN_BUCKETS buckets once the
     # gradients exceed EDGE_MB, and a last (exposed) bucket of at most EDGE_MB

@@ -44,8 +44,14 @@ class Memory:
         return {**asdict(self), "total": self.total}
 
 
-GRAD_BYTES = 4  # gradients accumulate and reduce in fp32 (parallel/precision.py)
+GRAD_BYTES = 4  # gradients accumulate in fp32 (parallel/precision.py); reduced in `reduce_bytes`
 MASTER_BYTES = 4  # mixed precision: the fp32 master weights beside the compute copy
+
+
+def reduce_bytes(plan: Plan) -> int:
+    """Bytes per gradient element the data-parallel / ZeRO reductions move (`parallel.reduce_dtype`,
+    parallel/precision.py): fp32, or a bf16 copy."""
+    return 2 if plan.reduce_dtype == "bf16" else GRAD_BYTES
 
 
 def optimizer_bytes_per_param(dtype_bytes: int) -> int:

@@ -30,6 +30,7 @@ from perfmodel.specs import AXES, ModelSpec, Plan, PlanError
 ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE = ("none", "selective", "full")  # cheapest first (the search relies on the order)
 CP_MODES = ("ring", "ulysses")
+REDUCE_DTYPES = ("fp32", "bf16")  # parallel.reduce_dtype: parallel/precision.py
 NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
 KERNELS = ("auto", "triton", "torch")  # model.kernels: kernels/__init__.py
 ROPE_SCALINGS = ("none", "llama3")
@@ -71,7 +72,8 @@ def setting_rules(p: Plan) -> list[Violation]:
     if p.zero not in ZERO_STAGES:
         out.append(_v("parallel.zero", f"parallel.zero={p.zero} must be 0, 1, 2 or 3"))
     for name, value, allowed in (("schedule", p.schedule, SCHEDULES),
-                                 ("recompute", p.recompute, RECOMPUTE), ("cp_mode", p.cp_mode, CP_MODES)):
+                                 ("recompute", p.recompute, RECOMPUTE), ("cp_mode", p.cp_mode, CP_MODES),
+                                 ("reduce_dtype", p.reduce_dtype, REDUCE_DTYPES)):
         if value not in allowed:
             out.append(_v(f"parallel.{name}", f"parallel.{name}={value!r} is not one of {allowed}"))
     if not 0.0 <= p.offload.activations <= 1.0:

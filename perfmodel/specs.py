@@ -176,6 +176,9 @@ class Plan:
     overlap_tp_depth_reduce: bool = True  # TP: async dW reduce-scatter over tp_depth
     prefetch_tp_weights: bool = True  # TP: all-gather weights over depth one layer ahead
     cache_tp_weights: bool = False  # TP: keep gathered weights across microbatches of a step
+    # dtype of the data-parallel / ZeRO gradient reductions: fp32 | bf16 (half the bytes moved; the
+    # sum over ranks rounded to bf16; gradients still accumulate in fp32): parallel/precision.py
+    reduce_dtype: str = "fp32"
 
     @property
     def tp(self) -> int:
