@@ -8,10 +8,13 @@ and optionally moved to host memory until its backward.
     out.backward(g); store.release((chunk, mb))
 
 Every saved tensor other than a weight (the `params` given: the parameters and, under mixed
-precision, their compute tensors, parallel/precision.py) is wrapped in a `_Saved` handle; its
-bytes count as device activation memory from F until `release` (after B, or after W when the
-backward is split, where `hold` adds the tensors W keeps). Offloaded bytes move to the host
-count; the peaks of both are the measured activation memory (`stats()`). On a GPU the copies
+precision, their compute tensors, parallel/precision.py) is wrapped in a `_View` of a `_Saved`
+storage: tensors saved as several views of one storage (an attention output saved by the core
+and, reshaped, by the output projection) share one `_Saved`, whose bytes count once as device
+activation memory from F until `release` (after B, or after W when the backward is split, where
+`hold` adds the tensors W keeps) and which moves to the host and back once, the views rebuilt on
+it after a reload. Offloaded bytes count on the host; the peaks of both are the measured
+activation memory (`stats()`). On a GPU the copies
 run on a separate stream from pinned host buffers, ordered by events: an offload waits for the
 forward that produced the data; a reload is waited for (by the compute stream) only when backward
 unpacks the tensor. On the CPU the same logic runs with synchronous copies into separate host
@@ -29,15 +32,36 @@ Key = tuple[int, int]  # (chunk, microbatch)
 
 
 class _Saved:
-    """One saved tensor: on the device, or its host copy while offloaded."""
+    """One saved storage: `base` (uint8 [nbytes] over the whole storage) on the device, or its host
+    copy while offloaded; `views` are the saved tensors on it."""
 
-    __slots__ = ("tensor", "host", "event", "nbytes")
+    __slots__ = ("base", "host", "event", "nbytes", "views")
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor: torch.Tensor | None = tensor
+    def __init__(self, t: torch.Tensor):
+        self.base: torch.Tensor | None = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
         self.host: torch.Tensor | None = None
         self.event: Any = None  # GPU: copy finished (offload or reload)
-        self.nbytes = tensor.numel() * tensor.element_size()
+        self.nbytes = self.base.numel()
+        self.views: list[_View] = []
+
+
+class _View:
+    """One saved tensor: the tensor itself while its storage is on the device, else how to rebuild it."""
+
+    __slots__ = ("saved", "tensor", "dtype", "shape", "stride", "offset")
+
+    def __init__(self, saved: _Saved, t: torch.Tensor):
+        self.saved, self.tensor = saved, t
+        self.dtype, self.shape, self.stride, self.offset = t.dtype, t.shape, t.stride(), t.storage_offset()
+        saved.views.append(self)
+
+    def get(self) -> torch.Tensor:
+        """The saved tensor (a view rebuilt on the reloaded storage after an offload)."""
+        if self.tensor is None:
+            base = self.saved.base
+            self.tensor = torch.empty(0, dtype=self.dtype, device=base.device).set_(
+                base.untyped_storage(), self.offset, self.shape, self.stride)
+        return self.tensor
 
 
 @dataclass
@@ -73,31 +97,37 @@ class ActivationStore:
     def saving(self, key: Key) -> Iterator[None]:
         """Track what autograd saves for `key` while the block runs (its forward)."""
         entries = self._entries.setdefault(key, [])
-        seen: dict[tuple, _Saved] = {}
+        storages: dict[int, _Saved] = {}  # by the storage's address: live storages do not share one
+        seen: dict[tuple, _View] = {}
 
         def pack(t: torch.Tensor) -> Any:
             # weights (and views of them) are not activations; tensors off the device stay as they are
-            if t.device.type != self.device.type or id(t.untyped_storage()) in self._param_storages:
+            storage = t.untyped_storage()
+            if t.device.type != self.device.type or id(storage) in self._param_storages:
                 return t
             sig = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
             if sig in seen:  # the same tensor saved by two ops is held once
                 return seen[sig]
-            saved = seen[sig] = _Saved(t)
-            entries.append(saved)
-            self.device_bytes += saved.nbytes
-            self._note()
-            return saved
+            saved = storages.get(storage.data_ptr())
+            if saved is None:  # a new storage: its bytes are held from now on
+                saved = storages[storage.data_ptr()] = _Saved(t)
+                entries.append(saved)
+                self.device_bytes += saved.nbytes
+                self._note()
+            view = seen[sig] = _View(saved, t)
+            return view
 
-        def unpack(s: Any) -> torch.Tensor:
-            if not isinstance(s, _Saved):
-                return s
-            if s.tensor is None:  # no RELOAD was scheduled in time: bring it back now
+        def unpack(v: Any) -> torch.Tensor:
+            if not isinstance(v, _View):
+                return v
+            s = v.saved
+            if s.base is None:  # no RELOAD was scheduled in time: bring it back now
                 self._reload_one(s)
             if s.event is not None:
                 torch.cuda.current_stream(self.device).wait_event(s.event)
-                s.tensor.record_stream(torch.cuda.current_stream(self.device))
+                s.base.record_stream(torch.cuda.current_stream(self.device))
                 s.event = None
-            return s.tensor
+            return v.get()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
@@ -107,16 +137,18 @@ class ActivationStore:
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         for s in self._entries.get(key, []):
-            if s.tensor is None:
+            if s.base is None:
                 continue
             if self.cuda:
                 with torch.cuda.stream(self.stream):
-                    s.host = torch.empty(s.tensor.shape, dtype=s.tensor.dtype, pin_memory=True)
-                    s.host.copy_(s.tensor, non_blocking=True)
-                    s.tensor.record_stream(self.stream)  # the allocator reuses it after the copy
+                    s.host = torch.empty(s.nbytes, dtype=torch.uint8, pin_memory=True)  # [nbytes]
+                    s.host.copy_(s.base, non_blocking=True)
+                    s.base.record_stream(self.stream)  # the allocator reuses it after the copy
             else:
-                s.host = s.tensor.clone()  # [same shape], a separate host buffer
-            s.tensor, s.event = None, None
+                s.host = s.base.clone()  # [nbytes], a separate host buffer
+            s.base, s.event = None, None
+            for v in s.views:  # the device storage is freed once nothing else holds it
+                v.tensor = None
             self.device_bytes -= s.nbytes
             self.host_bytes += s.nbytes
             self.stats.offloaded_bytes += s.nbytes
@@ -125,11 +157,11 @@ class ActivationStore:
     def _reload_one(self, s: _Saved) -> None:
         if self.cuda:
             with torch.cuda.stream(self.stream):
-                s.tensor = s.host.to(self.device, non_blocking=True)
+                s.base = s.host.to(self.device, non_blocking=True)
                 s.event = torch.cuda.Event()
                 s.event.record(self.stream)
         else:
-            s.tensor = s.host.clone()
+            s.base = s.host.clone()
         s.host = None
         self.device_bytes += s.nbytes
         self.host_bytes -= s.nbytes
@@ -138,7 +170,7 @@ class ActivationStore:
     def reload(self, key: Key) -> None:
         """Start bringing `key`'s activations back (ahead of its backward)."""
         for s in self._entries.get(key, []):
-            if s.tensor is None:
+            if s.base is None:
                 self._reload_one(s)
 
     def note_transient(self, nbytes: int) -> None:
@@ -157,10 +189,11 @@ class ActivationStore:
         """Forget `key`'s saved activations (after B) and/or the W stash (after W)."""
         if saved:
             for s in self._entries.pop(key, []):
-                if s.tensor is not None:
+                if s.base is not None:
                     self.device_bytes -= s.nbytes
                 else:
                     self.host_bytes -= s.nbytes
-                s.tensor = s.host = None
+                s.base = s.host = None
+                s.views.clear()
         if held:
             self.device_bytes -= self._extra.pop(key, 0)

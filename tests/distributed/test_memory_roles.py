@@ -70,18 +70,15 @@ def test_model_states_match_the_model(layout, rel, dtype, tmp_path):
 
 
 @pytest.mark.parametrize("layout, low, high", [
-    (["parallel.dp=8"], 1.00, 1.05),
+    (["parallel.dp=8"], 0.95, 1.00),
     (["parallel.cp=4", "parallel.dp=2", "parallel.cp_mode=ulysses"], 0.95, 1.00),
 ], ids=["dp", "ulysses"])
 def test_activations_as_recorded(layout, low, high, tmp_path):
-    """bf16. dp: the trainer's record (the pipeline store) is 0-5% above the prediction (measured
-    1.027): it counts the attention output twice (two views of one storage: the core's
-    [B, H, S, hd] output and the output projection's [B, S, h] input), the prediction counts the
-    bytes held; and the prediction holds the fused head loss's chunk of logits (kernels/linear_ce.py),
-    alive while the loss runs but never saved, so not in the record. Ulysses keeps two
-    storages of it (before and after the all-to-all), which the prediction counts; its record is
-    0.974 of the prediction: the loss's chunk of logits, predicted and never saved, weighs more at
-    a quarter of the sequence per rank.
-    """
+    """bf16. The trainer's record (the pipeline store, parallel/activation_offload.py) counts each
+    saved storage once, as the prediction counts bytes held; the record is 3-5% below the
+    prediction (dp measured 0.965, Ulysses 0.97): the prediction also holds the fused head loss's
+    chunk of logits (kernels/linear_ce.py), alive while the loss runs but never saved, so not in
+    the record. Ulysses keeps two storages of the attention output (before and after the
+    all-to-all), which both count."""
     got, want = measure([*layout, "train.dtype=bf16"], tmp_path)
     assert low <= got["activations"] / want["activations"] <= high
