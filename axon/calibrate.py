@@ -144,8 +144,8 @@ def _worker(spec: ModelSpec, seq: int) -> dict:
             n = size // 4
             x, full, shard = torch.ones(n), torch.empty(n), torch.empty(n // g)
             ops = {"all_reduce": lambda: dist.all_reduce(x, group=group),
-                   "all_gather": lambda: dist.all_gather_into_tensor(full, x[: n // g], group=group),
-                   "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, x, group=group)}
+                   "all_gather": lambda: dist.all_gather_single(full, x[: n // g], group=group),
+                   "reduce_scatter": lambda: dist.reduce_scatter_single(shard, x, group=group)}
             for kind, op in ops.items():
                 try:
                     t = _timed(lambda: [(a @ a, op()) for _ in range(LOAD_CALLS)]) / LOAD_CALLS - base

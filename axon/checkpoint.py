@@ -208,7 +208,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # ---- loading ----
-RUN_CHOICES = ("kernels",)  # model.* settings that choose an implementation, not the weights
+RUN_CHOICES = ("kernels", "gemm_tuning", "gemm_cache")  # model.* settings that choose an implementation, not the weights
 
 
 def check_compatible(meta: dict[str, Any], model: ModelSpec, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `axon` command: `axon <command> [args]` (train, tune, submit, prepare-data, convert,
+"""The `axon` command: `axon <command> [args]` (train, tune, dry-run, submit, prepare-data, convert,
 generate, eval, checkpoints); each subcommand lives in its own module with a `main(argv) -> int` (and its own `--help`). `axon --version`; an
 unknown command gets the closest one suggested."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Optional
 COMMANDS = {
     "train": ("axon.train", "train a model: axon train model=tiny parallel.dp=4 ... (axon train --help: every setting)"),
     "tune": ("axon.tune", "predict and rank layouts: axon tune model=llama3-8b cluster=perlmutter ..."),
+    "dry-run": ("axon.dry_run", "build one rank of a layout on the CPU, measured vs predicted memory: axon dry-run ..."),
     "submit": ("axon.submit", "submit a Slurm job: axon submit cluster=perlmutter slurm.nodes=4 ..."),
     "prepare-data": ("axon.prepare_data", "tokenize text/JSONL into a .bin token file"),
     "convert": ("axon.convert", "Hugging Face Llama dir <-> Axon checkpoint: axon convert <src> <dst>"),

@@ -6,7 +6,9 @@
 
 HF -> Axon writes the DCP checkpoint of axon/checkpoint.py keyed by Axon parameter names (step 0,
 fresh Adam states, no sampler state), which any layout resumes (`checkpoint.resume=<dir>`); the
-model's shape is read from config.json. Axon -> HF reads one parameter at a time out of the sharded
+model's shape is read from config.json. It streams: each tensor is read from the memory-mapped
+safetensors (or made, for the zero Adam states) when DCP's writer reaches it and freed once
+written, so the host holds about one tensor, never the model (`hf_to_axon`). Axon -> HF reads one parameter at a time out of the sharded
 checkpoint (whatever layout wrote it), so the host holds one tensor plus the safetensors shard
 being written; it writes `model-0000i-of-0000N.safetensors`, `model.safetensors.index.json` and
 `config.json`, which `transformers` loads. Only safetensors and json are read or written.
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+import weakref
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItem
 
 from axon import checkpoint as ckpt
 from axon.errors import Parser, guarded
@@ -46,25 +52,76 @@ def parse_size(text: str) -> int:
     raise ValueError(f"--max-shard-size={text!r} is not a size; write e.g. 5GB, 500MB or 40KB")
 
 
-def hf_to_axon(hf_dir: Path, out: Path) -> Path:
-    """Write the Axon checkpoint of the Hugging Face model in `hf_dir` to `out` (single process)."""
+@dataclass
+class Streamed:
+    """What `hf_to_axon` held: bytes read from the safetensors files, the most tensor bytes alive
+    at once among those it produced for writing (weights and zero Adam states), and the largest
+    single one of them."""
+
+    bytes_read: int = 0
+    peak_live_bytes: int = 0
+    largest_bytes: int = 0
+    live_bytes: int = 0
+
+    def produced(self, t: torch.Tensor) -> torch.Tensor:
+        """Count `t` (a fresh tensor handed to the writer) until it is freed."""
+        n = t.numel() * t.element_size()
+        self.live_bytes += n
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        self.largest_bytes = max(self.largest_bytes, n)
+        weakref.finalize(t, self._freed, n)
+        return t
+
+    def _freed(self, n: int) -> None:
+        self.live_bytes -= n
+
+
+class _StreamingPlanner(DefaultSavePlanner):
+    """DCP's default plan over a state dict of meta tensors (shapes and dtypes only); each tensor's
+    data is made when the writer asks for it (`resolve_data`) and dropped once written."""
+
+    def __init__(self, make: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self.make = make
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        return self.make(write_item.index.fqn)
+
+
+def hf_to_axon(hf_dir: Path, out: Path, stats: Streamed | None = None) -> Path:
+    """Write the Axon checkpoint of the Hugging Face model in `hf_dir` to `out` (one process),
+    streamed: the state dict DCP plans is meta tensors, and each parameter is read from its
+    memory-mapped safetensors file (or each Adam state made as zeros) only when the writer
+    reaches it, into a file of its own (FileSystemWriter with single_file_per_rank=False keeps a
+    file's tensors alive until the file is written, torch/distributed/checkpoint/filesystem.py),
+    so the host holds about one tensor at a time; `stats` receives what was held."""
+    stats = Streamed() if stats is None else stats
     spec = spec_from_dir(hf_dir)
-    model = build(spec)
-    model.to_empty(device="cpu")
+    model = {n: torch.empty_like(p.detach()) for n, p in build(spec).named_parameters()}  # meta: no memory
+    optim: dict[str, torch.Tensor] = {}
+    for n, t in model.items():  # the gradient engines' Adam states before the first step
+        optim.update({f"{n}.step": torch.empty((), device="meta"), f"{n}.exp_avg": torch.empty_like(t),
+                      f"{n}.exp_avg_sq": torch.empty_like(t)})
     reader = SliceReader(hf_dir)
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, p in named.items():
-            p.copy_(read_shard(reader, spec, name, replicated(p.shape)).reshape(p.shape))
-    reader.close()
-    optim = {}
-    for name, p in named.items():  # the gradient engines' Adam states before the first step
-        optim.update({f"{name}.step": torch.zeros(()), f"{name}.exp_avg": torch.zeros_like(p),
-                      f"{name}.exp_avg_sq": torch.zeros_like(p)})
+
+    def make(fqn: str) -> torch.Tensor:
+        group, _, name = fqn.partition(".")  # "model.<param>" or "optim.<param>.<state>"
+        if group == "model":
+            like = model[name]
+            t = read_shard(reader, spec, name, replicated(like.shape)).reshape(like.shape).to(like.dtype)
+        else:
+            t = torch.zeros(optim[name].shape, dtype=optim[name].dtype)
+        return stats.produced(t)
+
     tmp = out.with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save({"model": {n: p.data for n, p in named.items()}, "optim": optim}, checkpoint_id=str(tmp))
+    try:
+        dcp.save({"model": model, "optim": optim}, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False),
+                 planner=_StreamingPlanner(make), no_dist=True)
+    finally:
+        reader.close()
+    stats.bytes_read = reader.bytes_read
     meta = {**ckpt.plan_meta(spec, Plan(), None), "step": 0, "world_size": 1, "converted_from": str(hf_dir)}
     ckpt.seal(tmp, meta)  # the manifest of sizes and hashes, then axon.json
     ckpt.install(tmp, out)  # atomic: an existing `out` is replaced only once the new one is complete

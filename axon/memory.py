@@ -104,6 +104,14 @@ class ActivationMeter:
         return h.tensor if isinstance(h, _Saved) else h
 
 
-def measured(roles: Mapping[str, list[torch.Tensor]], activation_peak: int) -> dict[str, int]:
-    """`memory.measured` for plan.json: params, grads, optimizer, host, activations."""
-    return {**model_state_bytes(roles), "activations": int(activation_peak)}
+def measured(roles: Mapping[str, list[torch.Tensor]], activation_peak: int,
+             device: torch.device | None = None) -> dict[str, int]:
+    """`memory.measured` for plan.json: params, grads, optimizer, host, activations; on a GPU also
+    the caching allocator's peaks since the process started (`allocated_peak`: tensors, with every
+    transient and the gathered buffers the roles leave out; `reserved_peak`: what the allocator
+    held from the device, the number an out-of-memory error is about)."""
+    out = {**model_state_bytes(roles), "activations": int(activation_peak)}
+    if device is not None and device.type == "cuda":
+        out["allocated_peak"] = torch.cuda.max_memory_allocated(device)
+        out["reserved_peak"] = torch.cuda.max_memory_reserved(device)
+    return out

@@ -13,11 +13,12 @@ Positions are either shared, [S] (one sequence layout for the batch: plain causa
 document's positions restart at 0). With per-sample positions, RoPE / learned positions read each
 token's own position and a token attends only to earlier tokens of its own document: token i's
 document starts at index i - positions[i], so documents are told apart by that start
-(`document_mask`, for rows in natural order; the context-parallel cores derive the same from the
-global indices of their shard, parallel/context.py).
+(kernels/flash_attention.py `document_mask`, for rows in natural order; the context-parallel
+cores derive the same from the global indices of their shard, parallel/context.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,6 +27,16 @@ from torch import nn
 
 import kernels
 from perfmodel.specs import ModelSpec
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in the layouts of `gemm_table` (kernels/gemm.py; set by
+    `kernels.gemm.attach` when model.gemm_tuning is on; None: torch's own, bitwise F.linear)."""
+
+    gemm_table = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias, self.gemm_table)  # [.., out]
 
 
 class RMSNorm(nn.Module):
@@ -80,47 +91,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str) -> 
     return flat.view(x.shape)  # [B, S, H, hd]
 
 
-def document_mask(positions: torch.Tensor) -> torch.Tensor:
-    """bool [B, 1, S, S] for per-sample positions [B, S] of rows in natural order: query i sees
-    key j iff j <= i and both belong to the same document (the same start index i - positions[i])."""
-    S = positions.shape[-1]
-    idx = torch.arange(S, device=positions.device)  # [S]
-    start = idx - positions  # [B, S]: where each token's document starts
-    same = start[:, :, None] == start[:, None, :]  # [B, S, S]
-    return (same & (idx[None, :] <= idx[:, None]))[:, None]  # [B, 1, S, S]
-
-
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   positions: torch.Tensor | None = None) -> torch.Tensor:
+                   positions: torch.Tensor | None = None, kind: str = "auto") -> torch.Tensor:
     """Causal attention. q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd]. With per-sample
-    `positions` [B, S] (packed rows), within each document only (`document_mask`); without, the
-    fused `is_causal` path.
-
-    Grouped-query K/V (Hkv < Hq) go to the fused kernel as they are (enable_gqa: saved at Hkv
-    heads). Where no fused kernel takes them (`native_gqa`), enable_gqa would fall back to the
-    unfused math path (s^2 probabilities kept), so K/V are repeated to Hq heads first and saved
-    repeated (docs/activation_memory.md)."""
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
-    mask = None if positions is None else document_mask(positions)  # [B, 1, S, S]
-    gqa = q.shape[2] != k.shape[2]
-    if gqa and not native_gqa(qt, kt, vt, mask):
-        rep = q.shape[2] // k.shape[2]
-        kt, vt, gqa = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1), False
-    if mask is None:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
-
-
-def native_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
-    """Whether scaled_dot_product_attention runs enable_gqa in a fused kernel for these [B, H, S, hd]
-    inputs (and attention `mask`): the CPU flash kernel does; on CUDA only the flash backend (16-bit,
-    Ampere or later, no mask)."""
-    if q.device.type == "cpu":
-        return True
-    if q.device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
-        return False
-    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, mask is None, True)
-    return torch.backends.cuda.can_use_flash_attention(params)
+    `positions` [B, S] (packed rows), within each document only. `kind` (model.kernels) picks
+    scaled_dot_product_attention (grouped K/V as they are where a fused kernel takes them) or the
+    flash-attention Triton kernels (kernels/flash_attention.py; docs/activation_memory.md)."""
+    return kernels.attention(q, k, v, positions, kind)
 
 
 def projection_input(x: torch.Tensor) -> torch.Tensor:
@@ -140,18 +117,20 @@ class Attention(nn.Module):
         super().__init__()
         hd, kv = spec.head_dim, spec.n_kv_heads * spec.head_dim
         self.head_dim, self.kernels = hd, spec.kernels
-        self.wq = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
-        self.wk = nn.Linear(spec.d_model, kv, bias=spec.bias)
-        self.wv = nn.Linear(spec.d_model, kv, bias=spec.bias)
-        self.wo = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
-        self.core = attention_core  # replaced by context parallelism / recomputation wrappers
+        self.wq = Linear(spec.d_model, spec.d_model, bias=spec.bias)
+        self.wk = Linear(spec.d_model, kv, bias=spec.bias)
+        self.wv = Linear(spec.d_model, kv, bias=spec.bias)
+        self.wo = Linear(spec.d_model, spec.d_model, bias=spec.bias)
+        # (q, k, v[, positions]) -> y; replaced by context parallelism / recomputation wrappers
+        self.core = functools.partial(attention_core, kind=spec.kernels)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """`positions` [B, S]: per-sample positions of packed rows (attention within documents)."""
-        B, S = x.shape[:2]
         x = projection_input(x)
-        q = self.wq(x).view(B, S, -1, self.head_dim)  # [B, S, Hq, hd]
+        q = self.wq(x)  # [B, S, Hq*hd] (the whole sequence: under sequence parallelism x holds a shard)
+        B, S = q.shape[:2]
+        q = q.view(B, S, -1, self.head_dim)  # [B, S, Hq, hd]
         k = self.wk(x).view(B, S, -1, self.head_dim)  # [B, S, Hkv, hd]
         v = self.wv(x).view(B, S, -1, self.head_dim)
         if rope is not None:
@@ -165,9 +144,9 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu, self.kernels = spec.mlp == "swiglu", spec.kernels
         if self.swiglu:
-            self.w_gate = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
-        self.w_up = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
-        self.w_down = nn.Linear(spec.d_ff, spec.d_model, bias=spec.bias)
+            self.w_gate = Linear(spec.d_model, spec.d_ff, bias=spec.bias)
+        self.w_up = Linear(spec.d_model, spec.d_ff, bias=spec.bias)
+        self.w_down = Linear(spec.d_ff, spec.d_model, bias=spec.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -209,7 +188,7 @@ class GPT(nn.Module):
         if has_head:
             self.norm = make_norm(spec)
             if not spec.tied_embeddings:
-                self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+                self.head = Linear(spec.d_model, spec.vocab_size, bias=False)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [B, S], positions [S] or [B, S] -> hidden [B, S, h]."""

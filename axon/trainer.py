@@ -35,6 +35,7 @@ from axon.run_dir import RunLock, establish
 from axon.profiling import StepProfiler
 from axon.model import GPT
 from axon.optim import lr_at
+from kernels import gemm
 from launch import dist as launch_dist
 from launch.grid import Grid
 from parallel import grad_engine, layout, pipeline, precision, recompute
@@ -102,6 +103,16 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skips)
         self.mark = _no_mark  # the watchdog's progress mark, set by run()
         self.run_id = ""  # the run owning the run directory's checkpoints, set by run()
+        self.gemm_table: Optional[gemm.GemmTable] = None  # model.gemm_tuning's decisions, set by tune_gemms()
+
+    def tune_gemms(self, rank0: bool) -> None:
+        """model.gemm_tuning (kernels/gemm.py): the layouts of this rank's Linear GEMMs, timed once
+        per shape (none a run directory or the device cache already holds), agreed by all ranks,
+        written to <run dir>/gemm_tuning.json and the cache, and attached to the chunks' Linears."""
+        cfg, plan = self.cfg, self.cfg.plan
+        tokens = plan.micro_batch_size * cfg.train.seq_len // plan.cp  # rows of every Linear GEMM
+        self.gemm_table = gemm.for_run(cfg.model.gemm_tuning, cfg.model.gemm_cache, cfg.run_dir, self.device,
+                                       self.precision.policy.compute, self.pipe.chunks.values(), tokens, rank0)
 
     def weights_changed(self) -> None:
         """The parameters changed outside autograd (an optimizer step, a checkpoint load): drop
@@ -116,6 +127,8 @@ class Trainer:
         global_tokens = cfg.train.global_batch_size * seq
         lr = lr_at(step, cfg.train.lr, cfg.optim, cfg.train.steps)
         local = self.sampler.local_batch(self.train_data, step, self.shard, plan.data_shards)  # [G/shards, S+1]
+        if self.device.type == "cuda":  # page-locked, so the copies to the device below run asynchronously
+            local = local.pin_memory()
         self.mark(step + 1, "data")
         self.engine.zero_grad()
         if self.packed:  # [mbs, S/cp] inputs, targets (prompt, padding ignored), per-sample positions
@@ -205,7 +218,7 @@ class Trainer:
     # ---- checkpoints ----
     def measured_memory(self) -> dict[str, int]:
         """Bytes per rank of model states (by role) and the last step's peak saved activations."""
-        return memory.measured(self.engine.state_tensors(), self.pipe.last_memory.peak_device_bytes)
+        return memory.measured(self.engine.state_tensors(), self.pipe.last_memory.peak_device_bytes, self.device)
 
     def save(self, step: int) -> Path:
         model_state, optim_state = self.engine.state_dict()
@@ -245,6 +258,8 @@ def run(cfg: RunConfig, grid: Grid, device: torch.device, preempt: Any = None,
     try:
         mark(0, "resume")
         trainer.run_id = _run_id(cfg.run_dir, rank0)
+        mark(0, "gemm tuning")
+        trainer.tune_gemms(rank0)
         start = trainer.maybe_resume()
         return _train(cfg, trainer, start, rank0, preempt, plan_info, mark)
     finally:

@@ -187,6 +187,7 @@ def report(header: dict[str, Any], estimates: list[Estimate], cluster: Cluster) 
                  f"optimizer {mem.optimizer / GiB:.2f}, activations {mem.activations / GiB:.2f}, buffers "
                  f"{mem.buffers / GiB:.2f}, overhead {mem.overhead / GiB:.2f}; total {mem.total / GiB:.2f} of {cluster.hbm_bytes / GiB:.2f} HBM"
                  + (f"; host {mem.host / GiB:.2f}" if mem.host else ""))
+    lines += explain.overlap(win)
     lines.append(explain.limits(win, cluster))
     if len(estimates) > 1:
         lines.append(why(win, estimates[1]))

@@ -143,6 +143,19 @@ def limits(e: Estimate, c: Cluster) -> str:
             f"memory headroom {gib(room)} ({room / c.hbm_bytes:.0%} of {gib(c.hbm_bytes)} HBM)")
 
 
+def overlap(e: Estimate) -> list[str]:
+    """Per link, the collectives hidden behind compute (those overlapped with one pass share the
+    link: perfmodel/estimate.py `share_link`) and what of the communication stays exposed."""
+    exposed = ", ".join(f"{STEP_PARTS[k]} {e.breakdown[k]:.3f}s" for k in ("tensor_comm_s", "context_comm_s",
+                                                                         "pipeline_p2p_s", "grad_sync_s")
+                        if e.breakdown.get(k, 0) > 0)
+    lines = []
+    for kind, parts in sorted(e.overlap.items()):
+        hidden = ", ".join(f"{axis} {secs:.3f}s" for axis, secs in parts.items() if axis != "compute")
+        lines.append(f"overlap on the {kind} link: {hidden} hidden behind {parts['compute']:.3f}s of compute")
+    return lines + [f"exposed communication: {exposed or 'none'}"]
+
+
 def tie(win: Estimate, other: Estimate) -> str | None:
     """The tie-break that put `win` first, when #1 and #2 are within TIE of each other."""
     t1, t2 = win.step_time_s, other.step_time_s

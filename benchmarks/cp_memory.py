@@ -36,8 +36,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from axon.model import build
+from kernels import flash_attention
 from launch.local import free_port, init_local
-from parallel import ring_attention
 from parallel.context import RingCore, zigzag_positions
 from parallel.ring_attention import Ring, RingAttention
 from perfmodel.specs import ModelSpec
@@ -96,7 +96,7 @@ def _longest_fitting(spec: ModelSpec, cp: int, batch: int, dtype: torch.dtype, b
 
 def memory_table(spec: ModelSpec, seqs: list[int], cps: list[int], batch: int, dtype: torch.dtype,
                  budget_gib: float) -> str:
-    lines = [f"model: {spec}", f"microbatch {batch}, {dtype}, Q_TILE={ring_attention.Q_TILE}", "",
+    lines = [f"model: {spec}", f"microbatch {batch}, {dtype}, Q_TILE={flash_attention.Q_TILE}", "",
              "| seq | " + " | ".join(f"cp={c} MiB (vs cp=1)" for c in cps) + " |",
              "|---:|" + "---:|" * len(cps)]
     for seq in seqs:

@@ -12,8 +12,10 @@ forward/backward; ring attention error and speed against SDPA; activation offloa
 device memory poisoned (NaN) before reload, gradients bitwise equal to no offload; optimizer
 offload parity (ZeRO offload vs plain); checkpoint save/resume; a small Llama bf16 step (tokens/s,
 MFU, allocator peak vs perfmodel); one rank of ZeRO-3 dp=8 and pp=4 1F1B over torch's fake
-process group, measured memory vs predicted. The model-level checks live in
-benchmarks/gpu_smoke_checks.py.
+process group, measured memory vs predicted; GEMM layout tuning of a Llama-3-8B layer's shapes
+(decisions and speed-ups over torch's layouts); every Triton kernel against its torch path, timed
+against it eager, under torch.compile and against Liger-Kernel (benchmarks/gpu_smoke_kernels.py).
+The model-level checks live in benchmarks/gpu_smoke_checks.py.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 MARK = "GPU_SMOKE_RESULT "  # the child's result line on stdout
 CHECKS = ("versions", "nccl_init", "sdpa_flash", "ring_attention", "activation_offload", "optimizer_offload",
-          "checkpoint_resume", "llama_step", "fake_zero3_dp8", "fake_pp4_1f1b")
+          "checkpoint_resume", "llama_step", "fake_zero3_dp8", "fake_pp4_1f1b", "gemm_tuning", "triton_kernels")
 
 
 def run_all(names: list[str], cpu: bool, timeout_s: float, out: Path) -> list[dict]:

@@ -42,13 +42,14 @@ class Ctx:
 
 
 def run(name: str, ctx: Ctx) -> dict[str, Any]:
-    from benchmarks import gpu_smoke_train
+    from benchmarks import gpu_smoke_kernels, gpu_smoke_train
 
     table: dict[str, Callable[[Ctx], dict[str, Any]]] = {
         "versions": versions, "nccl_init": nccl_init, "sdpa_flash": sdpa_flash, "ring_attention": ring_attention,
         "activation_offload": activation_offload, "optimizer_offload": gpu_smoke_train.optimizer_offload,
         "checkpoint_resume": gpu_smoke_train.checkpoint_resume, "llama_step": gpu_smoke_train.llama_step,
-        "fake_zero3_dp8": gpu_smoke_train.fake_zero3_dp8, "fake_pp4_1f1b": gpu_smoke_train.fake_pp4_1f1b}
+        "fake_zero3_dp8": gpu_smoke_train.fake_zero3_dp8, "fake_pp4_1f1b": gpu_smoke_train.fake_pp4_1f1b,
+        "gemm_tuning": gemm_tuning, "triton_kernels": gpu_smoke_kernels.triton_kernels}
     return table[name](ctx)
 
 
@@ -186,6 +187,49 @@ def ring_attention(ctx: Ctx) -> dict[str, Any]:
     t_sdpa = timed(ctx, lambda: _fwd_bwd(sdpa, [q, k, v], dout), iters)
     return {**{f"err_{n}": e for n, e in errs.items()}, "ring_ms": t_ring * 1e3, "sdpa_ms": t_sdpa * 1e3,
             "ring_vs_sdpa": t_ring / t_sdpa}
+
+
+def gemm_tuning(ctx: Ctx) -> dict[str, Any]:
+    """GEMM layout tuning (kernels/gemm.py): the 8 formulations of the forward, input- and
+    weight-gradient GEMMs of a Llama-3-8B layer's Linear shapes (d 4096, d_ff 14336, 8 KV heads;
+    2048 and 8192 tokens) timed in bf16; the decisions with their speed-ups over torch's layouts
+    (`decisions`, where the layout differs: "role MxNxK form speed-up"), the layer's GEMM time
+    torch's / chosen, and a Linear
+    computing with the table checked against F.linear. --cpu: two small shapes, fp32."""
+    from kernels import gemm
+
+    if ctx.cpu:
+        shapes = {(256, 96, 64), (64, 200, 48)}
+        counts = dict.fromkeys(shapes, 1)
+    else:
+        layer = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+        counts = {}
+        for m in (2048, 8192):
+            for n, k in layer:
+                counts[(m, n, k)] = counts.get((m, n, k), 0) + 1
+    table = gemm.GemmTable(gemm.device_key(ctx.device))
+    t0 = time.perf_counter()
+    table.tune(counts, ctx.device, ctx.dtype, warmup=2 if ctx.cpu else 3, reps=5 if ctx.cpu else 10)
+    tune_s = time.perf_counter() - t0
+    decided, differ, ours, torchs = table.decisions(), [], 0.0, 0.0
+    for (role, m, n, k, dt), form in sorted(decided.items()):
+        times = table.times[(table.device, table.version, (role, m, n, k, dt))]
+        default = times[gemm.DEFAULT[role]]
+        if form != gemm.DEFAULT[role]:
+            differ.append(f"{role} {m}x{n}x{k} {form} {default / times[form]:.2f}")
+        ours, torchs = ours + counts[(m, n, k)] * times[form], torchs + counts[(m, n, k)] * default
+    m, n, k = min(counts)
+    x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+    w = torch.randn(n, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
+    got = _fwd_bwd(lambda a, b: gemm.linear(a, b, None, table), [x, w], dy)
+    ref = _fwd_bwd(F.linear, [x, w], dy)
+    errs = {name: _rel_err(a, r) for name, a, r in zip(("y", "dx", "dw"), got, ref)}
+    if max(errs.values()) > _tolerance(ctx):
+        raise RuntimeError(f"tuned Linear vs F.linear: relative errors {errs} exceed {_tolerance(ctx)}")
+    return {"device_key": table.device, "tune_s": tune_s, "decided": len(decided), "differ": len(differ),
+            "gemm_time_torch_over_chosen": torchs / ours, **{f"err_{k}": v for k, v in errs.items()},
+            "decisions": differ}
 
 
 def activation_offload(ctx: Ctx) -> dict[str, Any]:

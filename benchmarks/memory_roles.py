@@ -21,8 +21,7 @@ statistics (norm rstd, log-sum-exp), which the meter counts too.
 
 Table 2 runs one trainer step: params / grads / optimizer are `axon.memory.model_state_bytes` of
 the engine's state tensors (the bf16 compute weights are in params); activations the pipeline
-store's peak as plan.json records it, and again (a second step on a fresh trainer) with the store
-counting each saved storage once (`storages_counted_once`); host the offloaded optimizer states
+store's peak as plan.json records it (each saved storage once); host the offloaded optimizer states
 plus the store's peak of offloaded activations. Buffers (ZeRO-3 and tp_depth gathered weights)
 are transient and not reported by the runtime: n/m. Predicted: the performance model's `Memory`
 for the same model, plan and dtype (no overhead).
@@ -33,10 +32,8 @@ import argparse
 import json
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,7 +59,7 @@ LAYOUTS = {  # name: overrides (8 ranks each)
 }
 ROLES = ("params", "grads", "optimizer", "activations", "buffers", "host")
 UNMEASURED = ("buffers",)  # transient gathered weights: the runtime reports no byte count for them
-COLUMNS = ("params", "grads", "optimizer", "activations", "activations (storages)", "buffers", "host")
+COLUMNS = ROLES
 
 
 def _fake_world(world: int) -> None:
@@ -142,65 +139,14 @@ def activation_table(dims: dict[str, int], model: list[str]) -> list[dict]:
     return rows
 
 
-@contextmanager
-def storages_counted_once() -> Iterator[None]:
-    """Within: the pipeline's ActivationStore counts a saved storage once per (chunk, microbatch)
-    (as axon.memory.ActivationMeter does), not once per view: a second view of a storage already
-    saved (the attention core's output [B, H, S, hd] and the output projection's input [B, S, h])
-    is kept as a plain tensor. Measurement only: offloading moves the first view alone."""
-    from parallel import activation_offload as ao
-
-    class _View:
-        __slots__ = ("tensor",)
-
-        def __init__(self, tensor: torch.Tensor):
-            self.tensor = tensor
-
-    @contextmanager
-    def saving(self, key):
-        entries = self._entries.setdefault(key, [])
-        seen: set[int] = set()
-
-        def pack(t: torch.Tensor):
-            st = t.untyped_storage()
-            if t.device.type != self.device.type or id(st) in self._param_storages:
-                return t
-            if st.data_ptr() in seen:
-                return _View(t)
-            seen.add(st.data_ptr())
-            saved = ao._Saved(t)
-            saved.nbytes = st.nbytes()
-            entries.append(saved)
-            self.device_bytes += saved.nbytes
-            self._note()
-            return saved
-
-        def unpack(s):
-            return s.tensor if isinstance(s, _View) else original_unpack(s)
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-
-    def original_unpack(s):
-        return s.tensor if isinstance(s, ao._Saved) else s
-
-    before = ao.ActivationStore.saving
-    ao.ActivationStore.saving = saving
-    try:
-        yield
-    finally:
-        ao.ActivationStore.saving = before
-
-
-def measure_roles(overrides: list[str], run_dir: Path, storages: bool) -> tuple[dict[str, int], object]:
+def measure_roles(overrides: list[str], run_dir: Path) -> tuple[dict[str, int], object]:
     """Measured bytes by role on rank 0 of 8 after one step, and the frozen config."""
     from axon import memory
 
     _fake_world(8)
     try:
-        with storages_counted_once() if storages else nullcontext():
-            cfg, t = _trainer(8, overrides, run_dir)
-            t.step(0)
+        cfg, t = _trainer(8, overrides, run_dir)
+        t.step(0)
         t.engine.state_dict()  # creates Adam states a skipped step left uncreated (fake data can overflow)
         got = memory.model_state_bytes(t.engine.state_tensors())
         got["host"] = got.get("host", 0) + t.pipe.last_memory.peak_host_bytes  # + offloaded activations
@@ -213,18 +159,15 @@ def measure_roles(overrides: list[str], run_dir: Path, storages: bool) -> tuple[
 
 def role_row(name: str, overrides: list[str], dtype: str, model: list[str], run_dir: Path) -> dict:
     """Measured and predicted bytes per role on rank 0 of the 8-rank layout `name`; activations
-    as the trainer records them (the store: views of one storage counted apart) and by storage."""
+    as the trainer records them (the pipeline store: each saved storage once)."""
     from perfmodel.estimate import evaluate
     from perfmodel.specs import Cluster
 
     over = [*model, *overrides, f"train.dtype={dtype}"]
-    got, cfg = measure_roles(over, run_dir / "store", storages=False)
-    once, _ = measure_roles(over, run_dir / "storages", storages=True)
-    got["activations (storages)"] = once["activations"]
+    got, cfg = measure_roles(over, run_dir)
     c = replace(Cluster(), dtype_bytes=2 if dtype == "bf16" else 4, overhead_bytes=0.0)
     est = evaluate(cfg.model, cfg.plan, c, cfg.train.global_batch_size, cfg.train.seq_len).memory
     want = {role: getattr(est, role) for role in ROLES}
-    want["activations (storages)"] = est.activations
     return {"layout": name, "dtype": dtype, "measured": {r: got.get(r, 0) for r in COLUMNS}, "predicted": want}
 
 
@@ -246,18 +189,16 @@ def _ratio(got: float, want: float) -> str:
 
 def print_activations(rows: list[dict]) -> None:
     """Per-term ratios: our dense terms against 34/t (no scores here: fused attention), and the
-    whole against 34/t + 5as/(ht); `re-gathered`: the layer if SP re-gathered the norm outputs in
-    backward (Megatron-SP), which keeps them split: projection inputs / t."""
+    whole against 34/t + 5as/(ht); the projection inputs (under SP their sequence shard, re-gathered
+    in backward as Megatron-SP does)."""
     print("| tp_col (SP) | recompute | measured sbh | perfmodel sbh | Megatron 34/t | Megatron 5as/(ht) "
-          "| measured / (34/t) | measured / Megatron | projection inputs sbh | re-gathered / (34/t) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| measured / (34/t) | measured / Megatron | projection inputs sbh |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, dense = r["tp_col"], r["megatron 34/t"]
-        regathered = r["measured"] - r["projection inputs"] * (1 - 1 / t)
         print(f"| {t}{' (SP)' if t > 1 else ''} | {r['recompute']} | {r['measured']:.4f} | {r['perfmodel']:.4f} | "
               f"{dense:.3f} | {r['megatron 5as/ht']:.3f} | {r['measured'] / dense:.3f} | "
-              f"{r['measured'] / (dense + r['megatron 5as/ht']):.3f} | {r['projection inputs']:.3f} | "
-              f"{regathered / dense:.3f} |")
+              f"{r['measured'] / (dense + r['megatron 5as/ht']):.3f} | {r['projection inputs']:.3f} |")
 
 
 def print_roles(rows: list[dict]) -> None:

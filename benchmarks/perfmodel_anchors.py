@@ -1,6 +1,6 @@
 """Predictions of the performance model beside published throughput numbers.
 
-Usage: .venv/bin/python benchmarks/perfmodel_anchors.py
+Usage: .venv/bin/python benchmarks/perfmodel_anchors.py [--large]
 
 Each anchor states the published number with its source, the layout the authors used (as far as
 published; batch sizes marked "assumed" were not), the model's prediction for that layout and
@@ -10,6 +10,7 @@ torchtitan benchmarks/llama3_h100_202412_torchtitan.md.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 
 from axon.config import freeze, load
@@ -19,6 +20,10 @@ from perfmodel.specs import ModelSpec, Plan
 
 GPT80B = ModelSpec(n_layers=44, d_model=12288, n_heads=96, n_kv_heads=96, d_ff=4 * 12288, vocab_size=51200,
                    max_seq_len=2048, norm="layernorm", pos="learned", mlp="gelu", bias=True)  # 12Lh^2 = 80B (assumed shape)
+MTNLG530B = ModelSpec(n_layers=105, d_model=20480, n_heads=128, n_kv_heads=128, d_ff=4 * 20480, vocab_size=51200,
+                      max_seq_len=2048, norm="layernorm", pos="learned", mlp="gelu", bias=True)  # Smith et al. 2022
+GPT1T = ModelSpec(n_layers=128, d_model=25600, n_heads=160, n_kv_heads=160, d_ff=4 * 25600, vocab_size=51200,
+                  max_seq_len=2048, norm="layernorm", pos="learned", mlp="gelu", bias=True)  # Narayanan et al. 2021
 GPT175B = ModelSpec(n_layers=96, d_model=12288, n_heads=96, n_kv_heads=96, d_ff=4 * 12288, vocab_size=51200,
                     max_seq_len=2048, norm="layernorm", pos="learned", mlp="gelu", bias=True)
 
@@ -26,6 +31,46 @@ GPT175B = ModelSpec(n_layers=96, d_model=12288, n_heads=96, n_kv_heads=96, d_ff=
 def preset(model: str, cluster: str, nodes: int, **cluster_changes):
     cfg = freeze(load([f"model={model}", f"cluster={cluster}", f"cluster.nodes={nodes}"]))
     return cfg.model, replace(cfg.cluster, **cluster_changes)
+
+
+def megatron_tokens_per_s(tflops: float, m: ModelSpec, seq: int) -> float:
+    """Tokens/s per GPU behind a Megatron-LM TFLOP/s figure: their count, 96 B s l h^2 (1 + s/6h +
+    V/16lh) per batch of B sequences, includes the full recomputation's extra forward (Narayanan
+    et al. 2021, eq. 3)."""
+    l, h = m.n_layers, m.d_model
+    return tflops * 1e12 / (96 * l * h * h * (1 + seq / (6 * h) + m.vocab_size / (16 * l * h)))
+
+
+def large_runs():
+    """Published large runs with their layouts (issue 19's validation table): (name, published
+    value, unit, model, cluster, world, gbs, seq, layout, note)."""
+    _, meta8k = preset("tiny", "dgx-h100", 1024)
+    _, meta16k = preset("tiny", "dgx-h100", 2048)
+    l405, _ = preset("llama3.1-405b", "dgx-h100", 1)
+    # Selene / the MT-NLG cluster: DGX A100 80 GB, 8 GPUs per node on NVSwitch (600 GB/s NVLink), one
+    # 200 Gb/s HDR InfiniBand NIC per GPU; the Perlmutter preset's A100 figures otherwise
+    _, dgxa100 = preset("tiny", "perlmutter", 280, gpus_per_node=8, hbm_bytes=85.9e9, intra_bw=230e9, inter_bw=22e9,
+                        mem_bw=2.039e12, host_bytes=1e12)
+    sel384 = replace(dgxa100, nodes=384)
+    llama3 = dict(tp_col=8, pp=16, sequence_parallel=True, micro_batch_size=1, schedule="interleaved",
+                  virtual_stages=8)  # one layer per chunk (the paper names the interleaved schedule, not v)
+    l405_128 = replace(l405, n_layers=128)  # Meta balanced 126 layers over 16 stages unevenly; we need 16 | 128 chunks
+    return [
+        ("Llama 3 405B, 8,192 H100, TP8 PP16 DP64", 0.43, "MFU", l405_128, meta8k, 8192, 2048, 8192,
+         Plan(dp=64, zero=1, **llama3), "Llama 3 paper (arXiv 2407.21783) Table 4: 430 TFLOP/s/GPU, 43% BF16 MFU; "
+                                        "batch 32/DP x 64 = 2048 x 8192; ZeRO-1, v=8 assumed (v=2: 0.87, v=4: 0.95)"),
+        ("Llama 3 405B, 16,384 H100, TP8 PP16 DP128", 0.41, "MFU", l405_128, meta16k, 16384, 2048, 8192,
+         Plan(dp=128, zero=1, **llama3), "same table: 400 TFLOP/s/GPU, 41%; batch 16/DP x 128 = 2048 (v=2: 0.75, v=4: 0.88)"),
+        ("MT-NLG 530B, 2,240 A100, TP8 PP35 DP8", megatron_tokens_per_s(126, MTNLG530B, 2048), "tok/s/GPU",
+         MTNLG530B, dgxa100, 2240, 1920, 2048,
+         Plan(dp=8, tp_col=8, pp=35, zero=1, micro_batch_size=1, recompute="full"),
+         "Smith et al. 2022 (arXiv 2201.11990): 126 TFLOP/s/GPU (Megatron count, full recompute), batch 1920 x 2048"),
+        ("Megatron GPT 1T, 3,072 A100, TP8 PP64 DP6", megatron_tokens_per_s(163, GPT1T, 2048), "tok/s/GPU",
+         GPT1T, sel384, 3072, 3072, 2048,
+         Plan(dp=6, tp_col=8, pp=64, micro_batch_size=1, recompute="full", schedule="interleaved", virtual_stages=2),
+         "Narayanan et al. 2021 (arXiv 2104.04473) Table 1: 163 TFLOP/s/GPU (52% of peak, Megatron count), "
+         "batch 3072 x 2048; interleaved v=2 assumed"),
+    ]
 
 
 def anchors():
@@ -68,13 +113,19 @@ def fmt(x: float, unit: str) -> str:
 
 
 def main() -> None:
-    print("| anchor | published | predicted (their layout) | predicted (our best plan) | our best plan | note |")
-    print("|---|---|---|---|---|---|")
-    for name, pub, unit, model, cluster, world, gbs, seq, layout, note in anchors():
-        theirs = "-"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--large", action="store_true", help="only the published large runs (issue 19's table), with "
+                                                         "predicted / published")
+    large = p.parse_args().large
+    print("| anchor | published | predicted (their layout) | predicted / published | predicted (our best plan) | "
+          "our best plan | note |")
+    print("|---|---|---|---|---|---|---|")
+    for name, pub, unit, model, cluster, world, gbs, seq, layout, note in large_runs() + ([] if large else anchors()):
+        theirs = ratio = "-"
         if layout is not None:
             e = estimate(model, layout, cluster, gbs, seq)
             theirs = fmt(value(e, unit), unit) + ("" if e.fits else " (does not fit)")
+            ratio = f"{value(e, unit) / pub:.2f}"
         best = search(model, cluster, world, {}, gbs, seq, top=1).estimates
         ours, plan = ("no fit", "-")
         if best:
@@ -83,7 +134,7 @@ def main() -> None:
             ours = fmt(value(b, unit), unit)
             plan = (f"dp={p.dp} pp={p.pp} cp={p.cp} tp={p.tp_col}x{p.tp_row}x{p.tp_depth} zero={p.zero} "
                     f"{p.schedule}/v{p.virtual_stages} mbs={p.micro_batch_size} rc={p.recompute}")
-        print(f"| {name} | {fmt(pub, unit)} | {theirs} | {ours} | {plan} | {note} |")
+        print(f"| {name} | {fmt(pub, unit)} | {theirs} | {ratio} | {ours} | {plan} | {note} |", flush=True)
 
 
 if __name__ == "__main__":

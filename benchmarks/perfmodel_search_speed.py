@@ -15,8 +15,7 @@ import argparse
 import time
 
 from axon.config import freeze, load
-from perfmodel import pipeline, split
-from perfmodel.search import search
+from perfmodel.search import clear_caches, search
 
 
 def main() -> None:
@@ -28,8 +27,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for world in args.worlds:
         for layers in args.layers:
-            pipeline.simulated.cache_clear()  # each search pays for its own simulations
-            split.stage_layers.cache_clear()
+            clear_caches()  # each search pays for its own simulations, splits and placements
             cfg = freeze(load(["model=llama3.1-405b", "cluster=dgx-h100", f"model.n_layers={layers}"]))
             t = time.process_time()
             res = search(cfg.model, cfg.cluster, world, {}, global_batch_size=2048, seq_len=8192)

@@ -6,6 +6,10 @@ and the PyTorch reference (docs/architecture.md, "Adding a kernel").
     q = kernels.rope(q, cos, sin, kind)
     h = kernels.swiglu(gate, up, kind)
     loss = kernels.linear_cross_entropy(x, weight, targets, kind)   # head matmul + CE, fused by chunk
+    y = kernels.linear(x, weight, bias, table)         # table: kernels.gemm.GemmTable (model.gemm_tuning)
+    y = kernels.attention(q, k, v, positions, kind)                 # causal (GQA, packed rows)
+    out, lse = kernels.attention_block(q, kv, causal, scale, qd, kd, kind)   # ring attention's block pair
+    dq, dkv = kernels.attention_block_backward(q, kv, dout, lse, delta, causal, scale, qd, kd, kind)
 
 `auto` runs Triton on GPUs (where Triton is installed) and the PyTorch path on CPU; `triton`
 forces the kernels (on CPU under Triton's interpreter, as the tests do); `torch` forces the
@@ -13,7 +17,13 @@ PyTorch path. perfmodel/rules.py validates the setting. The PyTorch path of rms_
 is an autograd.Function running the reference's forward and saving only what its backward needs
 (docs/activation_memory.md); rope is the reference itself (it saves only the angle tables).
 linear_cross_entropy is chunked on both paths (torch ops or Triton per chunk), never the whole
-logits (kernels/linear_ce.py).
+logits (kernels/linear_ce.py). attention's PyTorch path is scaled_dot_product_attention, its
+Triton path flash attention (saves q, k, v, the output and the log-sum-exp either way); the block
+functions return the block's log-sum-exp for ring attention's merge (kernels/flash_attention.py).
+linear runs each of a Linear's three GEMMs (forward, input and weight gradient) in the layout the
+GEMM table chose for its shape (None: torch's own, bitwise F.linear); kernels/gemm.py also gives
+those GEMMs to the Linears with their own autograd.Function (tensor parallelism, the pipeline's
+deferred weight gradient).
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from kernels import linear_ce, rmsnorm, rope as _rope, swiglu as _swiglu
+from kernels import flash_attention, gemm, linear_ce, rmsnorm, rope as _rope, swiglu as _swiglu
 from kernels.rmsnorm import SumAcross
 from kernels.triton_support import available
 
@@ -64,3 +74,38 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     only), kernels/linear_ce.py."""
     triton_path = vocab_reduce is None and use_triton(kind, x)
     return linear_ce.linear_cross_entropy(x, weight, targets, triton_path, chunk, vocab_start, vocab_reduce)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: Optional[torch.Tensor] = None,
+              kind: str = "auto") -> torch.Tensor:
+    """Causal attention, q [B, S, Hq, hd], k/v [B, S, Hkv, hd] -> [B, S, Hq, hd]; with per-sample
+    positions [B, S] (packed rows) within each document only, kernels/flash_attention.py."""
+    if use_triton(kind, q):
+        return flash_attention.attention_triton(q, k, v, positions)
+    return flash_attention.attention_torch(q, k, v, positions)
+
+
+def attention_block(q: torch.Tensor, kv: torch.Tensor, causal: bool, scale: float, qd: Optional[torch.Tensor] = None,
+                    kd: Optional[torch.Tensor] = None, kind: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One block pair of ring attention: q [B, Hkv, rep, Sq, hd], kv [2, B, Hkv, Sk, hd] (document
+    starts qd [B, Sq], kd [B, Sk] or None) -> out fp32 [B, Hkv, rep, Sq, hd], lse fp32 [B, Hkv, rep, Sq],
+    kernels/flash_attention.py."""
+    fn = flash_attention.block_triton if use_triton(kind, q) else flash_attention.block_reference
+    return fn(q, kv, causal, scale, qd, kd)
+
+
+def attention_block_backward(q: torch.Tensor, kv: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                             delta: torch.Tensor, causal: bool, scale: float, qd: Optional[torch.Tensor] = None,
+                             kd: Optional[torch.Tensor] = None,
+                             kind: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one block pair from the final lse and delta = rowsum(dout * out) [B, Hkv, rep, Sq]
+    -> dq fp32 [B, Hkv, rep, Sq, hd], dkv fp32 [2, B, Hkv, Sk, hd], kernels/flash_attention.py."""
+    fn = flash_attention.block_backward_triton if use_triton(kind, q) else flash_attention.block_backward_reference
+    return fn(q, kv, dout, lse, delta, causal, scale, qd, kd)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           table: Optional[gemm.GemmTable] = None) -> torch.Tensor:
+    """F.linear(x [.., K], weight [N, K], bias [N]) -> [.., N], each GEMM in the layout `table`
+    chose for this shape (None: torch's formulations), kernels/gemm.py."""
+    return gemm.linear(x, weight, bias, table)

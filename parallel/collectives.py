@@ -65,7 +65,7 @@ class Collectives:
             out.copy_(inp.reshape(out.shape))
             return Done() if async_op else None
         self._count(axis, "all_gather", out)
-        return dist.all_gather_into_tensor(out, inp, group=ax.group, async_op=async_op)
+        return dist.all_gather_single(out, inp, group=ax.group, async_op=async_op)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, axis: str, async_op: bool = False) -> Any:
         """Sum `inp` over `axis` and keep this rank's chunk (along dim 0) in `out`."""
@@ -74,17 +74,22 @@ class Collectives:
             out.copy_(inp.reshape(out.shape))
             return Done() if async_op else None
         self._count(axis, "reduce_scatter", inp)
-        return dist.reduce_scatter_tensor(out, inp, group=ax.group, async_op=async_op)
+        return dist.reduce_scatter_single(out, inp, group=ax.group, async_op=async_op)
 
     def gather_along(self, t: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
         """All-gather `t` over `axis`, concatenated along `dim` (blocking)."""
+        out, _ = self.start_gather_along(t, axis, dim, async_op=False)
+        return out
+
+    def start_gather_along(self, t: torch.Tensor, axis: str, dim: int, async_op: bool = True) -> tuple[torch.Tensor, Any]:
+        """`gather_along` launched: (the result, valid once the handle's `wait()` returned; the handle)."""
         n = self.size(axis)
         if n == 1:
-            return t
+            return t, Done()
         src = t.movedim(dim, 0).contiguous()  # [chunk, ...]
         out = torch.empty((n * src.shape[0],) + src.shape[1:], dtype=t.dtype, device=t.device)
-        self.all_gather(out, src, axis)
-        return out.movedim(0, dim)
+        handle = self.all_gather(out, src, axis, async_op=async_op)
+        return out.movedim(0, dim), handle if async_op else Done()
 
     def scatter_along(self, t: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
         """Reduce-scatter `t` over `axis`: sum over ranks, keep this rank's chunk along `dim`."""

@@ -15,7 +15,7 @@ Packed rows (axon/sft_data.py: per-sample positions [b, S/cp] restarting at 0 pe
 `shard_packed`): the cores take the positions as a fourth argument. Token g (global index) of a
 row belongs to the document starting at g - position[g]; ring attention sends these starts around
 with K/V and masks keys of other documents; Ulysses all-gathers the positions into natural order
-for the inner core, which masks by them (axon/model.py `document_mask`).
+for the inner core, which masks by them (kernels/flash_attention.py `document_mask`).
 
 Usage (the trainer): `ctx = apply(model, spec, plan, grid)` on the meta model, then per
 microbatch `inputs, targets, positions = ctx.shard(tokens)` and `model(inputs, positions)`.
@@ -53,18 +53,19 @@ def zigzag_positions(seq_len: int, cp: int, coord: int) -> torch.Tensor:
 
 
 class RingCore:
-    """`attn.core` replacement: causal ring attention of the local zig-zag shard."""
+    """`attn.core` replacement: causal ring attention of the local zig-zag shard, its block math
+    by `kind` (model.kernels: auto | triton | torch, kernels/flash_attention.py)."""
 
-    def __init__(self, ring: Ring):
-        self.ring = ring
+    def __init__(self, ring: Ring, kind: str = "auto"):
+        self.ring, self.kind = ring, kind
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
-            return RingAttention.apply(q, k, v, self.ring)  # [B, S/cp, Hq, hd]
+            return RingAttention.apply(q, k, v, self.ring, None, self.kind)  # [B, S/cp, Hq, hd]
         cp, s = self.ring.size, q.shape[1]
         g = zigzag_positions(cp * s, cp, self.ring.coord).to(positions.device)  # [S/cp] global indices
-        return RingAttention.apply(q, k, v, self.ring, g - positions)  # documents' starts [B, S/cp]
+        return RingAttention.apply(q, k, v, self.ring, g - positions, self.kind)  # documents' starts [B, S/cp]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -182,7 +183,7 @@ def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid) -> ContextP
     ring = Ring(axis.size, axis.coord, axis.ranks, axis.group)
     for _, block in blocks(model):
         if plan.cp_mode == "ring":
-            wrap_attention_core(block, lambda core: RingCore(ring))
+            wrap_attention_core(block, lambda core: RingCore(ring, spec.kernels))
         else:
             wrap_attention_core(block, lambda core: UlyssesCore(core, plan.cp, axis.group))
     return ctx

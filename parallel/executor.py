@@ -44,9 +44,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import gemm
 from parallel.activation_offload import ActivationStore
 from parallel.grad_engine import GradEngine
 from parallel.head_loss import HeadLoss
@@ -78,7 +78,8 @@ class WeightGradStash:
         for linear, x, dy in items:
             x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [tokens, in], [tokens, out]
             params.append(linear.weight)
-            grads.append((dy2.t() @ x2.to(dy2.dtype)).to(linear.weight.dtype))  # [out, in]
+            form = gemm.choose(linear.gemm_table, "dw", dy2.shape[0], *linear.weight.shape, dy2.dtype)
+            grads.append(gemm.weight_grad(dy2, x2.to(dy2.dtype), form).to(linear.weight.dtype))  # [out, in]
             if linear.bias is not None:
                 params.append(linear.bias)
                 grads.append(dy2.sum(0).to(linear.bias.dtype))  # [out]
@@ -91,15 +92,20 @@ class _DeferredLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, linear, stash):
         ctx.linear, ctx.stash = linear, stash
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        form = gemm.choose(linear.gemm_table, "fwd", x2.shape[0], *weight.shape, gemm.compute_dtype(x))
+        return gemm.forward(x2, weight, bias, form).view(*x.shape[:-1], weight.shape[0])  # [..., out]
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = (dy @ weight.to(dy.dtype)).to(x.dtype)  # [..., in]
+        table, dy2 = ctx.linear.gemm_table, dy.reshape(-1, dy.shape[-1])  # [tokens, out]
+        form = gemm.choose(table, "dx", dy2.shape[0], *weight.shape, dy.dtype)
+        dx = gemm.input_grad(dy2, weight.to(dy.dtype), form).view(*dy.shape[:-1], weight.shape[1]).to(x.dtype)
         if ctx.stash.active is None:  # not deferring (a full backward): weight grads now
-            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-            dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
+            x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+            form = gemm.choose(table, "dw", dy2.shape[0], *weight.shape, dy.dtype)
+            dw = gemm.weight_grad(dy2, x2.to(dy2.dtype), form).to(weight.dtype)
             db = dy2.sum(0).to(weight.dtype) if ctx.linear.bias is not None else None
             return dx, dw, db, None, None
         ctx.stash.active.append((ctx.linear, x, dy))
@@ -107,23 +113,25 @@ class _DeferredLinearFn(torch.autograd.Function):
 
 
 class DeferredLinear(nn.Linear):
-    """nn.Linear whose weight gradient can be deferred to W (see the module docstring)."""
+    """nn.Linear whose weight gradient can be deferred to W (see the module docstring); its GEMMs
+    run in the layouts of `gemm_table` (kernels/gemm.py; None: torch's)."""
 
     stash: WeightGradStash
+    gemm_table = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DeferredLinearFn.apply(x, self.weight, self.bias, self, self.stash)
 
 
 def defer_weight_grads(chunk: nn.Module, stash: WeightGradStash) -> list[nn.Parameter]:
-    """Turn the chunk's plain nn.Linear modules but its head (`chunk.head`, whose weight the fused
-    head loss reads directly) into DeferredLinear in place (parameters, names and values unchanged,
-    as torch's fully_shard does with its module classes). Returns the chunk's parameters whose
-    gradients B still computes (all but the deferred weights and biases)."""
+    """Turn the chunk's nn.Linear modules (axon.model.Linear included) but its head (`chunk.head`,
+    whose weight the fused head loss reads directly) into DeferredLinear in place (parameters,
+    names and values unchanged, as torch's fully_shard does with its module classes). Returns the
+    chunk's parameters whose gradients B still computes (all but the deferred weights and biases)."""
     deferred: set[int] = set()
     head = getattr(chunk, "head", None)
     for module in chunk.modules():
-        if type(module) is nn.Linear and module is not head:
+        if isinstance(module, nn.Linear) and not isinstance(module, DeferredLinear) and module is not head:
             module.__class__ = DeferredLinear
             module.stash = stash
             deferred.update(id(p) for p in module.parameters())

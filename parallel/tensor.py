@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import gemm
 from launch.grid import Grid
 from parallel.collectives import Collectives
 from parallel.layout import DATA_AXES, TP_AXES, ParamLayout
 from parallel.shard import Shard
-from parallel.sequence import gather_seq, local_positions, scatter_seq
+from parallel.sequence import SEQ_DIM, local_positions, scatter_seq
 from parallel.tensor_ops import ReduceFrom, SumAcross, VocabCrossEntropy
 from parallel.tensor_weights import DepthStore, DepthWeight
 from perfmodel import rules
@@ -78,18 +79,27 @@ class _Projections(torch.autograd.Function):
     weights), all reading the same x. Backward sums the ops' local input gradients and reduces the
     sum once over the out-axis (async, overlapped with the dW GEMMs), as Megatron's fused QKV and
     fc1 do. `succ` is the weight of the op after the group in forward order, whose deferred depth
-    reduce-scatter this backward collects; inside the group each op collects the next one's."""
+    reduce-scatter this backward collects; inside the group each op collects the next one's.
+
+    Under sequence parallelism (`_Group.gathers`) x arrives sequence-sharded [B, S/tp_col, in_l]:
+    forward gathers the sequence, and only the shard is saved; backward gathers it again for the
+    dW GEMMs (launched first, hidden behind the dX GEMMs) and reduce-scatters the summed dX over
+    the sequence, as Megatron-SP does (the gathered input is never kept between the passes)."""
 
     @staticmethod
     def forward(ctx, x, succ, group: "_Group", *weights):
         ys = []
+        ctx.save_for_backward(x)  # under SP the shard [B, S/tp_col, in_l]
+        if group.gathers:
+            x = group.ops[0].comm.gather_along(x, COL, SEQ_DIM)  # [B, S, in_l]
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in_l]
         for op in group.ops:
             w = op.store.weight(op.dw, "fwd")  # [out_l, in_l]
-            y = F.linear(x, w)  # [B, S, out_l] partial over the in-axis
+            form = gemm.choose(op.gemm_table, "fwd", x2.shape[0], *w.shape, gemm.compute_dtype(x))
+            y = gemm.forward(x2, w, None, form).view(*x.shape[:-1], w.shape[0])  # [B, S, out_l] partial over the in-axis
             if op.reduce_out:
                 op.comm.all_reduce(y, op.in_axis)
             ys.append(y)
-        ctx.save_for_backward(x)
         ctx.group, ctx.has_succ = group, succ is not None
         return tuple(ys)
 
@@ -97,9 +107,14 @@ class _Projections(torch.autograd.Function):
     def backward(ctx, *dys):
         (x,) = ctx.saved_tensors
         group: _Group = ctx.group
+        comm = group.ops[0].comm
+        full, gathered = comm.start_gather_along(x, COL, SEQ_DIM) if group.gathers else (x, None)  # [B, S, in_l]
         dx = group.input_grad(dys)  # [B, S, in_l], summed over the group
         handle = group.reduce_input_grad(dx)
-        dweights = group.weight_grads(x, dys)
+        if gathered is not None:
+            gathered.wait()
+            dx = comm.scatter_along(dx, COL, SEQ_DIM)  # [B, S/tp_col, in_l], summed over tp_col
+        dweights = group.weight_grads(full, dys)
         dsucc = group.ops[-1].store.take_deferred(group.ops[-1].succ) if ctx.has_succ else None
         if handle is not None:
             handle.wait()
@@ -114,6 +129,7 @@ class _Group:
 
     def __init__(self, ops: list["TPLinear"]):
         self.ops = ops
+        self.gathers = ops[0].gather  # input sequence-sharded (SP): gathered inside `_Projections`
         self._x: Optional[torch.Tensor] = None
         self._ready: dict[int, torch.Tensor] = {}  # by position in `ops`: computed, not yet taken
 
@@ -132,15 +148,17 @@ class _Group:
         dx = None
         for op, dy in reversed(list(zip(self.ops, dys))):
             w = op.store.weight(op.dw, "bwd").to(dy.dtype)  # gathered again unless cached (autocast: dy's dtype)
+            dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out_l]
+            form = gemm.choose(op.gemm_table, "dx", dy2.shape[0], *w.shape, dy.dtype)
             if dx is None:
-                dx = dy @ w  # [B, S, in_l]
+                dx = gemm.input_grad(dy2, w, form).view(*dy.shape[:-1], w.shape[1])  # [B, S, in_l]
             else:
-                dx.view(-1, dx.shape[-1]).addmm_(dy.reshape(-1, dy.shape[-1]), w)
+                gemm.input_grad(dy2, w, form, acc=dx.view(-1, dx.shape[-1]))
         return dx
 
     def reduce_input_grad(self, dx: torch.Tensor) -> Any:
-        """Launch the one reduction of the group's input gradient (None where the consumer reduces:
-        under SP the sequence gather's reduce-scatter sums it)."""
+        """Launch the one reduction of the group's input gradient (None under SP: `_Projections`
+        reduce-scatters it over the sequence)."""
         op = self.ops[0]
         if not op.reduce_in_grad:
             return None
@@ -153,7 +171,9 @@ class _Group:
         grads: list[Optional[torch.Tensor]] = [None] * len(self.ops)
         for i in reversed(range(len(self.ops))):
             op, dy = self.ops[i], dys[i]
-            dw = dy.reshape(-1, dy.shape[-1]).t() @ x2.to(dy.dtype)  # [out_l, in_l]
+            dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out_l]
+            form = gemm.choose(op.gemm_table, "dw", dy2.shape[0], dy2.shape[1], x2.shape[1], dy.dtype)
+            dw = gemm.weight_grad(dy2, x2.to(dy.dtype), form)  # [out_l, in_l]
             grads[i] = op.store.reduce_grad(op.dw, dw.to(op.weight.dtype), defer=op.defer)
         for i, op in enumerate(self.ops[1:], 1):
             if grads[i] is None:  # deferred to the op before it, which is in this group
@@ -224,6 +244,8 @@ class _DepthSharded(nn.Module):
 
 
 class TPLinear(_DepthSharded):
+    gemm_table = None  # the GEMM layouts of its forward and gradients (kernels/gemm.py attach; None: torch's)
+
     def __init__(self, linear: nn.Linear, env: _Env, orient: tuple[str, str]):
         super().__init__()
         self.in_axis, self.out_axis = orient
@@ -231,10 +253,15 @@ class TPLinear(_DepthSharded):
         self.bias = _meta(self.row_span.stop - self.row_span.start) if linear.bias is not None else None
         # Under SP the tp_col reductions are the sequence gather/scatter around the op.
         self.scatter = env.sp and self.in_axis == COL
+        self.gather = env.sp and self.out_axis == COL  # its input comes sequence-sharded (SP)
         self.reduce_out = not self.scatter
-        self.reduce_in_grad = not (env.sp and self.out_axis == COL)
+        self.reduce_in_grad = not self.gather
         self.overlap_dx = env.plan.overlap_tp_input_grad
         self.group = _Group([self])  # `_share_inputs` puts projections of one input together
+
+    def gemm_shape(self) -> tuple[int, int]:
+        """(out_l, in_l) of its local GEMM: the [rows, cols] piece before depth flattening."""
+        return self.row_span.stop - self.row_span.start, self.col_span.stop - self.col_span.start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.output(self, x)  # [B, S, out_l]
@@ -292,7 +319,7 @@ class TPPositions(nn.Module):
 
 class TPNorm(nn.Module):
     """RMSNorm / LayerNorm of a [.., d/tp_row] shard with statistics summed over tp_row; under
-    SP it then gathers the sequence (it always feeds a QKV-type op)."""
+    SP its output stays sequence-sharded (it always feeds a QKV-type group, which gathers it)."""
 
     def __init__(self, norm: nn.Module, env: _Env):
         super().__init__()
@@ -316,7 +343,7 @@ class TPNorm(nn.Module):
             y = (xc * torch.rsqrt(self._sum(xc.pow(2)) / self.d + self.eps)).to(x.dtype) * self.weight
         if self.bias is not None:
             y = y + self.bias
-        return gather_seq(y, self.env.comm, COL) if self.env.sp else y
+        return y  # [B, S or S/tp_col, d/tp_row]
 
     def layouts(self) -> dict[str, ParamLayout]:
         axes = REPLICATED + ((COL,) if self.env.sp else ())

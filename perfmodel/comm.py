@@ -8,20 +8,25 @@ All sizes are bytes; times are seconds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import attrgetter
 
 from perfmodel.specs import Cluster, ModelSpec, Plan
 
 INNER_FIRST = ("tp_col", "tp_row", "tp_depth", "cp", "dp", "pp")
+_sizes = attrgetter(*INNER_FIRST)  # a plan's degrees in rank order, innermost first
 
 
 @dataclass(frozen=True)
 class Link:
-    """Latency (s per hop) and bandwidth (bytes/s per device) a group's ring runs at."""
+    """Latency (s per hop) and bandwidth (bytes/s per device) a group's ring runs at; `kind`: which
+    of the device's links carries it ("intra-node": NVLink / the node's fabric, "inter-node": the
+    NIC). Collectives on one kind of link share its bandwidth (perfmodel/estimate.py `share_link`)."""
 
     alpha: float
     beta: float
+    kind: str = field(default="intra-node", compare=False)
 
 
 def all_reduce(size: float, group: int, link: Link) -> float:
@@ -49,11 +54,15 @@ def p2p(size: float, link: Link) -> float:
 
 def stride_of(plan: Plan, axis: str) -> int:
     """Rank distance between neighbours along `axis` (product of the inner axes' sizes)."""
+    return _stride(_sizes(plan), axis)
+
+
+def _stride(sizes: tuple[int, ...], axis: str) -> int:
     stride = 1
-    for inner in INNER_FIRST:
+    for inner, size in zip(INNER_FIRST, sizes):
         if inner == axis:
             return stride
-        stride *= getattr(plan, inner)
+        stride *= size
     raise ValueError(f"unknown axis {axis!r}; one of {INNER_FIRST}")
 
 
@@ -62,17 +71,22 @@ def inside_node(plan: Plan, axes: tuple[str, ...], gpus_per_node: int) -> bool:
 
     A group's members occupy an aligned block of stride(innermost) * size(all axes) ranks; it
     stays in a node when that block divides the node."""
+    return _inside_node(_sizes(plan), axes, gpus_per_node)
+
+
+@lru_cache(maxsize=1 << 14)  # the search asks for the same few layouts' groups many times
+def _inside_node(sizes: tuple[int, ...], axes: tuple[str, ...], gpus_per_node: int) -> bool:
     inner = min(axes, key=INNER_FIRST.index)
-    block = stride_of(plan, inner)
+    block = _stride(sizes, inner)
     for axis in axes:
-        block *= getattr(plan, axis)
+        block *= sizes[INNER_FIRST.index(axis)]
     return block <= gpus_per_node and gpus_per_node % block == 0
 
 
 def link_for(plan: Plan, axes: tuple[str, ...], cluster: Cluster) -> Link:
     if inside_node(plan, axes, cluster.gpus_per_node):
-        return Link(cluster.intra_lat, cluster.intra_bw)
-    return Link(cluster.inter_lat, cluster.inter_bw)
+        return Link(cluster.intra_lat, cluster.intra_bw, "intra-node")
+    return Link(cluster.inter_lat, cluster.inter_bw, "inter-node")
 
 
 def group_size(plan: Plan, axes: tuple[str, ...]) -> int:
@@ -131,8 +145,10 @@ def tensor_volumes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) ->
     `tokens` = this rank's tokens of the microbatch (already / Z, / cp), a first-of-pair Linear
     all-reduces its output (tokens x n/X) over Y, and each group of them reading one input its
     summed dX (tokens x k/Y) over X; the second all-reduces its output (tokens x n/Y) over X and
-    its dX (tokens x k/X) over Y. With sequence parallelism the groups' dX all-reduces over X
-    become one reduce-scatter per sequence gather (the same ring cost as an all-reduce each)."""
+    its dX (tokens x k/X) over Y. With sequence parallelism each group's dX all-reduce over X
+    becomes the all-gather of its sequence-sharded input for the weight gradients and the
+    reduce-scatter of its dX (parallel/tensor.py `_Projections`): together the ring cost of an
+    all-reduce."""
     x, y = plan.tp_col, plan.tp_row
     fc = fr = bc = br = w = 0.0
     firsts = seconds = 0

@@ -6,11 +6,14 @@ head), stretched by the schedule's bubble, then the data-parallel / ZeRO gradien
 the backward did not hide, then the optimizer step. Per microbatch the stage computes
 forward + backward (+ recomputation) of its blocks and waits for whatever tensor, context and
 pipeline communication is not overlapped (docs/architecture.md, Formulas for every volume).
+Overlap is earned: a collective hides only behind the compute it overlaps, and the collectives
+overlapped with one pass on one link share its bandwidth (`share_link`); `Estimate.overlap` says
+what is hidden on which link.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from perfmodel import comm, flops, pipeline
@@ -32,6 +35,9 @@ class Estimate:
     breakdown: dict[str, float]  # seconds per step by component; they sum to step_time_s
     pipeline: pipeline.ScheduleCost
     fits: bool  # device memory <= cluster.hbm_bytes and offloaded bytes fit the host
+    # link kind -> {axis: seconds per step of its collectives hidden behind compute on that link,
+    # "compute": the compute they hide behind}; what is not hidden is in the breakdown's comm parts
+    overlap: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +51,7 @@ class Estimate:
             "pipeline": {"bubble_fraction": self.pipeline.bubble_fraction,
                          "peak_activations": self.pipeline.peak_activations, "source": self.pipeline.source},
             "fits": self.fits,
+            "overlap": {kind: dict(parts) for kind, parts in self.overlap.items()},
         }
 
 
@@ -68,10 +75,19 @@ class MicrobatchCosts:
     tensor: float
     context: float
     backward: float  # backward compute, the window that hides the gradient reduction
+    layers: int = 0  # the stage's Blocks
+    block: BlockCosts | None = None  # one Block's costs (with the collectives hidden per link); None: no Blocks
 
     @property
     def total(self) -> float:
         return self.compute + self.recompute + self.tensor + self.context
+
+    def busy(self, kind: str) -> tuple[float, float]:
+        """Seconds the `kind` link is busy with the stage's hidden Block collectives in the forward
+        and in the backward of this microbatch: what is left of the compute for other traffic."""
+        if self.block is None:
+            return 0.0, 0.0
+        return self.layers * self.block.busy_fwd.get(kind, 0.0), self.layers * self.block.busy_bwd.get(kind, 0.0)
 
 
 @dataclass(frozen=True)
@@ -98,17 +114,68 @@ def block_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockComput
     return BlockCompute(gemm, attn, head)
 
 
-def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int) -> MicrobatchCosts:
+def share_link(hidden: dict[tuple[str, str], float], window: float, c: Cluster) -> float:
+    """The contention rule. Collectives overlapped with one pass's compute (`window` seconds) that
+    run on one kind of link share its bandwidth: together they keep it busy for the sum of their
+    times, so per link at most `window` of that sum is hidden and the rest is exposed.
+    `hidden`: seconds each (link kind, axis) would hide on its own; scaled down in place to what
+    the shared link hides; returns the seconds exposed by the sharing."""
+    exposed = 0.0
+    for kind in {k for k, _ in hidden}:
+        busy = sum(v for (k, _), v in hidden.items() if k == kind)
+        room = window if c.ranks_per_unit <= 1 else 0.0
+        if busy > room:
+            exposed += busy - room
+            for key in [key for key in hidden if key[0] == kind]:
+                hidden[key] *= room / busy
+    return exposed
+
+
+def _busy(hidden: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Seconds each kind of link is busy with a pass's hidden collectives."""
+    out: dict[str, float] = {}
+    for (kind, _), v in hidden.items():
+        out[kind] = out.get(kind, 0.0) + v
+    return out
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Seconds one Block of one microbatch spends on a rank, forward and backward, by component:
+    what `microbatch_costs` multiplies by the stage's layers. The tensor-parallel terms are kept
+    apart where recomputation and the depth-gather cache price them differently."""
+
+    compute: BlockCompute
+    tensor: float  # forward all-reduces and the exposed backward ones
+    forward_ar: float  # the forward all-reduces (full recomputation replays them)
+    gather: float  # one all-gather of the Block's weights over tp_depth (cache_tp_weights: once a step)
+    depth: float  # the exposed tp_depth gathers (unless cached) and weight-gradient reduce-scatter
+    context: float  # exposed context-parallel traffic
+    shared: float  # exposed because overlapped collectives of several axes share one link (`share_link`)
+    hidden_fwd: dict[tuple[str, str], float]  # (link kind, axis) -> seconds hidden behind the forward
+    hidden_bwd: dict[tuple[str, str], float]  # ... and behind the backward
+    busy_fwd: dict[str, float]  # link kind -> seconds busy with them in the forward
+    busy_bwd: dict[str, float]  # ... and in the backward
+
+
+def block_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockCosts:
+    """One Block's costs (BlockCosts). They depend on the tensor and context degrees, sequence
+    parallelism, cp_mode, the micro-batch size and the tensor-parallel overlap switches; not on dp,
+    pp, ZeRO, the schedule, recomputation or offload, so the search computes them once for the many
+    layouts that share them.
+
+    Overlap is earned: each collective hides at most behind the compute it overlaps (the dX
+    all-reduce behind the dW GEMM, ring hops behind the attention, depth gathers and the gradient
+    reduce-scatter behind the pass), and the collectives a pass overlaps on one link share it
+    (`share_link`)."""
     e = c.dtype_bytes
     x, y, z = plan.tp_col, plan.tp_row, plan.tp_depth
     tokens = plan.micro_batch_size * seq / plan.cp
-    layers = stage_layers(m, plan.pp, seq)
-    linears = comm.block_linears(m)
     bc = block_compute(m, plan, c, seq)
-    gemm, attn, head = bc.gemm, bc.attn, bc.head
+    gemm, attn = bc.gemm, bc.attn
     fwd = gemm + attn
-    redo = {"none": 0.0, "selective": attn, "full": fwd + c.block_overhead_s / 3}[plan.recompute]
-    redo_layers = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
+    hidden_fwd: dict[tuple[str, str], float] = {}
+    hidden_bwd: dict[tuple[str, str], float] = {}
 
     vol = comm.tensor_volumes(m, plan, tokens, e)
     col, row = comm.link_for(plan, ("tp_col",), c), comm.link_for(plan, ("tp_row",), c)
@@ -116,21 +183,28 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
     norms = 2 * comm.all_reduce(vol.norms, y, row)  # two norms; statistics summed over tp_row
     forward_ar = fwd_col * comm.all_reduce(vol.fwd_over_col / fwd_col, x, col) + \
         fwd_row * comm.all_reduce(vol.fwd_over_row / fwd_row, y, row) + norms
-    backward_ar = bwd_col * comm.all_reduce(vol.bwd_over_col / bwd_col, x, col) + \
-        bwd_row * comm.all_reduce(vol.bwd_over_row / bwd_row, y, row) + norms
-    tensor = forward_ar + _exposed(backward_ar, gemm, plan.overlap_tp_input_grad, c)
-    if plan.recompute == "full":
-        tensor += forward_ar * redo_layers / layers
+    backward_col = bwd_col * comm.all_reduce(vol.bwd_over_col / bwd_col, x, col)
+    backward_ar = backward_col + bwd_row * comm.all_reduce(vol.bwd_over_row / bwd_row, y, row) + norms
+    exposed_dx = _exposed(backward_ar, gemm, plan.overlap_tp_input_grad, c)
+    tensor = forward_ar + exposed_dx
+    if backward_ar > exposed_dx:  # the hidden part, on the tp_col and tp_row links in proportion
+        _add(hidden_bwd, (col.kind, "tp"), (backward_ar - exposed_dx) * backward_col / backward_ar)
+        _add(hidden_bwd, (row.kind, "tp"), (backward_ar - exposed_dx) * (1 - backward_col / backward_ar))
+    gather = depth = 0.0
     if z > 1:
-        depth = comm.link_for(plan, ("tp_depth",), c)
-        gather = len(linears) * comm.all_gather(vol.weights / len(linears), z, depth)
-        scatter = len(linears) * comm.reduce_scatter(vol.weights / len(linears), z, depth)
-        if plan.cache_tp_weights:  # gathered once per step, kept for backward and later microbatches
-            tensor += gather / micro
-        else:
-            prefetch = plan.prefetch_tp_weights
-            tensor += _exposed(gather, fwd, prefetch, c) + _exposed(gather, 2 * fwd, prefetch, c)
-        tensor += _exposed(scatter, 2 * fwd, plan.overlap_tp_depth_reduce, c)
+        linears = comm.block_linears(m)
+        link = comm.link_for(plan, ("tp_depth",), c)
+        gather = len(linears) * comm.all_gather(vol.weights / len(linears), z, link)
+        scatter = len(linears) * comm.reduce_scatter(vol.weights / len(linears), z, link)
+        prefetch, reduce = plan.prefetch_tp_weights and not plan.cache_tp_weights, plan.overlap_tp_depth_reduce
+        if not plan.cache_tp_weights:  # gathered before the forward, and again before the backward
+            depth = _exposed(gather, fwd, prefetch, c)
+            _add(hidden_fwd, (link.kind, "tp_depth"), gather - depth)
+        # the backward's gather and the weight-gradient reduce-scatter share the depth link
+        overlapped = (gather if prefetch else 0.0) + (scatter if reduce else 0.0)
+        exposed_b = _exposed(overlapped, 2 * fwd, True, c)
+        _add(hidden_bwd, (link.kind, "tp_depth"), overlapped - exposed_b)
+        depth += exposed_b + (0.0 if prefetch or plan.cache_tp_weights else gather) + (0.0 if reduce else scatter)
 
     context = 0.0
     if plan.cp > 1:
@@ -138,14 +212,53 @@ def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int)
         if plan.cp_mode == "ring":  # K, V blocks hop around the ring, hidden behind the attention blocks;
             # backward: cp - 1 K/V hops and cp hops of the gradient accumulators (parallel/ring_attention.py)
             hop = comm.p2p(comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1), link)
-            context = _exposed((plan.cp - 1) * hop, attn, True, c) + \
-                _exposed((2 * plan.cp - 1) * hop, 2 * attn, True, c)
+            ring_f, ring_b = (plan.cp - 1) * hop, (2 * plan.cp - 1) * hop
+            exposed_f, exposed_b = _exposed(ring_f, attn, True, c), _exposed(ring_b, 2 * attn, True, c)
+            context = exposed_f + exposed_b
+            _add(hidden_fwd, (link.kind, "cp"), ring_f - exposed_f)
+            _add(hidden_bwd, (link.kind, "cp"), ring_b - exposed_b)
         else:  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
             context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
+    shared = share_link(hidden_fwd, fwd, c) + share_link(hidden_bwd, 2 * fwd, c)
+    return BlockCosts(bc, tensor, forward_ar, gather, depth, context, shared, hidden_fwd, hidden_bwd,
+                      _busy(hidden_fwd), _busy(hidden_bwd))
 
-    compute = layers * (3 * fwd + c.block_overhead_s) + 3 * head
+
+def _add(hidden: dict[tuple[str, str], float], key: tuple[str, str], seconds: float) -> None:
+    if seconds > 0:
+        hidden[key] = hidden.get(key, 0.0) + seconds
+
+
+def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int,
+                     blk: BlockCosts | None = None) -> MicrobatchCosts:
+    """The bottleneck stage's costs of one microbatch. `blk`: the plan's `block_costs` when known
+    (then the plan's micro-batch size and cp_mode, which only they depend on, are not read)."""
+    layers = stage_layers(m, plan.pp, seq)
+    blk = blk or block_costs(m, plan, c, seq)
+    gemm, attn, head = blk.compute.gemm, blk.compute.attn, blk.compute.head
+    fwd = gemm + attn
+    redo = {"none": 0.0, "selective": attn, "full": fwd + c.block_overhead_s / 3}[plan.recompute]
+    redo_layers = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
+    tensor = blk.tensor + blk.depth + blk.shared  # sharing a link exposes collectives of several axes: counted here
+    if plan.recompute == "full":
+        tensor += blk.forward_ar * redo_layers / layers
+    if plan.cache_tp_weights:  # depth gathers once per step, kept for backward and later microbatches
+        tensor += blk.gather / micro
+    compute = _stage_compute(layers, fwd, head, c)
     return MicrobatchCosts(compute=compute, recompute=redo_layers * redo, tensor=layers * tensor,
-                       context=layers * context, backward=2 * (layers * fwd + head))
+                           context=layers * blk.context, backward=2 * (layers * fwd + head), layers=layers, block=blk)
+
+
+def _stage_compute(layers: int, fwd: float, head: float, c: Cluster) -> float:
+    """Forward + backward compute of the stage's Blocks and its head for one microbatch."""
+    return layers * (3 * fwd + c.block_overhead_s) + 3 * head
+
+
+def microbatch_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
+    """`microbatch_costs(...).compute` alone, without the communication (a cheap lower bound of the
+    microbatch's time)."""
+    bc = block_compute(m, plan, c, seq)
+    return _stage_compute(stage_layers(m, plan.pp, seq), bc.gemm + bc.attn, bc.head, c)
 
 
 def p2p_send(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
@@ -163,17 +276,29 @@ def offload_time(fraction: float, unit_bytes: float, c: Cluster, compute: float)
 
 
 def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro: int, units: int) -> float:
-    """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step.
+    """Exposed seconds of the data-parallel (dp x cp) gradient reduction / ZeRO traffic per step."""
+    return sync_traffic(plan, c, psi, mb, micro, units)[0]
+
+
+def sync_traffic(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro: int, units: int
+                 ) -> tuple[float, float, str]:
+    """(exposed seconds, seconds of collectives, link kind) of the data-parallel (dp x cp) gradient
+    reduction / ZeRO traffic per step.
 
     Collectives are counted as the runtime issues them, each paying its latency: plain data
     parallelism all-reduces its buckets (layout below); ZeRO works on `units` flat buffers
     per rank (one per Block and one for the embeddings / head, parallel/zero.py): stage 1
     reduce-scatters each unit's gradient once per step, stage 2 on every microbatch, stage 3
-    also gathers each unit before its forward and again before its backward."""
+    also gathers each unit before its forward and again before its backward. They hide behind
+    the pass's compute less what the same link spends on the Blocks' hidden collectives then
+    (`MicrobatchCosts.busy`, the contention rule), and ZeRO-3's backward gather and gradient
+    reduce-scatter share that window."""
     d = plan.dp * plan.cp
     if d == 1:
-        return 0.0
+        return 0.0, 0.0, ""
     link = comm.link_for(plan, ("cp", "dp"), c)
+    busy_f, busy_b = mb.busy(link.kind)
+    fwd_window, bwd_window = max(mb.backward / 2 - busy_f, 0.0), max(mb.backward - busy_b, 0.0)
     # gradients reduce in parallel.reduce_dtype; ZeRO-3 gathers the compute weights, stages 1-2 the fp32 weights
     grads = psi * reduce_bytes(plan)
     weights = psi * (c.dtype_bytes if plan.zero >= 3 else max(c.dtype_bytes, MASTER_BYTES))
@@ -186,15 +311,21 @@ def gradient_sync(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro
     if plan.zero == 0:
         buckets = 1 + math.ceil((grads - tail) / bucket)
         reduce = buckets * comm.all_reduce(grads / buckets, d, link)
-        return max(_exposed(reduce, mb.backward, plan.overlap_grad_reduce, c), last_bucket)
+        return max(_exposed(reduce, bwd_window, plan.overlap_grad_reduce, c), last_bucket), reduce, link.kind
     scatter = units * comm.reduce_scatter(grads / units, d, link)
     rounds = micro if plan.zero >= 2 else 1  # stage 2+: every microbatch's gradient, as backward produces it
-    hidden = max(_exposed(rounds * scatter, rounds * mb.backward, plan.overlap_grad_reduce, c), last_bucket / 2)
     gather = units * comm.all_gather(weights / units, d, link)
     if plan.zero < 3:  # updated shards gathered after the step
-        return hidden + gather
-    # ZeRO-3: parameters gathered for forward and again for backward of every microbatch, prefetched
-    return hidden + micro * (_exposed(gather, mb.backward / 2, True, c) + _exposed(gather, mb.backward, True, c))
+        hidden = max(_exposed(rounds * scatter, rounds * bwd_window, plan.overlap_grad_reduce, c), last_bucket / 2)
+        return hidden + gather, rounds * scatter + gather, link.kind
+    # ZeRO-3: parameters gathered for forward and again for backward of every microbatch, prefetched;
+    # the backward's gather shares the link with the gradient's reduce-scatter
+    forward = micro * _exposed(gather, fwd_window, True, c)
+    if plan.overlap_grad_reduce:
+        backward = max(_exposed(micro * (scatter + gather), micro * bwd_window, True, c), last_bucket / 2)
+    else:
+        backward = micro * (scatter + _exposed(gather, bwd_window, True, c))
+    return forward + backward, micro * (scatter + 2 * gather), link.kind
 
 
 def zero_units(m: ModelSpec, plan: Plan, seq: int) -> int:
@@ -235,7 +366,7 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
     offload = offload_time(plan.offload.activations if plan.pp > 1 else 0.0, unit, c, mb.compute)
     sched = pipeline.schedule_cost(plan.schedule, plan.pp, micro, plan.virtual_stages)
     psi = stage_params(m, plan.pp, seq_len) / plan.tp
-    sync = gradient_sync(plan, c, psi, mb, micro, zero_units(m, plan, seq_len))
+    sync, sync_traffic_s, sync_link = sync_traffic(plan, c, psi, mb, micro, zero_units(m, plan, seq_len))
     opt = optimizer_time(plan, c, psi)
     bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt, c.ranks_per_unit)
     tokens_per_s = global_batch_size * seq_len / step
@@ -244,8 +375,16 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
                  "tensor_comm_s": micro * mb.tensor, "context_comm_s": micro * mb.context,
                  "pipeline_p2p_s": micro * p2p, "offload_s": micro * offload, "bubble_s": bubble,
                  "grad_sync_s": sync, "optimizer_s": opt}
+    overlap: dict[str, dict[str, float]] = {}
+    for hidden in (mb.block.hidden_fwd, mb.block.hidden_bwd) if mb.block else ():
+        for (kind, axis), seconds in hidden.items():
+            overlap.setdefault(kind, {})[axis] = overlap.get(kind, {}).get(axis, 0.0) + micro * mb.layers * seconds
+    if sync_traffic_s > sync:
+        overlap.setdefault(sync_link, {})["dp"] = sync_traffic_s - sync
+    for parts in overlap.values():
+        parts["compute"] = micro * 1.5 * mb.backward  # forward and backward
     return Estimate(plan, n_params(m), step, tokens_per_s, mfu(m, seq_len, tokens_per_s, plan.world_size, c.peak_flops),
-                    mem, breakdown, sched, fits(mem, c))
+                    mem, breakdown, sched, fits(mem, c), overlap)
 
 
 def fits(mem: Memory, c: Cluster) -> bool:

@@ -120,8 +120,8 @@ def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
       measurement can account for every byte, left out of `layer_activation_bytes`.
     Splits: 3D TP (parallel/tensor.py) splits the residual region [b, s, h/tp_row] over tp_row (and
     the sequence over tp_col with SP); q, k, v, the attention output and the MLP interior over
-    tp_col only (heads are computed redundantly over tp_row). SP saves the sequence-gathered
-    projection inputs, where Megatron-SP re-gathers them in backward. Selective recomputation
+    tp_col only (heads are computed redundantly over tp_row). SP saves the projection inputs'
+    sequence shard and re-gathers it in backward, as Megatron-SP. Selective recomputation
     re-runs the core from its saved inputs (no scores, no log-sum-exp); full recomputation keeps
     the block input only. With cp the local sequence is seq/cp (queries) against seq keys; Ulysses
     (`ulysses`, cp > 1) keeps the attention output twice: the core's, head-sharded, and the output
@@ -143,7 +143,7 @@ def layer_activation_terms(m: ModelSpec, seq: int, batch: int, *, tp_col: int = 
     lse = m.n_heads / tp_col if flash and recompute == "none" else 0.0
     return {
         "norm inputs": sb * 2 * h * r / region,
-        "projection inputs": sb * 2 * h * e / tp_row,  # gathered over the sequence under SP
+        "projection inputs": sb * 2 * h * e / region,  # the sequence shard under SP (re-gathered in backward)
         "q, k, v": sb * (h + 2 * kv) * e / tp_col,
         "attention output": sb * h * e / tp_col * (2 if ulysses and cp > 1 else 1),
         "mlp": sb * mlp * e / tp_col,
@@ -195,11 +195,13 @@ def loss_chunk_tokens(tokens: float, width: int, vocab: int) -> int:
 
 def logits_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int) -> float:
     """The last stage's final norm, logits and their fp32 softmax for one microbatch (vocab split
-    over tp_col, replicated over tp_row like the heads; the norm over tp_row). Fused
+    over tp_col, replicated over tp_row like the heads; the norm over tp_row, and its sequence over
+    tp_col under SP). Fused
     (`fused_head_loss`): the norm's input and output, the fp32 log-sum-exp per token and one
     chunk of logits with its fp32 copy, alive while the loss runs."""
     tokens = plan.micro_batch_size * seq / plan.cp
-    norm = 2 * m.d_model / plan.tp_row * dtype_bytes  # input, output
+    region = plan.tp_row * (plan.tp_col if plan.sequence_parallel else 1)  # the residual stream's split
+    norm = 2 * m.d_model / region * dtype_bytes  # input, output (under SP the head re-gathers its input)
     if fused_head_loss(plan):
         chunk = min(tokens, loss_chunk_tokens(tokens, m.d_model, m.vocab_size))
         return tokens * (norm + 4) + chunk * m.vocab_size * (dtype_bytes + 4)

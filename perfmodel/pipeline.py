@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from perfmodel.schedules import V_SHAPED, build
+from perfmodel.schedules import V_SHAPED, chunks_per_rank, compute_orders
 from perfmodel.schedule_sim import simulate
 
 SIMULATED_PP = 16  # simulate schedules up to this many stages ...
@@ -69,8 +69,9 @@ def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
 
 @lru_cache(maxsize=4096)
 def simulated(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
-    """Bubble and peak activations of the runtime's own action lists, simulated (unit costs)."""
-    result = simulate(build(schedule, pp, m, v))
+    """Bubble and peak activations of the runtime's own action lists, simulated (unit costs; the
+    compute actions alone: messages take no time and offloads are priced apart)."""
+    result = simulate(compute_orders(schedule, pp, m, v))
     peaks = result.peak_activations
     head = peaks[0] if schedule in V_SHAPED else peaks[-1]
     return ScheduleCost(result.bubble_fraction, float(max(peaks)), "simulated", float(head))
@@ -81,6 +82,24 @@ def schedule_cost(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
     if pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES:
         return simulated(schedule, pp, m, v)
     return closed_form(schedule, pp, m, v)
+
+
+EXACT_BUBBLE = ("gpipe", "1f1b", "interleaved")  # closed-form bubble == simulated, within the simulated range
+
+
+def bubble_floor(schedule: str, pp: int, m: int, v: int = 1) -> float:
+    """A lower bound of `schedule_cost(...).bubble_fraction` without simulating. The closed form
+    where it is the simulated value: beyond the simulated range, and for EXACT_BUBBLE, whose unit-cost
+    simulation equals it at every pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES the rules allow
+    (checked over the whole range when written; tests/unit/test_perfmodel_pipeline.py samples it).
+    Otherwise every rank has 3m units of work (F + B, or F + B + W, of a full stage per
+    microbatch) and the last rank's first input arrives only after pp - 1 chunk forwards of
+    1/chunks each, so the step takes at least 3m + (pp - 1)/chunks. Shaded by 1e-9 so that
+    rounding never lifts it above the simulated value."""
+    if pp > SIMULATED_PP or m > SIMULATED_MICROBATCHES or schedule in EXACT_BUBBLE:
+        return closed_form(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
+    delay = (pp - 1) / chunks_per_rank(schedule, v)
+    return delay / (3 * m + delay) * (1 - 1e-9)
 
 
 def p2p_per_microbatch(schedule: str, v: int) -> int:

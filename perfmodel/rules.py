@@ -33,6 +33,7 @@ CP_MODES = ("ring", "ulysses")
 REDUCE_DTYPES = ("fp32", "bf16")  # parallel.reduce_dtype: parallel/precision.py
 NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
 KERNELS = ("auto", "triton", "torch")  # model.kernels: kernels/__init__.py
+GEMM_TUNING = ("auto", "on", "off")  # model.gemm_tuning: kernels/gemm.py
 ROPE_SCALINGS = ("none", "llama3")
 
 
@@ -60,9 +61,13 @@ def model_rules(m: ModelSpec) -> list[Violation]:
         out.append(_v("model.d_model", f"RoPE needs an even head dim; change model.d_model or model.n_heads "
                                        f"(head_dim={m.head_dim})"))
     for name, value, allowed in (("norm", m.norm, NORMS), ("pos", m.pos, POSITIONS), ("mlp", m.mlp, MLPS),
-                                 ("rope_scaling", m.rope_scaling, ROPE_SCALINGS), ("kernels", m.kernels, KERNELS)):
+                                 ("rope_scaling", m.rope_scaling, ROPE_SCALINGS), ("kernels", m.kernels, KERNELS),
+                                 ("gemm_tuning", m.gemm_tuning, GEMM_TUNING)):
         if value not in allowed:
             out.append(_v(f"model.{name}", f"model.{name}={value!r} is not one of {allowed}"))
+    if m.gemm_cache is not None and not m.gemm_cache.strip():
+        out.append(_v("model.gemm_cache", "model.gemm_cache is empty; give a directory, or null for "
+                                          "<run dir>/../gemm_cache"))
     return out
 
 

@@ -26,6 +26,7 @@ grouping of pp microbatches per chunk round); V schedules need virtual_stages ==
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 F, B, W = "F", "B", "W"
@@ -80,18 +81,21 @@ def build(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
           offload: float = 0.0) -> list[list[Action]]:
     """Per-rank ordered action lists for `schedule` (see the module docstring)."""
     check(schedule, pp, microbatches, virtual_stages, offload)
-    place = placement(schedule, pp, virtual_stages)
-    m = microbatches
-    if schedule in ("none", "gpipe"):
-        orders = [[Action(F, i, r) for i in range(m)] + [Action(B, i, r) for i in range(m)]
-                  for r in range(pp)] if schedule == "gpipe" else [_interleaved_1f1b(0, 1, m, 1)]
-    elif schedule in ("1f1b", "interleaved"):
-        v = virtual_stages if schedule == "interleaved" else 1
-        orders = [_interleaved_1f1b(r, pp, m, v) for r in range(pp)]
-    else:
-        orders = _greedy_split(place, pp, m, _memory_cap(schedule, pp))
+    orders = compute_orders(schedule, pp, microbatches, virtual_stages)
     reloads, offloads = _offload_plan(orders, offload)
-    return _with_p2p(orders, place, reloads, offloads)
+    return _with_p2p(orders, placement(schedule, pp, virtual_stages), reloads, offloads)
+
+
+def compute_orders(schedule: str, pp: int, m: int, virtual_stages: int = 1) -> list[list[Action]]:
+    """Per-rank ordered F/B/W actions of `schedule`, before messages and offloads are inserted: all
+    that timing and activation peaks depend on (SEND/RECV take no time; `build` checks the settings)."""
+    if schedule in ("none", "gpipe"):
+        return [[Action(F, i, r) for i in range(m)] + [Action(B, i, r) for i in range(m)]
+                for r in range(pp)] if schedule == "gpipe" else [_interleaved_1f1b(0, 1, m, 1)]
+    if schedule in ("1f1b", "interleaved"):
+        v = virtual_stages if schedule == "interleaved" else 1
+        return [_interleaved_1f1b(r, pp, m, v) for r in range(pp)]
+    return _greedy_split(placement(schedule, pp, virtual_stages), pp, m, _memory_cap(schedule, pp))
 
 
 def check(schedule: str, pp: int, m: int, v: int, offload: float) -> None:
@@ -166,8 +170,11 @@ def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Ac
             return 0.0 if c == 0 else end.get((F, c - 1, i), inf)
         return end.get((F, c, i), inf) if c == n - 1 else end.get((B, c + 1, i), inf)
 
-    while any(remaining):
-        r = min((r for r in range(pp) if remaining[r]), key=lambda r: (free[r], stalled[r], r))
+    # the rank to act next: the earliest free, one that found nothing to run last, the lowest; only
+    # the acting rank's entry changes, so a heap with one entry per rank with work left holds the order
+    turns = [(0.0, False, r) for r in range(pp) if remaining[r]]
+    while turns:
+        _, _, r = heapq.heappop(turns)
         t = free[r]
         b_cands = [(ready(B, c, next_b[c]), next_b[c], -c) for c in owned[r] if next_b[c] < m]
         room = cap + eps - held[r]
@@ -189,21 +196,23 @@ def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Ac
             c, i = w_queue[r].pop(0)
             act = Action(W, i, c)
             held[r] -= unit
-        else:
-            others = [q for q in range(pp) if q != r and remaining[q]]
-            if any(free[q] == t and not stalled[q] for q in others):
+        else:  # the other ranks with work left are the heap's entries, the next to act on top
+            if turns and turns[0][0] == t and not turns[0][1]:
                 stalled[r] = True  # a rank acting now may make something ready sooner
-                continue
-            later = [x[0] for x in b_cands + f_cands if x[0] < inf] + [free[q] for q in others if free[q] > t]
-            if not later:
-                raise ScheduleError(f"greedy schedule stuck on rank {r} (internal error)")
-            free[r], stalled[r] = min(later), False
+            else:
+                later = [x[0] for x in b_cands + f_cands if x[0] < inf] + [q[0] for q in turns if q[0] > t]
+                if not later:
+                    raise ScheduleError(f"greedy schedule stuck on rank {r} (internal error)")
+                free[r], stalled[r] = min(later), False
+            heapq.heappush(turns, (free[r], stalled[r], r))
             continue
         stalled[r] = False
         orders[r].append(act)
         free[r] = t + unit
         end[(act.kind, act.chunk, act.microbatch)] = free[r]
         remaining[r] -= 1
+        if remaining[r]:
+            heapq.heappush(turns, (free[r], False, r))
     return orders
 
 
@@ -258,38 +267,64 @@ def timeline(actions: list[list[Action]], costs: dict[str, float], p2p: float = 
              ) -> list[list[tuple[float, float, Action]]]:
     """Event-driven timing: an action starts when its rank is free and its inputs are done (+p2p
     when they come from another rank); it lasts costs[kind] * pp / n_chunks. SEND/RECV take no
-    time of their own. Raises ScheduleError on a circular wait. Per rank: (start, end, action)."""
+    time of their own. Raises ScheduleError on a circular wait. Per rank: (start, end, action).
+
+    A rank runs until an input is missing and then waits on that input; finishing an action wakes
+    the rank waiting on it (each action is visited once)."""
     place = {a.chunk: r for r, acts in enumerate(actions) for a in acts if a.kind in COMPUTE}
     pp, n = len(actions), len(place)
     per_chunk = pp / n
+    span = {kind: cost * per_chunk for kind, cost in costs.items()}
     end: dict[tuple[str, int, int], float] = {}
+    waiting: dict[tuple[str, int, int], list[int]] = {}  # missing input -> the ranks stopped on it
     pos, free = [0] * pp, [0.0] * pp
     out: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
 
-    def inputs(a: Action) -> list[tuple[str, int, int]]:
-        if a.kind == F:
-            return [(F, a.chunk - 1, a.microbatch)] if a.chunk > 0 else []
-        if a.kind == B:
-            return [(F, a.chunk, a.microbatch)] + ([(B, a.chunk + 1, a.microbatch)] if a.chunk < n - 1 else [])
-        return [(B, a.chunk, a.microbatch)] if a.kind == W else [(F, a.chunk, a.microbatch)]
-
-    progress = True
-    while progress:
-        progress = False
-        for r in range(pp):
-            while pos[r] < len(actions[r]):
-                a = actions[r][pos[r]]
-                if a.kind not in COMM:
-                    deps = inputs(a)
-                    if any(d not in end for d in deps):
-                        break
-                    start = max([free[r]] + [end[d] + (p2p if place[d[1]] != r else 0.0) for d in deps])
-                    free[r] = start + costs[a.kind] * per_chunk
-                    out[r].append((start, free[r], a))
-                    if a.kind in COMPUTE:
-                        end[(a.kind, a.chunk, a.microbatch)] = free[r]
-                pos[r] += 1
-                progress = True
+    ready = list(range(pp))
+    while ready:
+        r = ready.pop()
+        acts, line, k, t = actions[r], out[r], pos[r], free[r]
+        while k < len(acts):
+            a = acts[k]
+            kind, c, i = a.kind, a.chunk, a.microbatch
+            if kind in COMM:
+                k += 1
+                continue
+            # inputs: of F the previous chunk's F; of B its own F and the next chunk's B; of W its B;
+            # of OFFLOAD / RELOAD its F. Each starts the action no earlier than it ends (+p2p across ranks)
+            if kind == F:
+                first = (F, c - 1, i) if c > 0 else None
+                second = None
+            elif kind == B:
+                first, second = (F, c, i), ((B, c + 1, i) if c < n - 1 else None)
+            else:
+                first, second = ((B, c, i) if kind == W else (F, c, i)), None
+            start = t
+            if first is not None:
+                done = end.get(first)
+                if done is None:
+                    waiting.setdefault(first, []).append(r)
+                    break
+                if place[first[1]] != r:
+                    done += p2p
+                if done > start:
+                    start = done
+            if second is not None:
+                done = end.get(second)
+                if done is None:
+                    waiting.setdefault(second, []).append(r)
+                    break
+                if place[second[1]] != r:
+                    done += p2p
+                if done > start:
+                    start = done
+            t = start + span[kind]
+            line.append((start, t, a))
+            if kind in COMPUTE:
+                end[(kind, c, i)] = t
+                ready += waiting.pop((kind, c, i), ())
+            k += 1
+        pos[r], free[r] = k, t
     if any(pos[r] < len(actions[r]) for r in range(pp)):
         stuck = ", ".join(f"rank {r} at {actions[r][pos[r]]}" for r in range(pp) if pos[r] < len(actions[r]))
         raise ScheduleError(f"circular wait between ranks: {stuck}")

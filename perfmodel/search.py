@@ -8,11 +8,15 @@ checked group by group as each knob is fixed, so the search proposes exactly the
 
 Pruning keeps it fast without losing the optimum:
 - best first: every layout gets a lower bound of its step time (its microbatches' work at the
-  cheapest recomputation); layouts are evaluated in bound order, and the search stops once the
-  bound passes the `top`-th best ranking key found; inside a layout a schedule is only costed
-  (simulated) when the step's floor without its bubble beats the best so far;
-- the expensive per-microbatch costs are computed once per (layout, micro-batch, cp_mode,
-  recompute) and reused across schedules, offload and ZeRO choices;
+  cheapest recomputation; computed only when the cheaper bound of their compute alone could come
+  first); layouts are evaluated in bound order, and the search stops once the bound passes the
+  `top`-th best ranking key found; inside a layout a schedule is only costed
+  (simulated) when the step's floor (its bubble at `pipeline.bubble_floor`, no offload, the least
+  gradient sync and optimizer time) beats the best so far, and a micro-batch choice is dropped
+  as soon as its microbatches' work alone cannot;
+- a Block's costs (`estimate.block_costs`) are computed once per search for each tensor / context
+  layout and micro-batch, shared by every pp and dp; the per-microbatch costs once per (layout,
+  micro-batch, cp_mode, recompute) and reused across schedules, offload and ZeRO choices;
 - recompute (none < selective < full), activation offload (0 < 0.5 < 1) and optimizer offload
   (off < on) only ever add time and save memory, so a choice is skipped when a cheaper
   neighbour on one of those chains already fits (the fitting set is closed upwards);
@@ -26,9 +30,11 @@ in AXES order. When nothing fits, `rejections` (the rules that drop each layout)
 """
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any, Iterator
 
 from perfmodel import estimate as est
@@ -40,6 +46,7 @@ from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 SCHEDULE_ORDER = ("1f1b", "gpipe", "zbh1", "interleaved", "zbv", "vhalf", "vmin")
 ACT_OFFLOAD = (0.0, 0.5, 1.0)
 MAX_MICRO_BATCH = 16
+MICRO_BATCH_SIZES = tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))  # 1, 2, 4, ... MAX_MICRO_BATCH
 MAX_INTERLEAVE = 8
 
 
@@ -51,8 +58,17 @@ class SearchResult:
     seconds: float
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+@lru_cache(maxsize=1024)
+def divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def clear_caches() -> None:
+    """Forget every table the search memoizes across calls (schedule simulations, stage splits,
+    group placements, divisors), so that the next search pays for all its work (benchmarks)."""
+    from perfmodel import comm, split
+    for cached in (pipeline.simulated, split.stage_layers, split._balanced, comm._inside_node, divisors):
+        cached.cache_clear()
 
 
 def constraint_key(name: str) -> str:
@@ -150,22 +166,35 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     if rules.model_rules(m) or rules.setting_rules(_base(cons)):
         return SearchResult([], 0, 0, time.perf_counter() - t0)
     # best first: layouts in the order of a lower bound of their step time, stopping once the bound
-    # passes the `top`-th best ranking key found (no plan of a later layout could enter the top)
-    bounded = []
+    # passes the `top`-th best ranking key found (no plan of a later layout could enter the top). The
+    # bound (`_lower_bound`) is computed only for layouts whose compute alone (`_compute_bound`, a
+    # lower bound of it) does not already exceed the next layout's: a heap holds the bounded ones
+    computes: dict[tuple, float] = {}
+    cheap = []
     for layout in _layouts(m, world, cons, seq_len):
         n_layouts += 1
-        first: dict[tuple, est.MicrobatchCosts] = {}
-        bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first)
-        if bound < float("inf"):
-            bounded.append((bound, n_layouts, layout, first))
-    bounded.sort(key=lambda b: b[:2])
+        cheap.append((_compute_bound(m, c, layout, cons, global_batch_size, seq_len, computes), n_layouts, layout))
+    cheap.sort(key=lambda b: b[:2])
+    bounded: list[tuple[float, int, Plan, dict]] = []
+    blocks: dict[tuple, est.BlockCosts] = {}
     keys: list[float] = []  # ranking keys of the layouts found, ascending, at most `top`
-    for bound, _, layout, first in bounded:
+    ahead = 0  # cheap[ahead:] have no bound yet
+    while True:
+        while ahead < len(cheap) and (not bounded or cheap[ahead][0] <= bounded[0][0]):
+            _, index, layout = cheap[ahead]
+            ahead += 1
+            first: dict[tuple, est.MicrobatchCosts] = {}
+            bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first, blocks)
+            if bound < float("inf"):
+                heapq.heappush(bounded, (bound, index, layout, first))
+        if not bounded:
+            break
+        bound, _, layout, first = heapq.heappop(bounded)
         if len(keys) >= top and bound > keys[-1]:
             break
         key = tuple(getattr(layout, a) for a in AXES)
         limit = keys[-1] if len(keys) >= top else float("inf")
-        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len, first, limit)
+        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len, first, blocks, limit)
         n_cands += timed
         if found is not None:
             best[key] = found
@@ -189,7 +218,7 @@ def _micro_choices(m: ModelSpec, layout: Plan, cons: dict[str, Any], gbs: int) -
     """(micro-batch size, microbatches, cp_mode) choices the batch and context rules accept."""
     cp_modes = _choices(cons, "cp_mode", rules.CP_MODES if layout.cp > 1 else ("ring",))
     modes = [mode for mode in cp_modes if not rules.cp_mode_rules(m, layout.replace(cp_mode=mode))]
-    for mbs in _choices(cons, "micro_batch_size", tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))):
+    for mbs in _choices(cons, "micro_batch_size", MICRO_BATCH_SIZES):
         sized = layout.replace(micro_batch_size=mbs)
         if not rules.batch_rules(sized, gbs):
             micro = sized.microbatches(gbs)
@@ -197,19 +226,48 @@ def _micro_choices(m: ModelSpec, layout: Plan, cons: dict[str, Any], gbs: int) -
                 yield mbs, micro, cp_mode
 
 
+def _compute_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
+                   computes: dict[tuple, float]) -> float:
+    """A lower bound of `_lower_bound`, cheap enough for every layout: the microbatches' compute
+    alone, the least over every micro-batch size tried, valid or not (`computes`: a microbatch's
+    compute by tensor / context layout, micro-batch size and stage layers, for the search)."""
+    bound = float("inf")
+    for mbs in _choices(cons, "micro_batch_size", MICRO_BATCH_SIZES):
+        key = (layout.tp_col, layout.tp_row, layout.cp, layout.pp, mbs)
+        compute = computes.get(key)
+        if compute is None:
+            compute = computes[key] = est.microbatch_compute(m, layout.replace(micro_batch_size=mbs), c, seq)
+        bound = min(bound, gbs / (layout.data_shards * mbs) * compute)
+    return bound
+
+
 def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
-                 first: dict[tuple, est.MicrobatchCosts]) -> float:
+                 first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, est.BlockCosts]
+                 ) -> float:
     """A lower bound of the step time of every plan of `layout`: the microbatches' work at the
     cheapest recomputation (recomputation, pipeline messages, offload, the bubble, the gradient
     sync and the optimizer only add to it); inf when no micro-batch size is valid. Fills `first`
-    with the costs it computed, keyed (mbs, cp_mode, recompute), for `_best_for_layout`."""
-    recompute = _choices(cons, "recompute", rules.RECOMPUTE)[0]  # cheapest first
+    with each (micro-batch size, microbatches, cp_mode) choice's costs at that recomputation, for
+    `_best_for_layout`; `blocks`: the search's Block costs (`_block`)."""
+    plan = layout.replace(recompute=_choices(cons, "recompute", rules.RECOMPUTE)[0])  # cheapest first
     bound = float("inf")
     for mbs, micro, cp_mode in _micro_choices(m, layout, cons, gbs):
-        plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-        mb = first[(mbs, cp_mode, recompute)] = est.microbatch_costs(m, plan_r, c, seq, micro)
+        mb = est.microbatch_costs(m, plan, c, seq, micro, _block(m, c, plan, seq, blocks, mbs, cp_mode))
+        first[(mbs, micro, cp_mode)] = mb
         bound = min(bound, micro * mb.total)
     return bound
+
+
+def _block(m: ModelSpec, c: Cluster, plan: Plan, seq: int, blocks: dict[tuple, est.BlockCosts], mbs: int,
+           cp_mode: str) -> est.BlockCosts:
+    """`est.block_costs` of `plan` at micro-batch size `mbs` and `cp_mode`, computed once per search
+    for each value of what it depends on that the search varies (the overlap switches are held by
+    the constraints)."""
+    key = (plan.tp_col, plan.tp_row, plan.tp_depth, plan.cp, plan.sequence_parallel, cp_mode, mbs)
+    found = blocks.get(key)
+    if found is None:
+        found = blocks[key] = est.block_costs(m, plan.replace(micro_batch_size=mbs, cp_mode=cp_mode), c, seq)
+    return found
 
 
 def _complexity(knobs: tuple) -> float:
@@ -234,47 +292,56 @@ def complexity(plan: Plan) -> float:
 
 
 def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
-                     first: dict[tuple, est.MicrobatchCosts], limit: float = float("inf")
+                     first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, est.BlockCosts],
+                     limit: float = float("inf")
                      ) -> tuple[int, tuple[float, tuple] | None]:
     """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None); `first`:
-    microbatch costs already computed (`_lower_bound`). Plans slower than `limit` (the search's
-    `top`-th best key) are not looked for; a schedule is only costed (simulated) when the step's
-    floor without its bubble could beat both that and the layout's best so far."""
+    the micro-batch choices with their costs at the cheapest recomputation
+    (`_lower_bound`). Plans slower than `limit` (the search's `top`-th best key) are not looked
+    for; a schedule is only costed (simulated) when the step's floor (no offload, the least
+    gradient sync and optimizer time, the bubble's lower bound) could beat both that and the
+    layout's best so far."""
     pp = layout.pp
     psi = est.stage_params(m, pp, seq) / layout.tp
     units = est.zero_units(m, layout, seq)
     zeros = _choices(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
-    states = []  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
-    for zero in zeros:
-        for opt in _choices(cons, "offload.optimizer", (False, True)):
-            plan = by_zero[zero].replace(offload=Offload(opt, 0.0))
-            params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
-            states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
-                           est.optimizer_time(plan, c, psi)))
+    states = None  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
     facts = _choices(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
     recomputes = _choices(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
     scheds_of: dict[int, list[tuple[str, int]]] = {}
-    for mbs, micro, cp_mode in _micro_choices(m, layout, cons, gbs):
-        scheds = scheds_of.get(mbs)
-        if scheds is None:
-            scheds = scheds_of[mbs] = _schedules(m, layout, micro, cons)
-        options = None  # the ZeRO / optimizer-offload choices, fastest first
-        for recompute in recomputes:
+    for (mbs, micro, cp_mode), mb in first.items():
+        syncs = options = None  # the gradient sync by ZeRO stage; the state choices, fastest first
+        for k, recompute in enumerate(recomputes):
+            if k:
+                mb = est.microbatch_costs(m, layout.replace(recompute=recompute), c, seq, micro,
+                                          _block(m, c, layout, seq, blocks, mbs, cp_mode))
+            if micro * mb.total > limit or (best is not None and micro * mb.total >= best[0]):
+                break  # below every schedule's floor; more recomputation only adds time
             plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-            mb = first.get((mbs, cp_mode, recompute)) or est.microbatch_costs(m, plan_r, c, seq, micro)
-            if options is None:  # the gradient sync hides behind backward, which recompute does not change
-                options = sorted(((est.gradient_sync(by_zero[zero], c, psi, mb, micro, units), opt_s, state, host,
-                                   zero, opt)
-                                  for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
-            parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
+            if states is None:
+                states = _states(m, c, seq, by_zero, psi, cons)
+            if syncs is None:  # the gradient sync hides behind backward, which recompute does not change
+                syncs = {zero: est.gradient_sync(plan, c, psi, mb, micro, units) for zero, plan in by_zero.items()}
+                fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in states), key=sum)
+            scheds = scheds_of.get(mbs)
+            if scheds is None:
+                scheds = scheds_of[mbs] = _schedules(m, layout, micro, cons)
             send = est.p2p_send(m, plan_r, c, seq)
+            parts = None
             for sched, v in scheds:
                 p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
-                floor = micro * (mb.total + p2p) + options[0][0] + options[0][1]  # no offload, no bubble
+                # no offload, the least sync and optimizer time, the bubble's lower bound
+                floor = est.step_time(micro * (mb.total + p2p), pipeline.bubble_floor(sched, pp, micro, v),
+                                      *fastest, c.ranks_per_unit)[1]
                 if floor > limit or (best is not None and floor >= best[0]):
                     continue
+                if options is None:
+                    options = sorted(((syncs[zero], opt_s, state, host, zero, opt)
+                                      for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
+                if parts is None:
+                    parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 cost = pipeline.schedule_cost(sched, pp, micro, v)
                 for frac in facts:  # more offload only adds time: stop once the fastest states fit
                     acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations,
@@ -293,6 +360,20 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                     if i == 0:
                         break
     return timed, best
+
+
+def _states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: float, cons: dict[str, Any]
+            ) -> list[tuple[int, bool, float, float, float]]:
+    """Each ZeRO stage and optimizer-offload choice of a layout: (zero, optimizer offloaded, device
+    bytes besides activations, host bytes, optimizer seconds)."""
+    states = []
+    for zero, layout in by_zero.items():
+        for opt in _choices(cons, "offload.optimizer", (False, True)):
+            plan = layout.replace(offload=Offload(opt, 0.0))
+            params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
+            states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
+                           est.optimizer_time(plan, c, psi)))
+    return states
 
 
 def rejections(m: ModelSpec, world: int, constraints: dict[str, Any] | None, global_batch_size: int,

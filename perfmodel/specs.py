@@ -119,6 +119,11 @@ class ModelSpec:
     rope_original_max_len: int = 8192  # original_max_position_embeddings
     init_std: float = 0.02
     kernels: str = "auto"  # auto (Triton on GPUs, PyTorch on CPU) | triton | torch: kernels/__init__.py
+    # GEMM layout tuning (kernels/gemm.py): auto (on on GPUs, off on CPU) | on | off; each Linear shape's
+    # forward and gradient GEMMs timed in every layout once, decisions in <run dir>/gemm_tuning.json
+    gemm_tuning: str = "auto"
+    # directory of the per-device GEMM decision caches reused across runs; None = <run dir>/../gemm_cache
+    gemm_cache: Optional[str] = None
     # numeric ranges (the names and divisibility rules are perfmodel/rules.py's model_rules)
     SECTION: ClassVar[str] = "model"
     RANGES: ClassVar[dict[str, Range]] = {
@@ -224,11 +229,10 @@ class Plan:
     def replace(self, **changes: Any) -> "Plan":
         """dataclasses.replace without its per-call field introspection (the search calls this
         hundreds of thousands of times); Plan has no __post_init__ to rerun."""
-        unknown = changes.keys() - self.__dict__.keys()
-        if unknown:
-            raise TypeError(f"Plan has no field(s) {sorted(unknown)}")
         new = object.__new__(Plan)
         new.__dict__.update(self.__dict__, **changes)
+        if len(new.__dict__) != len(self.__dict__):
+            raise TypeError(f"Plan has no field(s) {sorted(changes.keys() - self.__dict__.keys())}")
         return new
 
 

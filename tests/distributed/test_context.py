@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 
 from axon.model import attention_core
+from kernels import flash_attention
 from launch.grid import Grid
-from parallel import ring_attention
 from parallel.context import RingCore, UlyssesCore, zigzag_positions
 from parallel.ring_attention import Ring
 from perfmodel.specs import Plan
@@ -18,11 +18,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _attention_parity(mode: str, n_heads: int, n_kv_heads: int, chunk: int, q_tile: int) -> dict[str, float]:
     """On every cp rank: the local shard's output and gradients vs the full reference's slice."""
-    default_tile, ring_attention.Q_TILE = ring_attention.Q_TILE, q_tile  # this worker only, restored below
+    default_tile, flash_attention.Q_TILE = flash_attention.Q_TILE, q_tile  # this worker only, restored below
     try:
         return _attention_errors(mode, n_heads, n_kv_heads, chunk)
     finally:
-        ring_attention.Q_TILE = default_tile
+        flash_attention.Q_TILE = default_tile
 
 
 def _attention_errors(mode: str, n_heads: int, n_kv_heads: int, chunk: int) -> dict[str, float]:

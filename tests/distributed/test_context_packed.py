@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from axon.model import attention_core
+from kernels import flash_attention
 from launch.grid import Grid
-from parallel import ring_attention
 from parallel.context import RingCore, UlyssesCore, zigzag_positions
 from parallel.ring_attention import Ring
 from perfmodel.specs import Plan
@@ -24,7 +24,7 @@ def packed_positions(lengths: list[list[int]]) -> torch.Tensor:
 
 
 def _packed_parity(mode: str, n_heads: int, n_kv_heads: int, q_tile: int) -> dict[str, float]:
-    default_tile, ring_attention.Q_TILE = ring_attention.Q_TILE, q_tile  # this worker only, restored below
+    default_tile, flash_attention.Q_TILE = flash_attention.Q_TILE, q_tile  # this worker only, restored below
     try:
         cp, rank = dist.get_world_size(), dist.get_rank()
         axis = Grid.build(Plan(cp=cp, cp_mode=mode), rank, cp).axis("cp")
@@ -49,7 +49,7 @@ def _packed_parity(mode: str, n_heads: int, n_kv_heads: int, q_tile: int) -> dic
         errs["finite"] = 0.0 if all(t.grad.isfinite().all() for t in local) and out.isfinite().all() else 1.0
         return errs
     finally:
-        ring_attention.Q_TILE = default_tile
+        flash_attention.Q_TILE = default_tile
 
 
 @pytest.mark.parametrize("mode,cp,n_heads,n_kv_heads,q_tile", [

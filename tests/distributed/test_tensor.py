@@ -64,8 +64,8 @@ def expected_bytes(spec: ModelSpec, plan: Plan) -> dict[tuple[str, str], int]:
 
     def norm() -> None:
         add("tp_row", "all_reduce", (m / X if sp else m) * (2 if spec.norm == "rmsnorm" else 4), MICRO)
-        if sp:  # gather the sequence (backward: reduce-scatter)
-            add("tp_col", "all_gather", m * d / Y, MICRO)
+        if sp:  # the next group gathers the sequence (backward: again for its dW, then reduce-scatter)
+            add("tp_col", "all_gather", m * d / Y, 2 * MICRO)
             add("tp_col", "reduce_scatter", m * d / Y, MICRO)
 
     kv, ff = spec.n_kv_heads * spec.head_dim, spec.d_ff

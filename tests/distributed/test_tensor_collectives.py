@@ -1,8 +1,9 @@
 """Collectives of one transformer Block's backward under tensor parallelism, counted at the
 torch.distributed calls: the input gradient is reduced once per group of projections that read
 the same input (attention: wq, wk, wv; MLP: w_gate, w_up), 2 per Block as with Megatron's fused
-QKV and fc1 (it was 5: one per projection), in 1D, with sequence parallelism (a reduce-scatter)
-and in the 3D layout (an all-reduce over tp_col of [b, s, d/tp_row]); the row-parallel outputs
+QKV and fc1 (it was 5: one per projection), in 1D, with sequence parallelism (a reduce-scatter,
+after the all-gather that brings back the group's sequence-sharded input for its weight gradients,
+as Megatron-SP re-gathers it) and in the 3D layout (an all-reduce over tp_col of [b, s, d/tp_row]); the row-parallel outputs
 and the depth-sharded weights add what they need, and nothing else runs.
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ def expected(spec: ModelSpec, plan: Plan) -> dict[tuple[str, str], tuple[int, in
 
     for _ in ("attention", "mlp"):  # the input gradient of each group of projections, once
         add("tp_col", "reduce_scatter" if sp else "all_reduce", SEQ * d / Y)
+        if sp:
+            add("tp_col", "all_gather", SEQ * d / Y)  # its input again, for the weight gradients
     for k in (d, ff):  # the row-parallel outputs wo, w_down
         if sp:
             add("tp_col", "all_gather", SEQ * d / Y)  # backward of the output's reduce-scatter
@@ -60,9 +63,12 @@ def test_one_input_grad_reduction_per_group(dist_pools, world, plan_kw):
     want = expected(spec, plan)
     for rank, got in enumerate(dist_pools.run(world, layer_backward_collectives, plan_kw, SPEC)):
         assert got == want, f"rank {rank}: {got} != {want}"
-        # over tp_col the Block moves what Megatron's two all-reduces of [b, s, d/tp_row] move
+        # over tp_col the Block moves what Megatron's two all-reduces of [b, s, d/tp_row] move (with
+        # SP: plus the two input re-gathers, as Megatron-SP's backward)
         col = sum(wire(kind, nbytes, plan.tp_col) for (axis, kind), (_, nbytes) in got.items() if axis == "tp_col")
-        assert col == 2 * wire("all_reduce", SEQ * spec.d_model // plan.tp_row * F32, plan.tp_col)
+        message = SEQ * spec.d_model // plan.tp_row * F32
+        regather = 2 * wire("all_gather", message, plan.tp_col) if plan.sequence_parallel else 0
+        assert col == 2 * wire("all_reduce", message, plan.tp_col) + regather
 
 
 def test_group_called_on_other_inputs_stays_exact(dist_pools):

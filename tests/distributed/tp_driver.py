@@ -119,8 +119,8 @@ def parity(cases: list[tuple[dict, dict]], steps: int = 1) -> list[dict]:
 
 # torch.distributed calls parallel/collectives.py makes -> (kind, the argument whose size is the
 # message: the tensor, the gathered output, the reduce-scatter input)
-_COUNTED = {"all_reduce": ("all_reduce", 0), "all_gather_into_tensor": ("all_gather", 0),
-            "reduce_scatter_tensor": ("reduce_scatter", 1)}
+_COUNTED = {"all_reduce": ("all_reduce", 0), "all_gather_single": ("all_gather", 0),
+            "reduce_scatter_single": ("reduce_scatter", 1)}
 
 
 @contextmanager

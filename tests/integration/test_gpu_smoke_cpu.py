@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKS = {"versions", "nccl_init", "sdpa_flash", "ring_attention", "activation_offload", "optimizer_offload",
-          "checkpoint_resume", "llama_step", "fake_zero3_dp8", "fake_pp4_1f1b"}
+          "checkpoint_resume", "llama_step", "fake_zero3_dp8", "fake_pp4_1f1b", "gemm_tuning",
+          "triton_kernels"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

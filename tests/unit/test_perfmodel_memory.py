@@ -47,10 +47,10 @@ def test_korthikanti_tensor_parallel(t):
     assert kor(tp_col=t) == pytest.approx(sbh * (10 + 24 / t + 5 * A * S / (H * t)))
     assert kor(tp_col=t, recompute="selective") == pytest.approx(sbh * (10 + 24 / t))
     assert kor(tp_col=t, recompute="full") == pytest.approx(2 * sbh)
-    # SP: the paper's (sbh/t)(34 + 5as/h) re-gathers the attention / MLP inputs in backward; our
-    # runtime saves them gathered over the sequence, so those 4sbh stay whole
-    assert kor(tp_col=t, sequence_parallel=True) == pytest.approx(sbh * (30 / t + 4 + 5 * A * S / (H * t)))
-    assert kor(tp_col=t, sequence_parallel=True, recompute="selective") == pytest.approx(sbh * (30 / t + 4))
+    # SP: the paper's (sbh/t)(34 + 5as/h): the attention / MLP inputs saved as their sequence shard
+    # and re-gathered in backward, as our runtime does (parallel/tensor.py `_Projections`)
+    assert kor(tp_col=t, sequence_parallel=True) == pytest.approx(sbh / t * (34 + 5 * A * S / H))
+    assert kor(tp_col=t, sequence_parallel=True, recompute="selective") == pytest.approx(sbh * 34 / t)
     assert kor(tp_col=t, sequence_parallel=True, recompute="full") == pytest.approx(2 * sbh / t)
 
 
@@ -58,12 +58,12 @@ def test_flash_attention_drops_the_score_term_and_3d_splits():
     sbh = S * B * H
     no_dropout = layer_activation_bytes(GPT, S, B, dtype_bytes=2)  # flash, no dropout: 8 + 24
     assert no_dropout == pytest.approx(32 * sbh)
-    # 3D: the residual region splits over tp_row (and the sequence over tp_col with SP, except the
-    # gathered projection inputs, 4sbh); heads and the MLP interior over tp_col only (parallel/tensor.py
-    # computes them redundantly over tp_row)
+    # 3D: the residual region splits over tp_row (and the sequence over tp_col with SP, the
+    # projection inputs included: saved as their shard, re-gathered in backward); heads and the MLP
+    # interior over tp_col only (parallel/tensor.py computes them redundantly over tp_row)
     assert layer_activation_bytes(GPT, S, B, tp_col=2, tp_row=4) == pytest.approx(sbh * (8 / 4 + 24 / 2))
     assert layer_activation_bytes(GPT, S, B, tp_col=2, tp_row=4, sequence_parallel=True) == \
-        pytest.approx(sbh * (4 / 8 + 4 / 4 + 24 / 2))
+        pytest.approx(sbh * (8 / 8 + 24 / 2))
     assert layer_activation_bytes(GPT, S, B, cp=4) == pytest.approx(32 * sbh / 4)
 
 

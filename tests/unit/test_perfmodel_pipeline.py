@@ -50,3 +50,13 @@ def test_closed_forms_agree_with_the_simulator():
         assert entry.peak_activations == pytest.approx(ours.peak_activations, abs=1e-6), (sched, p, m, v)
         checked += 1
     assert checked > 50
+
+
+def test_bubble_floor_bounds_the_simulation_and_is_exact_where_the_closed_form_is():
+    """The search skips simulating a schedule whose floor cannot win (`pipeline.bubble_floor`):
+    the floor never exceeds the simulated bubble, and equals it for the closed-form-exact schedules."""
+    for sched, p, m, v in grid():
+        floor, entry = pipeline.bubble_floor(sched, p, m, v), pipeline.simulated(sched, p, m, v)
+        assert floor <= entry.bubble_fraction, (sched, p, m, v)
+        if sched in pipeline.EXACT_BUBBLE:
+            assert floor == pytest.approx(entry.bubble_fraction, rel=1e-8, abs=1e-12), (sched, p, m, v)
