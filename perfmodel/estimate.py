@@ -158,6 +158,24 @@ class BlockCosts:
     busy_bwd: dict[str, float]  # ... and in the backward
 
 
+def _context(m: ModelSpec, plan: Plan, c: Cluster, tokens: float, attn: float,
+             hidden_fwd: dict[tuple[str, str], float], hidden_bwd: dict[tuple[str, str], float]) -> float:
+    """Exposed seconds of one Block's context-parallel traffic (cp > 1); what the ring hides behind
+    the attention is added to `hidden_fwd` / `hidden_bwd` by link."""
+    e = c.dtype_bytes
+    link = comm.link_for(plan, ("cp",), c)
+    if plan.cp_mode != "ring":  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
+        return 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
+    # K, V blocks hop around the ring, hidden behind the attention blocks; backward: cp - 1 K/V hops
+    # and cp hops of the gradient accumulators (parallel/ring_attention.py)
+    hop = comm.p2p(comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1), link)
+    ring_f, ring_b = (plan.cp - 1) * hop, (2 * plan.cp - 1) * hop
+    exposed_f, exposed_b = _exposed(ring_f, attn, True, c), _exposed(ring_b, 2 * attn, True, c)
+    _add(hidden_fwd, (link.kind, "cp"), ring_f - exposed_f)
+    _add(hidden_bwd, (link.kind, "cp"), ring_b - exposed_b)
+    return exposed_f + exposed_b
+
+
 def block_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockCosts:
     """One Block's costs (BlockCosts). They depend on the tensor and context degrees, sequence
     parallelism, cp_mode, the micro-batch size and the tensor-parallel overlap switches; not on dp,
@@ -206,19 +224,7 @@ def block_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockCosts:
         _add(hidden_bwd, (link.kind, "tp_depth"), overlapped - exposed_b)
         depth += exposed_b + (0.0 if prefetch or plan.cache_tp_weights else gather) + (0.0 if reduce else scatter)
 
-    context = 0.0
-    if plan.cp > 1:
-        link = comm.link_for(plan, ("cp",), c)
-        if plan.cp_mode == "ring":  # K, V blocks hop around the ring, hidden behind the attention blocks;
-            # backward: cp - 1 K/V hops and cp hops of the gradient accumulators (parallel/ring_attention.py)
-            hop = comm.p2p(comm.cp_ring_bytes(m, plan, tokens, e) / (plan.cp - 1), link)
-            ring_f, ring_b = (plan.cp - 1) * hop, (2 * plan.cp - 1) * hop
-            exposed_f, exposed_b = _exposed(ring_f, attn, True, c), _exposed(ring_b, 2 * attn, True, c)
-            context = exposed_f + exposed_b
-            _add(hidden_fwd, (link.kind, "cp"), ring_f - exposed_f)
-            _add(hidden_bwd, (link.kind, "cp"), ring_b - exposed_b)
-        else:  # Ulysses: all-to-all of q, k, v before and of the output after attention, both passes
-            context = 2 * 4 * comm.all_to_all(comm.ulysses_bytes(m, plan, tokens, e) / 4, plan.cp, link)
+    context = _context(m, plan, c, tokens, attn, hidden_fwd, hidden_bwd) if plan.cp > 1 else 0.0
     shared = share_link(hidden_fwd, fwd, c) + share_link(hidden_bwd, 2 * fwd, c)
     return BlockCosts(bc, tensor, forward_ar, gather, depth, context, shared, hidden_fwd, hidden_bwd,
                       _busy(hidden_fwd), _busy(hidden_bwd))

@@ -145,34 +145,7 @@ def _check_deadlock(actions: list[list[Action]]) -> None:
     order per rank; a message completes once both ends' batches are active; a rank waits for a
     RECV before the compute consuming it. Messages between two ranks match in posting order."""
     pp = len(actions)
-    batches: list[list[list[int]]] = [[] for _ in range(pp)]  # rank -> batch -> action indices
-    batch_of: list[dict[int, int]] = [{} for _ in range(pp)]
-    queues: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    partner: dict[tuple[int, int], tuple[int, int]] = {}
-    for r, acts in enumerate(actions):
-        for k, a in enumerate(acts):
-            if a.kind not in COMM:
-                continue
-            if k == 0 or acts[k - 1].kind not in COMM:
-                batches[r].append([])
-            batches[r][-1].append(k)
-            batch_of[r][k] = len(batches[r]) - 1
-            pair = (r, a.peer) if a.kind in (SEND_F, SEND_B) else (a.peer, r)
-            queue = queues.setdefault(pair, [])
-            if queue and queue[0][0] != r:  # the other end posted first
-                q_rank, q_k = queue.pop(0)
-                other = actions[q_rank][q_k]
-                sent, got = (a, other) if a.kind in (SEND_F, SEND_B) else (other, a)
-                step = 1 if sent.kind == SEND_F else -1
-                if (got.kind != (RECV_F if step == 1 else RECV_B) or got.microbatch != sent.microbatch
-                        or got.chunk != sent.chunk + step):
-                    raise ScheduleError(f"ranks {pair}: {sent} is matched with {got} (messages match in posting order)")
-                partner[(r, k)], partner[(q_rank, q_k)] = (q_rank, q_k), (r, k)
-            else:
-                queue.append((r, k))
-    unmatched = [actions[r][k] for q in queues.values() for r, k in q]
-    if unmatched:
-        raise ScheduleError(f"unmatched messages: {unmatched[:4]}")
+    batches, batch_of, partner = _match_messages(actions)
     feeding = [{(a.kind, a.chunk, a.microbatch): k for k, a in enumerate(acts) if a.kind in (RECV_F, RECV_B)}
                for acts in actions]
     host, done_batches = [0] * pp, [0] * pp
@@ -204,6 +177,42 @@ def _check_deadlock(actions: list[list[Action]]) -> None:
                  if done_batches[r] < len(batches[r])]
         raise ScheduleError(f"the p2p batches deadlock: {', '.join(stuck)}")
 
+
+def _match_messages(actions: list[list[Action]]) -> tuple[list[list[list[int]]], list[dict[int, int]],
+                                                           dict[tuple[int, int], tuple[int, int]]]:
+    """(batches: rank -> batch -> action indices of its consecutive SEND/RECV; batch_of: rank ->
+    action index -> its batch; partner: (rank, index) -> the other end's), matching the messages
+    between two ranks in posting order; raises ScheduleError on a mismatch or an unmatched one."""
+    pp = len(actions)
+    batches: list[list[list[int]]] = [[] for _ in range(pp)]
+    batch_of: list[dict[int, int]] = [{} for _ in range(pp)]
+    queues: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    partner: dict[tuple[int, int], tuple[int, int]] = {}
+    for r, acts in enumerate(actions):
+        for k, a in enumerate(acts):
+            if a.kind not in COMM:
+                continue
+            if k == 0 or acts[k - 1].kind not in COMM:
+                batches[r].append([])
+            batches[r][-1].append(k)
+            batch_of[r][k] = len(batches[r]) - 1
+            pair = (r, a.peer) if a.kind in (SEND_F, SEND_B) else (a.peer, r)
+            queue = queues.setdefault(pair, [])
+            if queue and queue[0][0] != r:  # the other end posted first
+                q_rank, q_k = queue.pop(0)
+                other = actions[q_rank][q_k]
+                sent, got = (a, other) if a.kind in (SEND_F, SEND_B) else (other, a)
+                step = 1 if sent.kind == SEND_F else -1
+                if (got.kind != (RECV_F if step == 1 else RECV_B) or got.microbatch != sent.microbatch
+                        or got.chunk != sent.chunk + step):
+                    raise ScheduleError(f"ranks {pair}: {sent} is matched with {got} (messages match in posting order)")
+                partner[(r, k)], partner[(q_rank, q_k)] = (q_rank, q_k), (r, k)
+            else:
+                queue.append((r, k))
+    unmatched = [actions[r][k] for q in queues.values() for r, k in q]
+    if unmatched:
+        raise ScheduleError(f"unmatched messages: {unmatched[:4]}")
+    return batches, batch_of, partner
 
 
 def _show(args: argparse.Namespace) -> None:

@@ -143,6 +143,38 @@ def _memory_cap(schedule: str, pp: int) -> float:
     return {"zbh1": pp, "zbv": pp, "vhalf": (pp + 2) // 2, "vmin": (pp + 4) // 3}[schedule]
 
 
+def _pick(t: float, b_cands: list[tuple], f_cands: list[tuple], w_queue: list[tuple[int, int]]) -> Action | None:
+    """The greedy's choice at time t: the ready B of the oldest microbatch (the later chunk first),
+    else a ready F, of a microbatch already on the rank before one entering it, the oldest first,
+    else the oldest pending W; None when nothing can run. Candidates: B (ready time, microbatch,
+    -chunk), F (ready time, entering, microbatch, chunk)."""
+    now_b = [x for x in b_cands if x[0] <= t]
+    if now_b:
+        _, i, neg_c = min(now_b, key=lambda x: x[1:])
+        return Action(B, i, -neg_c)
+    now_f = [x for x in f_cands if x[0] <= t]
+    if now_f:
+        _, _, i, c = min(now_f, key=lambda x: x[1:])
+        return Action(F, i, c)
+    if w_queue:
+        c, i = w_queue[0]
+        return Action(W, i, c)
+    return None
+
+
+def _idle(r: int, t: float, cands: list[tuple], turns: list[tuple[float, bool, int]]) -> tuple[float, bool]:
+    """Rank r found nothing to run at t: (when it looks again, stalled). The other ranks with work
+    left are the heap `turns`, the next to act on top: when one acts at t too, r stays at t,
+    stalled (that rank may make something ready sooner); else r waits for its earliest candidate
+    or the next rank's turn."""
+    if turns and turns[0][0] == t and not turns[0][1]:
+        return t, True
+    later = [x[0] for x in cands if x[0] < float("inf")] + [q[0] for q in turns if q[0] > t]
+    if not later:
+        raise ScheduleError(f"greedy schedule stuck on rank {r} (internal error)")
+    return min(later), False
+
+
 def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Action]]:
     """List-schedule F/B/W with unit costs (per full stage F=B=W=1) under a per-rank activation
     cap, the zero-bubble recipe: whenever a rank is free it runs a ready B, else a ready F the cap
@@ -180,30 +212,18 @@ def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Ac
         room = cap + eps - held[r]
         f_cands = [(ready(F, c, next_f[c]), enters[c], next_f[c], c) for c in owned[r]
                    if next_f[c] < m and unit * (len(owned[r]) if enters[c] else 1) <= room]
-        now_b = [x for x in b_cands if x[0] <= t]
-        now_f = [x for x in f_cands if x[0] <= t]
-        if now_b:
-            _, i, neg_c = min(now_b, key=lambda x: x[1:])
-            act = Action(B, i, -neg_c)
-            next_b[-neg_c] += 1
-            w_queue[r].append((-neg_c, i))
-        elif now_f:
-            _, _, i, c = min(now_f, key=lambda x: x[1:])
-            act = Action(F, i, c)
-            next_f[c] += 1
+        act = _pick(t, b_cands, f_cands, w_queue[r])
+        if act is not None and act.kind == B:
+            next_b[act.chunk] += 1
+            w_queue[r].append((act.chunk, act.microbatch))
+        elif act is not None and act.kind == F:
+            next_f[act.chunk] += 1
             held[r] += unit
-        elif w_queue[r]:
-            c, i = w_queue[r].pop(0)
-            act = Action(W, i, c)
+        elif act is not None:  # W
+            w_queue[r].pop(0)
             held[r] -= unit
-        else:  # the other ranks with work left are the heap's entries, the next to act on top
-            if turns and turns[0][0] == t and not turns[0][1]:
-                stalled[r] = True  # a rank acting now may make something ready sooner
-            else:
-                later = [x[0] for x in b_cands + f_cands if x[0] < inf] + [q[0] for q in turns if q[0] > t]
-                if not later:
-                    raise ScheduleError(f"greedy schedule stuck on rank {r} (internal error)")
-                free[r], stalled[r] = min(later), False
+        else:
+            free[r], stalled[r] = _idle(r, t, b_cands + f_cands, turns)
             heapq.heappush(turns, (free[r], stalled[r], r))
             continue
         stalled[r] = False
@@ -263,6 +283,17 @@ def _offload_plan(orders: list[list[Action]], fraction: float
     return reloads, offloads
 
 
+def _inputs(kind: str, c: int, i: int, n: int) -> tuple[tuple[str, int, int], ...]:
+    """The actions whose ends action `kind` of (chunk c, microbatch i) waits for, of n chunks: of F
+    the previous chunk's F; of B its own F and the next chunk's B; of W its B; of OFFLOAD / RELOAD
+    its F."""
+    if kind == F:
+        return ((F, c - 1, i),) if c > 0 else ()
+    if kind == B:
+        return ((F, c, i), (B, c + 1, i)) if c < n - 1 else ((F, c, i),)
+    return ((B, c, i) if kind == W else (F, c, i),)
+
+
 def timeline(actions: list[list[Action]], costs: dict[str, float], p2p: float = 0.0
              ) -> list[list[tuple[float, float, Action]]]:
     """Event-driven timing: an action starts when its rank is free and its inputs are done (+p2p
@@ -290,34 +321,19 @@ def timeline(actions: list[list[Action]], costs: dict[str, float], p2p: float = 
             if kind in COMM:
                 k += 1
                 continue
-            # inputs: of F the previous chunk's F; of B its own F and the next chunk's B; of W its B;
-            # of OFFLOAD / RELOAD its F. Each starts the action no earlier than it ends (+p2p across ranks)
-            if kind == F:
-                first = (F, c - 1, i) if c > 0 else None
-                second = None
-            elif kind == B:
-                first, second = (F, c, i), ((B, c + 1, i) if c < n - 1 else None)
-            else:
-                first, second = ((B, c, i) if kind == W else (F, c, i)), None
-            start = t
-            if first is not None:
-                done = end.get(first)
+            start, missing = t, None
+            for need in _inputs(kind, c, i, n):  # each starts the action no earlier than it ends (+p2p across ranks)
+                done = end.get(need)
                 if done is None:
-                    waiting.setdefault(first, []).append(r)
+                    missing = need
                     break
-                if place[first[1]] != r:
+                if place[need[1]] != r:
                     done += p2p
                 if done > start:
                     start = done
-            if second is not None:
-                done = end.get(second)
-                if done is None:
-                    waiting.setdefault(second, []).append(r)
-                    break
-                if place[second[1]] != r:
-                    done += p2p
-                if done > start:
-                    start = done
+            if missing is not None:
+                waiting.setdefault(missing, []).append(r)
+                break
             t = start + span[kind]
             line.append((start, t, a))
             if kind in COMPUTE:

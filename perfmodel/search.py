@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 from perfmodel import estimate as est
 from perfmodel import pipeline, rules
-from perfmodel.memory import activation_parts, combine_activations, state_bytes
+from perfmodel.memory import ActivationParts, activation_parts, combine_activations, state_bytes
 from perfmodel.schedules import V_SHAPED
 from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 
@@ -343,23 +343,36 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 cost = pipeline.schedule_cost(sched, pp, micro, v)
-                for frac in facts:  # more offload only adds time: stop once the fastest states fit
-                    acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations,
-                                                          frac, sched == "gpipe")
-                    busy = micro * (mb.total + p2p + est.offload_time(frac, parts.unit, c, mb.compute))
-                    for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
-                        if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
-                            continue
-                        timed += 1
-                        step = est.step_time(busy, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1]
-                        if best is None or step < best[0]:
-                            best = (step, (plan_r, sched, v, zero, opt, frac))
-                        break
-                    else:
-                        continue
-                    if i == 0:
-                        break
+                n, found = _fitting(c, parts, cost, sched == "gpipe", pp, micro, mb.total + p2p, mb.compute,
+                                    options, facts)
+                timed += n
+                for step, (zero, opt, frac) in found:
+                    if best is None or step < best[0]:
+                        best = (step, (plan_r, sched, v, zero, opt, frac))
     return timed, best
+
+
+def _fitting(c: Cluster, parts: ActivationParts, cost: pipeline.ScheduleCost, gpipe: bool, pp: int, micro: int, per_micro: float, compute: float,
+             options: list[tuple], facts: tuple[float, ...]) -> tuple[int, list[tuple[float, tuple]]]:
+    """One schedule of `_best_for_layout`: (plans timed, [(step time, (zero, optimizer offload,
+    activation offload))]), the fastest fitting state choice (`options`, fastest first) at each
+    offload fraction tried; the fractions stop once the fastest states fit (more offload only adds
+    time). `per_micro`: one microbatch's busy seconds before offload."""
+    timed, found = 0, []
+    for frac in facts:
+        acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations, frac, gpipe)
+        busy = micro * (per_micro + est.offload_time(frac, parts.unit, c, compute))
+        for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
+            if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
+                continue
+            timed += 1
+            found.append((est.step_time(busy, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1], (zero, opt, frac)))
+            break
+        else:
+            continue
+        if i == 0:
+            break
+    return timed, found
 
 
 def _states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: float, cons: dict[str, Any]
