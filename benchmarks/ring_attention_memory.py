@@ -35,7 +35,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors: Triton's interpreter, read when Triton loads
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.cp_memory
@@ -45,20 +45,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402  torch'
 
 from benchmarks.cp_memory import LocalRing  # noqa: E402
 from kernels import flash_attention  # noqa: E402
+from parallel.recompute import tensors_in  # noqa: E402
 from parallel.ring_attention import Ring, RingAttention  # noqa: E402
 
 MIB = 2 ** 20
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -71,8 +61,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
-        for t in _tensors(out):
+        inputs = {id(t.untyped_storage()) for t in tensors_in((args, kwargs))}
+        for t in tensors_in(out):
             storage = t.untyped_storage()
             key = id(storage)  # torch keeps one Python object per live storage
             if key in inputs or key in self.seen:

@@ -220,6 +220,23 @@ if triton is not None:
                  tl.where(seen, mx + tl.log(tl.where(seen, l, 1.0)), float("-inf")), mask=row_ok)
 
     @triton.jit
+    def _query_rows(Q, DO, LSE, DELTA, QD, b, g, r, rows, dims, row_ok, q_mask,
+                    q_b, q_g, q_r, q_s, do_b, do_g, do_r, do_s, l_b, l_g, l_r, l_s, d_b, d_g, d_r, d_s, qd_b,
+                    DOCS: tl.constexpr, DOT: tl.constexpr):
+        """The backward's inputs on a tile of query rows (head r, row `rows`): q and dout [RB*BM, BD]
+        in the dot dtype, the final lse (0 for a row that sees no key, so its p is 0), delta, and
+        the rows' document starts (the rows themselves without documents)."""
+        q = tl.load(Q + b * q_b + g * q_g + r[:, None] * q_r + rows[:, None] * q_s + dims[None, :], mask=q_mask,
+                    other=0.0).to(DOT)  # [RB*BM, BD]
+        do = tl.load(DO + b * do_b + g * do_g + r[:, None] * do_r + rows[:, None] * do_s + dims[None, :],
+                     mask=q_mask, other=0.0).to(DOT)
+        lse = tl.load(LSE + b * l_b + g * l_g + r * l_r + rows * l_s, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + b * d_b + g * d_g + r * d_r + rows * d_s, mask=row_ok, other=0.0)
+        qdoc = tl.load(QD + b * qd_b + rows, mask=row_ok, other=-1) if DOCS else rows
+        return q, do, lse, delta, qdoc
+
+    @triton.jit
     def _backward_dkv(Q, K, V, DO, LSE, DELTA, DK, DV, QD, KD, scale, Sq, Sk, HD, HKV, REP,
                       q_b, q_g, q_r, q_s, k_b, k_g, k_s, v_b, v_g, v_s, do_b, do_g, do_r, do_s,
                       l_b, l_g, l_r, l_s, d_b, d_g, d_r, d_s, dk_b, dk_g, dk_s, dv_b, dv_g, dv_s, qd_b, kd_b,
@@ -246,14 +263,9 @@ if triton is not None:
             rows = start + m % BM
             row_ok = (r < REP) & (rows < Sq)
             q_mask = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(Q + b * q_b + g * q_g + r[:, None] * q_r + rows[:, None] * q_s + dims[None, :], mask=q_mask,
-                        other=0.0).to(DOT)  # [RB*BM, BD]
-            do = tl.load(DO + b * do_b + g * do_g + r[:, None] * do_r + rows[:, None] * do_s + dims[None, :],
-                         mask=q_mask, other=0.0).to(DOT)
-            lse = tl.load(LSE + b * l_b + g * l_g + r * l_r + rows * l_s, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row that sees no key: p = 0
-            delta = tl.load(DELTA + b * d_b + g * d_g + r * d_r + rows * d_s, mask=row_ok, other=0.0)
-            qdoc = tl.load(QD + b * qd_b + rows, mask=row_ok, other=-1) if DOCS else rows
+            q, do, lse, delta, qdoc = _query_rows(Q, DO, LSE, DELTA, QD, b, g, r, rows, dims, row_ok, q_mask,
+                                                  q_b, q_g, q_r, q_s, do_b, do_g, do_r, do_s, l_b, l_g, l_r, l_s,
+                                                  d_b, d_g, d_r, d_s, qd_b, DOCS, DOT)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [RB*BM, BN]
             ok = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
@@ -285,14 +297,9 @@ if triton is not None:
         dims = tl.arange(0, BD)
         row_ok, dim_ok = (r < REP) & (rows < Sq), dims < HD
         q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + b * q_b + g * q_g + r[:, None] * q_r + rows[:, None] * q_s + dims[None, :], mask=q_mask,
-                    other=0.0).to(DOT)  # [RB*BM, BD]
-        do = tl.load(DO + b * do_b + g * do_g + r[:, None] * do_r + rows[:, None] * do_s + dims[None, :],
-                     mask=q_mask, other=0.0).to(DOT)
-        lse = tl.load(LSE + b * l_b + g * l_g + r * l_r + rows * l_s, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(DELTA + b * d_b + g * d_g + r * d_r + rows * d_s, mask=row_ok, other=0.0)
-        qdoc = tl.load(QD + b * qd_b + rows, mask=row_ok, other=-1) if DOCS else rows
+        q, do, lse, delta, qdoc = _query_rows(Q, DO, LSE, DELTA, QD, b, g, r, rows, dims, row_ok, q_mask,
+                                              q_b, q_g, q_r, q_s, do_b, do_g, do_r, do_s, l_b, l_g, l_r, l_s,
+                                              d_b, d_g, d_r, d_s, qd_b, DOCS, DOT)
         dq = tl.zeros([RB * BM, BD], tl.float32)
         hi = tl.minimum(Sk, (pid_m + 1) * BM) if CAUSAL else Sk
         for start in range(0, hi, BN):

@@ -71,8 +71,8 @@ class _Rematerialized(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
-        for t in _tensors(out):
+        inputs = {id(t.untyped_storage()) for t in tensors_in((args, kwargs))}
+        for t in tensors_in(out):
             storage = t.untyped_storage()
             key = id(storage)  # torch keeps one Python object per live storage
             if key not in inputs:  # a new storage (the id of a freed one can be reused: replace it)
@@ -87,16 +87,16 @@ class _Rematerialized(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     """The tensors in an op's arguments or result (nested tuples, lists and dicts)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            yield from _tensors(item)
+            yield from tensors_in(item)
     elif isinstance(obj, dict):
         for item in obj.values():
-            yield from _tensors(item)
+            yield from tensors_in(item)
 
 
 def _full(forward: Callable[..., torch.Tensor], meter: RecomputeMeter) -> Callable[..., torch.Tensor]:

@@ -6,7 +6,6 @@ ZeRO, schedule, offload); fewer, narrower layers and a shorter sequence, so it r
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
 from axon.config import freeze, load
 from axon.dry_run import DEFAULTS, ROLES, dry_run
@@ -23,10 +22,7 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_world():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+pytestmark = pytest.mark.usefixtures("no_process_group")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

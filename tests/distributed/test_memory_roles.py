@@ -49,10 +49,7 @@ def measure(overrides: list[str], run_dir) -> tuple[dict[str, float], dict[str, 
     return got, evaluate(cfg.model, cfg.plan, c, cfg.train.global_batch_size, cfg.train.seq_len).memory.to_dict()
 
 
-@pytest.fixture(autouse=True)
-def _no_world():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+pytestmark = pytest.mark.usefixtures("no_process_group")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("layout, rel", [

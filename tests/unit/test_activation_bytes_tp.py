@@ -58,10 +58,7 @@ def layer_bytes(tp: int, recompute: str, tmp_path) -> float:
     return (chunk_bytes(tp, recompute, 4, tmp_path / "4") - chunk_bytes(tp, recompute, 2, tmp_path / "2")) / 2
 
 
-@pytest.fixture(autouse=True)
-def _no_world():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+pytestmark = pytest.mark.usefixtures("no_process_group")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
