@@ -39,7 +39,8 @@ def resolve_plan(cfg: RunConfig, world: int, argv: list[str]) -> tuple[RunConfig
     every rule of perfmodel/rules.py; pure, so it runs before any process group exists."""
     info: dict[str, Any] = {"auto": False}
     if cfg.auto_plan:
-        from perfmodel.search import best_plan, parse_constraints
+        from perfmodel.candidates import parse_constraints
+        from perfmodel.search import best_plan
 
         plan, est = best_plan(cfg.model, cfg.cluster, world, parse_constraints(argv), cfg.train.global_batch_size,
                               cfg.train.seq_len)

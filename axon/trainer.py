@@ -35,7 +35,7 @@ from axon.run_dir import RunLock, establish
 from axon.profiling import StepProfiler
 from axon.model import GPT
 from axon.optim import lr_at
-from kernels import gemm
+from kernels import gemm_tuning
 from launch import dist as launch_dist
 from launch.grid import Grid
 from parallel import grad_engine, layout, pipeline, precision, recompute
@@ -103,16 +103,16 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skips)
         self.mark = _no_mark  # the watchdog's progress mark, set by run()
         self.run_id = ""  # the run owning the run directory's checkpoints, set by run()
-        self.gemm_table: Optional[gemm.GemmTable] = None  # model.gemm_tuning's decisions, set by tune_gemms()
+        self.gemm_table: Optional[gemm_tuning.GemmTable] = None  # model.gemm_tuning's decisions, set by tune_gemms()
 
     def tune_gemms(self, rank0: bool) -> None:
-        """model.gemm_tuning (kernels/gemm.py): the layouts of this rank's Linear GEMMs, timed once
+        """model.gemm_tuning (kernels/gemm_tuning.py): the layouts of this rank's Linear GEMMs, timed once
         per shape (none a run directory or the device cache already holds), agreed by all ranks,
         written to <run dir>/gemm_tuning.json and the cache, and attached to the chunks' Linears."""
         cfg, plan = self.cfg, self.cfg.plan
         tokens = plan.micro_batch_size * cfg.train.seq_len // plan.cp  # rows of every Linear GEMM
-        self.gemm_table = gemm.for_run(cfg.model.gemm_tuning, cfg.model.gemm_cache, cfg.run_dir, self.device,
-                                       self.precision.policy.compute, self.pipe.chunks.values(), tokens, rank0)
+        self.gemm_table = gemm_tuning.for_run(cfg.model.gemm_tuning, cfg.model.gemm_cache, cfg.run_dir, self.device,
+                                              self.precision.policy.compute, self.pipe.chunks.values(), tokens, rank0)
 
     def weights_changed(self) -> None:
         """The parameters changed outside autograd (an optimizer step, a checkpoint load): drop

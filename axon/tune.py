@@ -31,7 +31,8 @@ from axon.errors import Parser, UsageError, guarded
 from perfmodel import rules
 from perfmodel.estimate import Estimate, estimate
 from perfmodel.flops import n_params
-from perfmodel.search import parse_constraints, search
+from perfmodel.candidates import parse_constraints
+from perfmodel.search import search
 from perfmodel.specs import AXES, Cluster, ModelSpec, Plan, PlanError
 
 GiB = 2**30

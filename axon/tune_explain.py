@@ -2,14 +2,14 @@
 device's HBM, what overflows and which knobs would help, the rules that drop every layout, the
 tie-break that decided #1 over #2, what limits the pick, and `--why-not` for a given layout.
 
-Everything here reads perfmodel's answers (estimate.evaluate, search.rejections /
-leanest_plans / mechanisms, memory.memory); no rule or cost is re-stated.
+Everything here reads perfmodel's answers (estimate.evaluate, candidates.rejections /
+leanest_plans, search.mechanisms, memory.memory); no rule or cost is re-stated.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from perfmodel import pipeline
+from perfmodel import candidates, pipeline
 from perfmodel import search as srch
 from perfmodel.estimate import Estimate
 from perfmodel.memory import Memory, memory
@@ -95,7 +95,7 @@ def _changed(old: Plan, new: Plan) -> list[str]:
 def rule_reasons(m: ModelSpec, world: int, cons: dict[str, Any], gbs: int, seq: int, shown: int = 3
                  ) -> tuple[str, int]:
     """(the most common rule messages with how many layouts each rejects, layouts passing every rule)."""
-    counts, valid, total = srch.rejections(m, world, cons, gbs, seq)
+    counts, valid, total = candidates.rejections(m, world, cons, gbs, seq)
     top = counts.most_common(shown)
     text = (f"{total - valid} of {total} layouts rejected: " if total else "") + "; ".join(f"[{n} layout{'s' * (n > 1)}] {msg}" for msg, n in top)
     if len(counts) > shown:
@@ -109,7 +109,7 @@ def leanest(m: ModelSpec, c: Cluster, world: int, cons: dict[str, Any], gbs: int
     fit the host, when any do), and that memory."""
     free = "offload.optimizer" not in cons and "offload.activations" not in cons
     best, best_key = None, None
-    for lean in srch.leanest_plans(m, world, cons, gbs, seq):
+    for lean in candidates.leanest_plans(m, world, cons, gbs, seq):
         sched = pipeline.schedule_cost(lean.schedule, lean.pp, lean.microbatches(gbs), lean.virtual_stages)
         for plan in [lean] + ([lean.replace(offload=Offload())] if free and lean.offload != Offload() else []):
             mem = memory(m, plan, c, seq, sched.peak_activations, sched.head_activations)
@@ -191,7 +191,7 @@ def parse_layout(text: str) -> dict[str, Any]:
     if bad:
         raise PlanError(f"--why-not {text!r}: {bad[0].strip()!r} is not key=value; give a layout like "
                         f"--why-not dp=8,tp_col=2,pp=1")
-    given = srch.parse_constraints([f"parallel.{item.strip()}" for item in text.split(",") if item.strip()])
+    given = candidates.parse_constraints([f"parallel.{item.strip()}" for item in text.split(",") if item.strip()])
     return {**{a: 1 for a in AXES}, **given}
 
 

@@ -1,4 +1,4 @@
-"""GEMM layout tuning's decision table (kernels/gemm.py) on this machine: for each Linear shape of
+"""GEMM layout tuning's decision table (kernels/gemm_tuning.py) on this machine: for each Linear shape of
 the tiny model (configs/model/tiny.yaml, head included) and of one Llama-3-8B-shaped layer
 (configs/model/llama3-8b.yaml: d 4096, d_ff 14336, 8 KV heads), the time of each of the 8
 formulations of its forward, input-gradient and weight-gradient GEMMs, the one chosen, and its
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels import gemm  # noqa: E402
+from kernels import gemm, gemm_tuning  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,12 +52,12 @@ def paired(role: str, forms: tuple[str, str], shape: tuple[int, int, int], devic
     """Median microseconds of each of `forms`, timed again in turns on fresh operands."""
     m, n, k = shape
     ops = [torch.randn(s, device=device, dtype=dtype) for s in ((m, k), (n, k), (m, n))]
-    return gemm.medians_us([gemm.role_call(role, f, *ops) for f in forms], device, 1, reps)
+    return gemm_tuning.medians_us([gemm_tuning.role_call(role, f, *ops) for f in forms], device, 1, reps)
 
 
 def report(name: str, counts: dict, dtype_name: str, device: torch.device, warmup: int, reps: int) -> list[str]:
     dtype = DTYPES[dtype_name]
-    table = gemm.GemmTable(gemm.device_key(device))
+    table = gemm_tuning.GemmTable(gemm_tuning.device_key(device))
     t0 = time.perf_counter()
     table.tune(counts, device, dtype, warmup=warmup, reps=reps)
     tuned_s = time.perf_counter() - t0
@@ -68,7 +68,7 @@ def report(name: str, counts: dict, dtype_name: str, device: torch.device, warmu
     total = {"torch": 0.0, "chosen": 0.0}
     for (m, n, k), count in sorted(counts.items()):
         for role in gemm.ROLES:
-            key = (role, m, n, k, gemm.dtype_name(dtype))
+            key = (role, m, n, k, gemm_tuning.dtype_name(dtype))
             times = table.times[(table.device, table.version, key)]
             chosen, default = table.entries[(table.device, table.version, key)], gemm.DEFAULT[role]
             speed = times[default] / times[chosen]
@@ -100,7 +100,7 @@ def main() -> None:
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"device: {gemm.device_key(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+    print(f"device: {gemm_tuning.device_key(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"times in microseconds (median of {a.reps} after {a.warmup} warm-up), the chosen in bold")
     for name in a.models:
         counts = linear_shapes(name, a.tokens_tiny if name == "tiny" else a.tokens_8b)

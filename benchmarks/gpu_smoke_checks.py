@@ -190,13 +190,13 @@ def ring_attention(ctx: Ctx) -> dict[str, Any]:
 
 
 def gemm_tuning(ctx: Ctx) -> dict[str, Any]:
-    """GEMM layout tuning (kernels/gemm.py): the 8 formulations of the forward, input- and
+    """GEMM layout tuning (kernels/gemm.py, kernels/gemm_tuning.py): the 8 formulations of the forward, input- and
     weight-gradient GEMMs of a Llama-3-8B layer's Linear shapes (d 4096, d_ff 14336, 8 KV heads;
     2048 and 8192 tokens) timed in bf16; the decisions with their speed-ups over torch's layouts
     (`decisions`, where the layout differs: "role MxNxK form speed-up"), the layer's GEMM time
     torch's / chosen, and a Linear
     computing with the table checked against F.linear. --cpu: two small shapes, fp32."""
-    from kernels import gemm
+    from kernels import gemm, gemm_tuning
 
     if ctx.cpu:
         shapes = {(256, 96, 64), (64, 200, 48)}
@@ -207,7 +207,7 @@ def gemm_tuning(ctx: Ctx) -> dict[str, Any]:
         for m in (2048, 8192):
             for n, k in layer:
                 counts[(m, n, k)] = counts.get((m, n, k), 0) + 1
-    table = gemm.GemmTable(gemm.device_key(ctx.device))
+    table = gemm_tuning.GemmTable(gemm_tuning.device_key(ctx.device))
     t0 = time.perf_counter()
     table.tune(counts, ctx.device, ctx.dtype, warmup=2 if ctx.cpu else 3, reps=5 if ctx.cpu else 10)
     tune_s = time.perf_counter() - t0

@@ -9,7 +9,8 @@ tensor-parallel parameter is replicated over), with an AdamW that updates only t
 
 Parameters are grouped in units (per pipeline chunk: one per transformer Block and reduction
 group, one "root" unit per group for the embeddings, final norm and head), each laid out in one
-flat buffer split evenly over the d ranks of its group (`parallel.zero_units`). Collectives work
+flat buffer split evenly over the d ranks of its group (`parallel.zero_units`; the `Unit` record and
+its making: `parallel.zero_build`). Collectives work
 on whole units, never one tensor at a time. Under tensor parallelism a rank's local pieces are
 what gets sharded: depth-sharded weights over dp x cp, parameters replicated over tp_depth (norms,
 biases) over dp x cp x tp_depth (`ParamLayout.grad_axes`), so each unit's group holds ranks
@@ -59,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launch.grid import Axis, Grid
+from launch.grid import Grid
 from parallel.grad_norm import clip_, total_norm
 from parallel.layout import ParamLayout
 from parallel.layout import complete as complete_layouts
@@ -68,30 +69,11 @@ from parallel.precision import compute_tensor, reduce_dtype
 from parallel.zero_comm import gather
 from parallel.zero_stage3 import Residency
 from parallel.zero_optim import ShardAdamW
-from parallel.zero_units import Layout, Place, Slot, sharded_view, split_blocks, tp_place, whole_place
+from parallel.zero_build import Unit, make_units
+from parallel.zero_units import Slot, sharded_view, split_blocks
 from perfmodel.specs import Optim, Plan
 
 MAX_INFLIGHT = 2  # stage 2/3: reduce-scatters pending before the oldest is waited on (bounds memory)
-
-
-@dataclass
-class Unit:
-    name: str
-    group: Axis  # the ZeRO group: the ranks this unit's gradients are summed over
-    root: bool  # a chunk's parameters outside its Blocks (stage 3: gathered until finish())
-    layout: Layout
-    full: torch.Tensor  # flat parameters [padded]; stage 3: storage freed between uses
-    shard: torch.Tensor  # my parameters [shard]: a view of `full`, own storage under stage 3
-    grad_full: torch.Tensor | None  # stage 0/1: flat gradients [padded]; each .grad is a view
-    grad_shard: torch.Tensor  # my reduced gradient [shard]
-    norm: list[tuple[int, int, float]]  # [a, b) of my shard and the weight of its squares in the norm
-    staging: torch.Tensor | None = None  # stage 2/3: this backward's local gradients [padded]
-    pending: int = 0  # parameters whose gradient has not arrived in this backward
-    launched: bool = False
-    state: str = "ready"  # stage 3: free | gathering | ready
-    gather: Any = None  # stage 3: in-flight all-gather
-    cfull: torch.Tensor | None = None  # what the forward reads [padded]: `full`, or its compute-dtype copy
-    cshard: torch.Tensor | None = None  # stage 3: what is gathered into `cfull` [shard]: `shard` or its copy
 
 
 @dataclass
@@ -137,48 +119,17 @@ class ZeroEngine:
 
     # ---- layout ----
     def _make_units(self, name: str, named: list[tuple[str, nn.Parameter]], root: bool = False) -> list[Unit]:
-        """One unit per gradient-reduction group (`ParamLayout.grad_axes`) among `named` (a
-        Block's parameters, or a chunk's others)."""
-        by_axes: dict[tuple[str, ...], list[tuple[str, nn.Parameter, Place]]] = {}
-        for pname, p in named:
-            layout = self.layouts[pname]
-            axes = tuple(layout.grad_axes)
-            if layout.sharded:
-                place = tp_place(layout, self.grid)
-            else:
-                place = whole_place(layout.full_shape, self.grid.group(*axes).ranks)
-            by_axes.setdefault(axes, []).append((pname, p, place))
-        units = [self._make_unit(f"{name}/{'x'.join(axes)}", self.grid.group(*axes), entries, root)
-                 for axes, entries in by_axes.items()]
+        """`zero_build.make_units` for this engine: its units, each parameter's hook entry, and
+        under stage 3 their flat buffers freed until first use."""
+        units = []
+        for unit in make_units(name, named, root, self.stage, self.grid, self.layouts):
+            for s in unit.layout.slots:
+                self._unit_of[s.param] = (unit, s)
+            if self.stage == 3:
+                self._res.free(unit)  # before the next unit's buffers are allocated
+            units.append(unit)
         self.units += units
         return units
-
-    def _make_unit(self, name: str, group: Axis, named: list[tuple[str, nn.Parameter, Place]], root: bool) -> Unit:
-        d, coord = (1, 0) if self.stage == 0 else (group.size, group.coord)
-        layout = Layout(named, d, coord)
-        p0 = named[0][1]
-        full = torch.zeros(layout.padded, dtype=p0.dtype, device=p0.device)
-        lo, hi = layout.owned()
-        with torch.no_grad():
-            for s in layout.slots:
-                full[s.start:s.stop].copy_(s.param.detach().reshape(-1))
-                s.param.data = full[s.start:s.stop].view(s.shape)  # parameters view the flat buffer
-        shard = full[lo:hi].clone() if self.stage == 3 else full[lo:hi]
-        grad_full = None
-        if self.stage <= 1:
-            grad_full = torch.zeros_like(full)
-            for s in layout.slots:
-                s.param.grad = grad_full[s.start:s.stop].view(s.shape)  # autograd accumulates here
-            grad_shard = grad_full[lo:hi]
-        else:
-            grad_shard = torch.zeros_like(shard)
-        unit = Unit(name, group, root, layout, full, shard, grad_full, grad_shard, self._norm_ranges(layout, group),
-                    cfull=full, cshard=shard)
-        for s in layout.slots:
-            self._unit_of[s.param] = (unit, s)
-        if self.stage == 3:
-            self._res.free(unit)
-        return unit
 
     def compute_weights(self, dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
         """Give every unit a compute buffer in `dtype` (see the module docstring; call once, before
@@ -206,23 +157,6 @@ class ZeroEngine:
                     u.cshard.copy_(u.shard)
                 elif self.stage < 3 and u.cfull is not u.full:
                     u.cfull.copy_(u.full)
-
-    def _norm_ranges(self, layout: Layout, group: Axis) -> list[tuple[int, int, float]]:
-        """[a, b) ranges of my shard with the weight of their squares in the gradient norm, so that
-        summing over dp x cp (ZeRO 1-3) and the tensor group counts every element once: a piece
-        held (after ZeRO sharding) by r ranks of those groups weighs 1/r. A parameter in n
-        distinct pieces (`ParamLayout.pieces`) over t tensor ranks has each piece on t/n of them,
-        of which the ZeRO group (dp x cp x g tensor ranks) covers g: r = (t/n)/g."""
-        g = group.size // self._dpc.size if self.stage >= 1 else 1
-        lo = layout.owned()[0]
-        out: list[tuple[int, int, float]] = []
-        for s, a, b in layout.pieces():
-            w = self.layouts[s.name].pieces(self.grid.plan) * g / self._tp.size
-            a, b = s.start + a - lo, s.start + b - lo
-            if out and out[-1][1] == a and out[-1][2] == w:
-                a = out.pop()[0]
-            out.append((a, b, w))
-        return out
 
     # ---- gradients ----
     def zero_grad(self) -> None:

@@ -35,7 +35,8 @@ from torch import nn
 from parallel.zero_comm import gather
 
 if TYPE_CHECKING:
-    from parallel.zero import Unit, ZeroStats
+    from parallel.zero import ZeroStats
+    from parallel.zero_build import Unit
 
 
 class Residency:

@@ -33,7 +33,7 @@ CP_MODES = ("ring", "ulysses")
 REDUCE_DTYPES = ("fp32", "bf16")  # parallel.reduce_dtype: parallel/precision.py
 NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
 KERNELS = ("auto", "triton", "torch")  # model.kernels: kernels/__init__.py
-GEMM_TUNING = ("auto", "on", "off")  # model.gemm_tuning: kernels/gemm.py
+GEMM_TUNING = ("auto", "on", "off")  # model.gemm_tuning: kernels/gemm_tuning.py
 ROPE_SCALINGS = ("none", "llama3")
 
 

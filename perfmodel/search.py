@@ -1,10 +1,4 @@
-"""The autotuner: enumerate every valid layout, keep those that fit, rank them by step time.
-
-Searched: dp, pp, cp, tp_col, tp_row, tp_depth (every factorisation of the world size), ZeRO stage, schedule with its virtual stages, micro-batch size, cp_mode,
-recomputation, optimizer offload and the activation-offload fraction. Anything in
-`constraints` (the `parallel.*` settings the user fixed) is held. Validity is perfmodel/rules.py's,
-checked group by group as each knob is fixed, so the search proposes exactly the plans
-`Plan.check` accepts.
+"""The autotuner: rank the candidate plans (perfmodel/candidates.py) that fit by step time, best first.
 
 Pruning keeps it fast without losing the optimum:
 - best first: every layout gets a lower bound of its step time (its microbatches' work at the
@@ -19,35 +13,26 @@ Pruning keeps it fast without losing the optimum:
   micro-batch, cp_mode, recompute) and reused across schedules, offload and ZeRO choices;
 - recompute (none < selective < full), activation offload (0 < 0.5 < 1) and optimizer offload
   (off < on) only ever add time and save memory, so a choice is skipped when a cheaper
-  neighbour on one of those chains already fits (the fitting set is closed upwards);
-- sequence parallelism is on whenever the tensor group splits activations: same traffic, less
-  memory.
+  neighbour on one of those chains already fits (the fitting set is closed upwards).
 
 Ranking: by step time raised 0.01% per mechanism turned on (`mechanisms`, a third of that per
 ZeRO stage), so of two near-equal plans the simpler wins; exact ties go to the lower degree tuple
-in AXES order. When nothing fits, `rejections` (the rules that drop each layout) and
-`leanest_plans` (each valid layout at its most memory-saving knobs) say why (axon/tune_explain.py).
+in AXES order.
 """
 from __future__ import annotations
 
 import heapq
 import time
-from collections import Counter
-from dataclasses import dataclass, fields
-from functools import lru_cache
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from perfmodel import estimate as est
 from perfmodel import pipeline, rules
+from perfmodel.candidates import (ACT_OFFLOAD, MICRO_BATCH_SIZES, allowed, base_plan, constraint_key, divisors,
+                                  layouts, micro_choices, schedule_choices)
 from perfmodel.memory import ActivationParts, activation_parts, combine_activations, state_bytes
-from perfmodel.schedules import V_SHAPED
 from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 
-SCHEDULE_ORDER = ("1f1b", "gpipe", "zbh1", "interleaved", "zbv", "vhalf", "vmin")
-ACT_OFFLOAD = (0.0, 0.5, 1.0)
-MAX_MICRO_BATCH = 16
-MICRO_BATCH_SIZES = tuple(2**i for i in range(MAX_MICRO_BATCH.bit_length()))  # 1, 2, 4, ... MAX_MICRO_BATCH
-MAX_INTERLEAVE = 8
 
 
 @dataclass(frozen=True)
@@ -58,102 +43,12 @@ class SearchResult:
     seconds: float
 
 
-@lru_cache(maxsize=1024)
-def divisors(n: int) -> tuple[int, ...]:
-    return tuple(d for d in range(1, n + 1) if n % d == 0)
-
-
 def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
     for cached in (pipeline.simulated, split.stage_layers, split._balanced, comm._inside_node, divisors):
         cached.cache_clear()
-
-
-def constraint_key(name: str) -> str:
-    """Validate a constraint name (a Plan field, or offload.optimizer / offload.activations)."""
-    known = {f.name for f in fields(Plan)} - {"offload"} | {"offload.optimizer", "offload.activations"}
-    if name not in known:
-        raise PlanError(f"parallel.{name} is not a parallel setting; known: {sorted(known)}")
-    return name
-
-
-def parse_constraints(overrides: list[str]) -> dict[str, Any]:
-    """The `parallel.*=value` Hydra overrides the user gave, as {field: value}; `parallel.auto`
-    and group selections (`parallel=auto`) are not constraints."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.lstrip("+").partition("=")
-        if not sep or not key.startswith("parallel.") or key == "parallel.auto":
-            continue
-        out[constraint_key(key[len("parallel."):])] = _parse_value(raw)
-    return out
-
-
-def _parse_value(raw: str) -> Any:
-    low = raw.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw.strip().strip("'\"")
-
-
-def _choices(constraints: dict[str, Any], name: str, default: tuple) -> tuple:
-    return (constraints[name],) if name in constraints else default
-
-
-def _factorisations(world: int, axes: tuple[str, ...], cons: dict[str, Any]) -> Iterator[dict[str, int]]:
-    """Every assignment of degrees to `axes` whose product is `world`, pinned ones held."""
-    if not axes:
-        if world == 1:
-            yield {}
-        return
-    axis, rest = axes[0], axes[1:]
-    for d in ([cons[axis]] if axis in cons else divisors(world)):
-        if d >= 1 and world % d == 0:
-            for tail in _factorisations(world // d, rest, cons):
-                yield {axis: d, **tail}
-
-
-def _layouts(m: ModelSpec, world: int, cons: dict[str, Any], seq: int) -> Iterator[Plan]:
-    """Plans with the degrees (and sequence parallelism) set, whose product is `world` and that
-    the split rules accept for this model and sequence."""
-    base = _base(cons)
-    for degrees in _factorisations(world, AXES, cons):
-        sp = _choices(cons, "sequence_parallel", (degrees["tp_col"] * degrees["tp_row"] > 1,))[0]
-        plan = base.replace(sequence_parallel=sp, **degrees)
-        if not rules.split_rules(m, plan, seq):
-            yield plan
-
-
-def _schedules(m: ModelSpec, plan: Plan, micro: int, cons: dict[str, Any]) -> list[tuple[str, int]]:
-    """(schedule, virtual stages) pairs the rules accept for this layout and microbatch count."""
-    if plan.pp == 1:
-        candidates = [(cons.get("schedule", "1f1b"), cons.get("virtual_stages", 1))]
-    else:
-        candidates = [(sched, v) for sched in _choices(cons, "schedule", SCHEDULE_ORDER)
-                      for v in _choices(cons, "virtual_stages", tuple(range(2, MAX_INTERLEAVE + 1))
-                                        if sched == "interleaved" else (2,) if sched in V_SHAPED else (1,))]
-    out = []
-    for sched, v in candidates:
-        p = plan.replace(schedule=sched, virtual_stages=v)
-        if not rules.chunk_rules(m, p) and not rules.schedule_rules(p, micro):
-            out.append((sched, v))
-    return out
-
-
-def _base(cons: dict[str, Any]) -> Plan:
-    """The plan holding every non-degree constraint."""
-    base = Plan(**{k: v for k, v in cons.items() if "." not in k and k not in AXES})
-    if "offload.optimizer" in cons or "offload.activations" in cons:
-        base = base.replace(offload=Offload(bool(cons.get("offload.optimizer", False)),
-                                            float(cons.get("offload.activations", 0.0))))
-    return base
 
 
 def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
@@ -163,7 +58,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
     best: dict[tuple[int, ...], tuple[float, tuple]] = {}
     n_layouts = n_cands = 0
-    if rules.model_rules(m) or rules.setting_rules(_base(cons)):
+    if rules.model_rules(m) or rules.setting_rules(base_plan(cons)):
         return SearchResult([], 0, 0, time.perf_counter() - t0)
     # best first: layouts in the order of a lower bound of their step time, stopping once the bound
     # passes the `top`-th best ranking key found (no plan of a later layout could enter the top). The
@@ -171,7 +66,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     # lower bound of it) does not already exceed the next layout's: a heap holds the bounded ones
     computes: dict[tuple, float] = {}
     cheap = []
-    for layout in _layouts(m, world, cons, seq_len):
+    for layout in layouts(m, world, cons, seq_len):
         n_layouts += 1
         cheap.append((_compute_bound(m, c, layout, cons, global_batch_size, seq_len, computes), n_layouts, layout))
     cheap.sort(key=lambda b: b[:2])
@@ -214,17 +109,6 @@ def _rank_key(found: tuple[float, tuple]) -> float:
     return found[0] * (1 + 1e-4 * _complexity(found[1]))
 
 
-def _micro_choices(m: ModelSpec, layout: Plan, cons: dict[str, Any], gbs: int) -> Iterator[tuple[int, int, str]]:
-    """(micro-batch size, microbatches, cp_mode) choices the batch and context rules accept."""
-    cp_modes = _choices(cons, "cp_mode", rules.CP_MODES if layout.cp > 1 else ("ring",))
-    modes = [mode for mode in cp_modes if not rules.cp_mode_rules(m, layout.replace(cp_mode=mode))]
-    for mbs in _choices(cons, "micro_batch_size", MICRO_BATCH_SIZES):
-        sized = layout.replace(micro_batch_size=mbs)
-        if not rules.batch_rules(sized, gbs):
-            micro = sized.microbatches(gbs)
-            for cp_mode in modes:
-                yield mbs, micro, cp_mode
-
 
 def _compute_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
                    computes: dict[tuple, float]) -> float:
@@ -232,7 +116,7 @@ def _compute_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any],
     alone, the least over every micro-batch size tried, valid or not (`computes`: a microbatch's
     compute by tensor / context layout, micro-batch size and stage layers, for the search)."""
     bound = float("inf")
-    for mbs in _choices(cons, "micro_batch_size", MICRO_BATCH_SIZES):
+    for mbs in allowed(cons, "micro_batch_size", MICRO_BATCH_SIZES):
         key = (layout.tp_col, layout.tp_row, layout.cp, layout.pp, mbs)
         compute = computes.get(key)
         if compute is None:
@@ -249,9 +133,9 @@ def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], g
     sync and the optimizer only add to it); inf when no micro-batch size is valid. Fills `first`
     with each (micro-batch size, microbatches, cp_mode) choice's costs at that recomputation, for
     `_best_for_layout`; `blocks`: the search's Block costs (`_block`)."""
-    plan = layout.replace(recompute=_choices(cons, "recompute", rules.RECOMPUTE)[0])  # cheapest first
+    plan = layout.replace(recompute=allowed(cons, "recompute", rules.RECOMPUTE)[0])  # cheapest first
     bound = float("inf")
-    for mbs, micro, cp_mode in _micro_choices(m, layout, cons, gbs):
+    for mbs, micro, cp_mode in micro_choices(m, layout, cons, gbs):
         mb = est.microbatch_costs(m, plan, c, seq, micro, _block(m, c, plan, seq, blocks, mbs, cp_mode))
         first[(mbs, micro, cp_mode)] = mb
         bound = min(bound, micro * mb.total)
@@ -304,11 +188,11 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     pp = layout.pp
     psi = est.stage_params(m, pp, seq) / layout.tp
     units = est.zero_units(m, layout, seq)
-    zeros = _choices(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
+    zeros = allowed(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
     states = None  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
-    facts = _choices(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
-    recomputes = _choices(cons, "recompute", rules.RECOMPUTE)  # cheapest first
+    facts = allowed(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
+    recomputes = allowed(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
     scheds_of: dict[int, list[tuple[str, int]]] = {}
     for (mbs, micro, cp_mode), mb in first.items():
@@ -327,7 +211,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                 fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in states), key=sum)
             scheds = scheds_of.get(mbs)
             if scheds is None:
-                scheds = scheds_of[mbs] = _schedules(m, layout, micro, cons)
+                scheds = scheds_of[mbs] = schedule_choices(m, layout, micro, cons)
             send = est.p2p_send(m, plan_r, c, seq)
             parts = None
             for sched, v in scheds:
@@ -381,77 +265,13 @@ def _states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: f
     bytes besides activations, host bytes, optimizer seconds)."""
     states = []
     for zero, layout in by_zero.items():
-        for opt in _choices(cons, "offload.optimizer", (False, True)):
+        for opt in allowed(cons, "offload.optimizer", (False, True)):
             plan = layout.replace(offload=Offload(opt, 0.0))
             params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
             states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
                            est.optimizer_time(plan, c, psi)))
     return states
 
-
-def rejections(m: ModelSpec, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
-               seq_len: int) -> tuple[Counter, int, int]:
-    """Why layouts are dropped, for explaining an empty search: (rule message -> layouts it
-    rejects, layouts that pass every rule, layouts enumerated). A layout's messages are its first
-    failing group's, at its first micro-batch size (the search tries every size: `_micro_choices`)."""
-    cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
-    base = _base(cons)
-    found = rules.model_rules(m) + rules.setting_rules(base)
-    if found:
-        return Counter(v.message for v in found), 0, 0
-    counts: Counter = Counter()
-    valid = total = 0
-    for degrees in _factorisations(world, AXES, cons):
-        sp = _choices(cons, "sequence_parallel", (degrees["tp_col"] * degrees["tp_row"] > 1,))[0]
-        reasons = _layout_reasons(m, base.replace(sequence_parallel=sp, **degrees), cons, global_batch_size, seq_len)
-        counts.update(v.message for v in reasons)
-        valid += not reasons
-        total += 1
-    if not total:  # the fixed degrees leave no factorisation of the world
-        pinned = base.replace(**{a: cons.get(a, 1) for a in AXES})
-        counts.update(v.message for v in rules.world_rules(pinned, world) or [rules.Violation(
-            "parallel.dp", f"the fixed degrees {', '.join(f'parallel.{a}={cons[a]}' for a in AXES if a in cons)} "
-                           f"leave no factorisation of the {world} ranks; change or free one of them")])
-    return counts, valid, total
-
-
-def _layout_reasons(m: ModelSpec, layout: Plan, cons: dict[str, Any], gbs: int, seq: int) -> list[rules.Violation]:
-    """The rules that leave `layout` without a single valid plan ([] when one exists)."""
-    found = rules.split_rules(m, layout, seq)
-    if found:
-        return found
-    choices = list(_micro_choices(m, layout, cons, gbs))
-    if not choices:
-        mbs = _choices(cons, "micro_batch_size", (1,))[0]
-        sized = layout.replace(micro_batch_size=mbs)
-        return rules.batch_rules(sized, gbs) or rules.cp_mode_rules(m, layout.replace(
-            cp_mode=_choices(cons, "cp_mode", ("ulysses",))[0]))
-    if any(_schedules(m, layout, micro, cons) for _, micro, _ in choices):
-        return []
-    mbs, micro, _ = choices[0]
-    p = layout.replace(micro_batch_size=mbs, schedule=_choices(cons, "schedule", ("1f1b",))[0],
-                       virtual_stages=_choices(cons, "virtual_stages", (1,))[0])
-    return rules.chunk_rules(m, p) + rules.schedule_rules(p, micro) or [rules.Violation(
-        "parallel.schedule", f"no pipeline schedule accepts parallel.pp={layout.pp} with {micro} microbatches; "
-                             f"change parallel.pp or train.global_batch_size")]
-
-
-def leanest_plans(m: ModelSpec, world: int, constraints: dict[str, Any] | None, global_batch_size: int,
-                  seq_len: int) -> Iterator[Plan]:
-    """Each valid layout's plans with the most memory-saving knobs the constraints allow (the
-    highest ZeRO stage, full recomputation, offload on), one per micro-batch size, cp_mode and
-    schedule: where the smallest predicted memory is found when nothing fits."""
-    cons = {constraint_key(k): v for k, v in (constraints or {}).items()}
-    if rules.model_rules(m) or rules.setting_rules(_base(cons)):
-        return
-    for layout in _layouts(m, world, cons, seq_len):
-        zero = max(_choices(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,)))
-        lean = layout.replace(zero=zero, recompute=_choices(cons, "recompute", rules.RECOMPUTE)[-1], offload=Offload(
-            max(_choices(cons, "offload.optimizer", (True,))),
-            max(_choices(cons, "offload.activations", ACT_OFFLOAD if layout.pp > 1 else (0.0,)))))
-        for mbs, micro, cp_mode in _micro_choices(m, layout, cons, global_batch_size):
-            for sched, v in _schedules(m, layout, micro, cons):
-                yield lean.replace(micro_batch_size=mbs, cp_mode=cp_mode, schedule=sched, virtual_stages=v)
 
 
 def best_plan(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | None, global_batch_size: int,

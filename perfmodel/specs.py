@@ -119,7 +119,7 @@ class ModelSpec:
     rope_original_max_len: int = 8192  # original_max_position_embeddings
     init_std: float = 0.02
     kernels: str = "auto"  # auto (Triton on GPUs, PyTorch on CPU) | triton | torch: kernels/__init__.py
-    # GEMM layout tuning (kernels/gemm.py): auto (on on GPUs, off on CPU) | on | off; each Linear shape's
+    # GEMM layout tuning (kernels/gemm_tuning.py): auto (on on GPUs, off on CPU) | on | off; each Linear shape's
     # forward and gradient GEMMs timed in every layout once, decisions in <run dir>/gemm_tuning.json
     gemm_tuning: str = "auto"
     # directory of the per-device GEMM decision caches reused across runs; None = <run dir>/../gemm_cache

@@ -1,6 +1,7 @@
-"""Flash attention (kernels/flash_attention.py) under Triton's interpreter on CPU: the Triton block
-kernels against the PyTorch reference (out, lse, dq, dk, dv), the model's `kernels.attention`
-Triton path against the SDPA path, and ring attention on one rank with either block math.
+"""Flash attention (kernels/flash_attention.py, kernels/flash_kernels.py) under Triton's
+interpreter on CPU: the Triton block kernels against the PyTorch reference (out, lse, dq, dk, dv),
+the model's `kernels.attention` Triton path against the SDPA path, and ring attention on one rank
+with either block math.
 
 Sizes are awkward on purpose: sequence lengths that are not multiples of the 16-row tiles the
 interpreter runs, head_dim 24 (padded to 32 by masking), GQA ratios 1, 2, 3, strided views (the

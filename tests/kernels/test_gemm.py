@@ -1,4 +1,4 @@
-"""GEMM layout tuning (kernels/gemm.py): every formulation of each of a Linear's three GEMMs
+"""GEMM layout tuning (kernels/gemm.py, kernels/gemm_tuning.py): every formulation of each of a Linear's three GEMMs
 against the plain product, the Linear Function against F.linear (bitwise untuned; with other
 layouts within fp32 rounding), tuning on CPU, the decision files (round trip, refusal of
 malformed or hostile ones), agreement over two gloo ranks, and a whole model with every decision
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import kernels
 from axon.init import materialize
 from axon.model import build
-from kernels import gemm
+from kernels import gemm, gemm_tuning
 from perfmodel import rules
 from perfmodel.specs import ModelSpec
 
@@ -59,8 +59,8 @@ def test_default_formulations_are_torch_own_bitwise():
     assert torch.equal(gemm.weight_grad(dy, x, gemm.DEFAULT["dw"]), x.t().mm(dy).t())
 
 
-def table_of(choices: dict[str, str], shapes, dtype=torch.float32) -> gemm.GemmTable:
-    table = gemm.GemmTable(gemm.device_key(torch.device("cpu")))
+def table_of(choices: dict[str, str], shapes, dtype=torch.float32) -> gemm_tuning.GemmTable:
+    table = gemm_tuning.GemmTable(gemm_tuning.device_key(torch.device("cpu")))
     for m, n, k in shapes:
         for role, form in choices.items():
             table.set((role, m, n, k, str(dtype).removeprefix("torch.")), form)
@@ -101,7 +101,7 @@ def test_linear_under_autocast_matches_f_linear():
 
 
 def test_tune_records_a_decision_per_shape_and_role_once():
-    table = gemm.GemmTable(gemm.device_key(torch.device("cpu")))
+    table = gemm_tuning.GemmTable(gemm_tuning.device_key(torch.device("cpu")))
     shapes = {(16, 24, 8), (5, 7, 3)}
     assert table.tune(shapes, torch.device("cpu"), torch.float32, warmup=1, reps=2) == 6
     decided = table.decisions()
@@ -116,16 +116,16 @@ def test_tune_records_a_decision_per_shape_and_role_once():
 def test_save_load_round_trip(tmp_path):
     table = table_of(NON_DEFAULT, [(8, 4, 2)])
     table.times[(table.device, table.version, ("fwd", 8, 4, 2, "float32"))] = {"TN": 3.5, "sNN": 1.25}
-    other = gemm.GemmTable("another GPU")  # kept in the file, never used here
+    other = gemm_tuning.GemmTable("another GPU")  # kept in the file, never used here
     other.set(("dx", 8, 4, 2, "bfloat16"), "TT")
     table.merge(other)
-    path = tmp_path / "sub" / gemm.RUN_FILE
+    path = tmp_path / "sub" / gemm_tuning.RUN_FILE
     table.save(path)
-    assert [p.name for p in path.parent.iterdir()] == [gemm.RUN_FILE]  # no temporary left behind
-    back = gemm.GemmTable.load(path, table.device)
+    assert [p.name for p in path.parent.iterdir()] == [gemm_tuning.RUN_FILE]  # no temporary left behind
+    back = gemm_tuning.GemmTable.load(path, table.device)
     assert back.entries == table.entries and back.times == table.times
     assert back.decisions() == table.decisions() and len(back.entries) == 4
-    assert gemm.GemmTable.load(tmp_path / "absent.json", "x").entries == {}
+    assert gemm_tuning.GemmTable.load(tmp_path / "absent.json", "x").entries == {}
 
 
 GOOD = {"device": "d", "torch": "t", "role": "fwd", "m": 1, "n": 2, "k": 3, "dtype": "float32", "form": "TN"}
@@ -146,15 +146,15 @@ GOOD = {"device": "d", "torch": "t", "role": "fwd", "m": 1, "n": 2, "k": 3, "dty
 def test_malformed_or_hostile_files_are_refused(tmp_path, text):
     path = tmp_path / "t.json"
     path.write_text(text)
-    with pytest.raises(gemm.GemmTableError) as err:
-        gemm.GemmTable.load(path, "d")
+    with pytest.raises(gemm_tuning.GemmTableError) as err:
+        gemm_tuning.GemmTable.load(path, "d")
     message = str(err.value)
     assert "\n" not in message and str(path) in message and "model.gemm_cache" in message
 
 
 def test_cache_file_stays_in_its_directory(tmp_path):
     for device in ("../../etc/passwd", "/abs/path", "NVIDIA H200", "..", ""):
-        path = gemm.cache_path(tmp_path, device)
+        path = gemm_tuning.cache_path(tmp_path, device)
         assert path.parent == tmp_path and path.name.startswith("gemm_") and "/" not in path.name
 
 
@@ -162,12 +162,12 @@ def test_setting_is_validated_and_resolved():
     assert [v.knob for v in rules.model_rules(ModelSpec(gemm_tuning="sometimes"))] == ["model.gemm_tuning"]
     assert [v.knob for v in rules.model_rules(ModelSpec(gemm_cache=" "))] == ["model.gemm_cache"]
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert [gemm.tuning_on(m, cpu) for m in gemm.MODES] == [False, True, False]
-    assert [gemm.tuning_on(m, gpu) for m in gemm.MODES] == [True, True, False]
+    assert [gemm_tuning.tuning_on(m, cpu) for m in gemm_tuning.MODES] == [False, True, False]
+    assert [gemm_tuning.tuning_on(m, gpu) for m in gemm_tuning.MODES] == [True, True, False]
 
 
 def test_agree_takes_the_lowest_rank_decision_per_key():
-    tables = [gemm.GemmTable("cpu test") for _ in range(2)]
+    tables = [gemm_tuning.GemmTable("cpu test") for _ in range(2)]
     for rank, table in enumerate(tables):
         table.set(("fwd", 8, 4, 2, "float32"), ["sNN", "TT"][rank], {"TN": 1.0})  # conflicting: rank 0's wins
         table.set(("dw", 8, 4, 2 + rank, "bfloat16"), "NN")  # one shape per rank: both kept
@@ -222,13 +222,13 @@ def test_for_run_tunes_once_then_reuses_the_cache(tmp_path):
     spec = replace(SPEC, n_layers=1)
     cpu = torch.device("cpu")
     model = build(spec)
-    assert gemm.for_run("auto", None, tmp_path / "a", cpu, torch.float32, [model], 8, True) is None  # auto: off on CPU
-    table = gemm.for_run("on", None, tmp_path / "a", cpu, torch.float32, [model], 8, True)
+    assert gemm_tuning.for_run("auto", None, tmp_path / "a", cpu, torch.float32, [model], 8, True) is None  # auto: off on CPU
+    table = gemm_tuning.for_run("on", None, tmp_path / "a", cpu, torch.float32, [model], 8, True)
     assert len(table.decisions()) == 3 * 5 and model.layers["0"].attn.wq.gemm_table is table
-    cache = gemm.cache_path(tmp_path / "gemm_cache", table.device)
-    assert gemm.GemmTable.load(tmp_path / "a" / gemm.RUN_FILE, table.device).decisions() == table.decisions()
-    forced = gemm.GemmTable.load(cache, table.device)  # a later run takes the cached decisions, untimed
+    cache = gemm_tuning.cache_path(tmp_path / "gemm_cache", table.device)
+    assert gemm_tuning.GemmTable.load(tmp_path / "a" / gemm_tuning.RUN_FILE, table.device).decisions() == table.decisions()
+    forced = gemm_tuning.GemmTable.load(cache, table.device)  # a later run takes the cached decisions, untimed
     forced.set(("fwd", 8, 48, 48, "float32"), "sTT")
     forced.save(cache)
-    again = gemm.for_run("on", None, tmp_path / "b", cpu, torch.float32, [build(spec)], 8, True)
+    again = gemm_tuning.for_run("on", None, tmp_path / "b", cpu, torch.float32, [build(spec)], 8, True)
     assert again.choice("fwd", 8, 48, 48, torch.float32) == "sTT" and again.decisions().keys() == table.decisions().keys()

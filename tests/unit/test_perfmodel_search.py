@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 
 from axon.config import freeze, load
 from axon.tune import main
-from perfmodel.search import parse_constraints, search
+from perfmodel.candidates import parse_constraints
+from perfmodel.search import search
 from perfmodel.specs import PlanError
 
 
