@@ -1,7 +1,8 @@
 """Check a GPU node in minutes: every GPU path of Axon once, each check in its own subprocess.
 
     .venv/bin/python benchmarks/gpu_smoke.py                    # one GPU, under 8 minutes
-    .venv/bin/python benchmarks/gpu_smoke.py --cpu              # the same checks on CPU, small sizes (CI)
+    .venv/bin/python benchmarks/gpu_smoke.py --cpu              # the same checks on CPU, small sizes
+    .venv/bin/python benchmarks/gpu_smoke.py --cpu --shared-process   # ... all in one child process (CI)
     .venv/bin/python benchmarks/gpu_smoke.py --only sdpa_flash,ring_attention --out smoke.jsonl
 
 A check that fails, crashes or hangs (`--timeout`) fails alone; the others still run. Each result
@@ -37,41 +38,47 @@ CHECKS = ("versions", "nccl_init", "sdpa_flash", "ring_attention", "activation_o
           "checkpoint_resume", "llama_step", "fake_zero3_dp8", "fake_pp4_1f1b", "gemm_tuning", "triton_kernels")
 
 
-def run_all(names: list[str], cpu: bool, timeout_s: float, out: Path) -> list[dict]:
-    """Run each check in a subprocess; append its record to `out`; return the records."""
+def run_all(names: list[str], cpu: bool, timeout_s: float, out: Path, shared: bool = False) -> list[dict]:
+    """Run each check in a subprocess (`shared`: all of them in one, which saves a process start
+    per check; CI on CPU); append each record to `out`; return the records."""
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
-        for name in names:
-            record = _run_one(name, cpu, timeout_s, Path(tmp) / name)
-            records.append(record)
-            with out.open("a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-            print(f"[gpu_smoke] {name}: {record['status']} ({record['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        for group in [names] if shared else [[n] for n in names]:
+            for record in _run_group(group, cpu, timeout_s * len(group), Path(tmp)):
+                records.append(record)
+                with out.open("a") as f:
+                    f.write(json.dumps(record, default=str) + "\n")
+                print(f"[gpu_smoke] {record['check']}: {record['status']} ({record['seconds']:.1f} s)",
+                      file=sys.stderr, flush=True)
     return records
 
 
-def _run_one(name: str, cpu: bool, timeout_s: float, work: Path) -> dict:
-    work.mkdir(parents=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--check", name, "--work", str(work)] + (["--cpu"] * cpu)
+def _run_group(names: list[str], cpu: bool, timeout_s: float, tmp: Path) -> list[dict]:
+    """The checks `names` one after another in one child process: a record per check, from its
+    result line; a check without one crashed or timed out (with it, those after it)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--check", ",".join(names), "--work", str(tmp)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.monotonic()
-    base = {"check": name, "mode": "cpu" if cpu else "gpu", "time": datetime.datetime.now().isoformat()}
+    base = {"mode": "cpu" if cpu else "gpu", "time": datetime.datetime.now().isoformat()}
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd + ["--cpu"] * cpu, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+        stdout, stderr = done.stdout, done.stderr
+        missing = {"status": "crash", "reason": f"exit code {done.returncode}, no result"}
     except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-2000:]
-        return {**base, "status": "timeout", "seconds": time.monotonic() - t0,
-                "reason": f"no result within --timeout {timeout_s:g} s", "stderr_tail": _text(tail)}
-    seconds = time.monotonic() - t0
-    lines = [ln[len(MARK):] for ln in done.stdout.splitlines() if ln.startswith(MARK)]
-    if not lines:
-        return {**base, "status": "crash", "seconds": seconds, "reason": f"exit code {done.returncode}, no result",
-                "stderr_tail": done.stderr[-2000:]}
-    result = json.loads(lines[-1])
-    if result["status"] == "fail":
-        result["stderr_tail"] = done.stderr[-2000:]
-    return {**base, **result, "seconds": seconds}
+        stdout, stderr = _text(e.stdout or b""), _text(e.stderr or b"")
+        missing = {"status": "timeout", "reason": f"no result within --timeout {timeout_s:g} s"}
+    results = dict(json.loads(ln[len(MARK):]) for ln in stdout.splitlines() if ln.startswith(MARK))
+    records = []
+    for name in names:
+        result = results.get(name)
+        if result is None:
+            result = {**missing, "seconds": time.monotonic() - t0, "stderr_tail": stderr[-2000:]}
+        elif result["status"] == "fail":
+            result["stderr_tail"] = stderr[-2000:]
+        records.append({"check": name, **base, **result})
+    return records
 
 
 def _text(data: bytes | str) -> str:
@@ -94,21 +101,26 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def child(name: str, cpu: bool, work: Path) -> int:
-    """Run one check in this process and print its result line."""
+def child(names: list[str], cpu: bool, work: Path) -> int:
+    """Run the checks in this process, one after another, each printing its result line
+    (`MARK` [name, result])."""
     from benchmarks import gpu_smoke_checks as checks
 
-    try:
-        details = checks.run(name, checks.Ctx.make(cpu, work))
-        result = {"status": "pass", "details": details}
-    except checks.Skip as e:
-        result = {"status": "skip", "reason": str(e)}
-    except Exception as e:  # noqa: BLE001 - the check failed; report why, the parent goes on
-        import traceback
+    for name in names:
+        t0 = time.monotonic()
+        (work / name).mkdir(parents=True)
+        try:
+            details = checks.run(name, checks.Ctx.make(cpu, work / name))
+            result = {"status": "pass", "details": details}
+        except checks.Skip as e:
+            result = {"status": "skip", "reason": str(e)}
+        except Exception as e:  # noqa: BLE001 - the check failed; report why, the parent goes on
+            import traceback
 
-        traceback.print_exc()
-        result = {"status": "fail", "reason": f"{type(e).__name__}: {e}"[:500]}
-    print(MARK + json.dumps(result, default=str), flush=True)
+            traceback.print_exc()
+            result = {"status": "fail", "reason": f"{type(e).__name__}: {e}"[:500]}
+        result["seconds"] = time.monotonic() - t0
+        print(MARK + json.dumps([name, result], default=str), flush=True)
     return 0
 
 
@@ -118,11 +130,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only", default="", help=f"comma-separated checks (default: all of {', '.join(CHECKS)})")
     p.add_argument("--out", type=Path, default=None, help="JSON-lines results file (appended)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds one check may take")
+    p.add_argument("--shared-process", action="store_true",
+                   help="run every check in one child process (saves a process start per check; a crash "
+                        "or hang ends the checks after it too, and memory peaks are the process's so far)")
     p.add_argument("--check", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.check:
-        return child(args.check, args.cpu, args.work)
+        return child(args.check.split(","), args.cpu, args.work)
     names = [n for n in args.only.split(",") if n] or list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
@@ -133,7 +148,7 @@ def main(argv: list[str]) -> int:
         return 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "runs" / "gpu_smoke" / f"{stamp}-{'cpu' if args.cpu else 'gpu'}.jsonl"
-    records = run_all(names, args.cpu, args.timeout, out)
+    records = run_all(names, args.cpu, args.timeout, out, args.shared_process)
     print(table(records))
     print(f"results: {out}", file=sys.stderr)
     return 0 if all(r["status"] in ("pass", "skip") for r in records) else 1
