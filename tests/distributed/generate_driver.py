@@ -10,11 +10,14 @@ from launch.grid import Grid
 from perfmodel.specs import Plan
 
 
-def tp_generate(sources: list[str], prompts: torch.Tensor, n_new: int) -> dict[str, torch.Tensor]:
-    """On every rank: greedy tokens [N, n_new] per source under tp_col = world size, and a sampled
-    continuation under the source "sampled:<first source>" (temperature 1, seed 0)."""
+def tp_generate(sources: list[str], prompts: torch.Tensor, n_new: int,
+                tp: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+    """On every rank: greedy tokens [N, n_new] per source under tensor parallelism `tp` (tp_col,
+    tp_row, tp_depth; default tp_col = world size), and a sampled continuation under the source
+    "sampled:<first source>" (temperature 1, seed 0)."""
     world = dist.get_world_size()
-    plan = Plan(tp_col=world)
+    col, row, depth = tp or (world, 1, 1)
+    plan = Plan(tp_col=col, tp_row=row, tp_depth=depth)
     grid = Grid.build(plan, dist.get_rank(), world)
     out = {}
     for source in sources:
