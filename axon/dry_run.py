@@ -106,13 +106,9 @@ def predict(cfg: RunConfig, device_type: str) -> tuple[dict[str, float], float, 
     compute dtype the trainer picks for train.dtype on `device_type` (parallel/precision.py:
     auto is bf16 on GPUs, fp32 on the CPU) rather than the cluster preset's.
 
-    Model states, buffers and overhead are the performance model's `Memory` (perfmodel/memory.py,
-    as `axon tune` reports it). Activations under activation offload are not: `memory()` keeps a
-    whole stage's microbatch on the device and offloads `offload` of the rest, but the runtime
-    offloads by (chunk, microbatch) and keeps only the running chunk and those reloaded ahead of
-    their backward (perfmodel/schedules.py `_offload_plan`, RELOAD_LEAD). So with offload the
-    device and host activations come from `offloaded_activations`, which simulates the very
-    action list the runtime runs; without offload the two agree."""
+    Every role is the performance model's `Memory` (perfmodel/memory.py, as `axon tune` reports
+    it): under activation offload its device and host activations come from the runtime's own
+    offload plan, simulated (perfmodel/pipeline.py `schedule_cost`)."""
     import torch
 
     from parallel.precision import policy
@@ -123,39 +119,8 @@ def predict(cfg: RunConfig, device_type: str) -> tuple[dict[str, float], float, 
     mem = evaluate(cfg.model, cfg.plan, cluster, cfg.train.global_batch_size, cfg.train.seq_len).memory
     roles = {r: float(getattr(mem, r)) for r in ROLES[:-2]}
     roles["activations"], roles["host"] = float(mem.activations), float(mem.host)
-    if cfg.plan.pp > 1 and cfg.plan.offload.activations > 0:
-        device, host = offloaded_activations(cfg, itemsize)
-        roles["activations"] = device
-        roles["host"] = _offloaded_optimizer(cfg, cluster) + host
     roles["peak"] = sum(roles[r] for r in ROLES[:-1])
     return roles, float(mem.buffers), float(mem.overhead)
-
-
-def _offloaded_optimizer(cfg: RunConfig, cluster: Any) -> float:
-    """The host bytes of the offloaded optimizer states (perfmodel/memory.py `state_bytes`)."""
-    from perfmodel.memory import state_bytes
-
-    return state_bytes(cfg.model, cfg.plan, cluster, cfg.train.seq_len)[4]
-
-
-def offloaded_activations(cfg: RunConfig, itemsize: int) -> tuple[float, float]:
-    """(device, host) activation bytes on the most loaded rank under activation offload: the
-    runtime's action list (perfmodel/schedules.py `build`, offloads included) simulated
-    (perfmodel/schedule_sim.py) for its per-rank peaks in stage-microbatch units, times one
-    stage-microbatch's bytes; the head's rank adds the running microbatch's logits (or the block
-    rematerialized under full recomputation), as perfmodel/memory.py `combine_activations` does."""
-    from perfmodel.memory import activation_parts
-    from perfmodel.schedule_sim import simulate
-    from perfmodel.schedules import V_SHAPED, build
-
-    plan = cfg.plan
-    micro = plan.microbatches(cfg.train.global_batch_size)
-    sim = simulate(build(plan.schedule, plan.pp, micro, _chunks_per_rank(plan), plan.offload.activations))
-    parts = activation_parts(cfg.model, plan, cfg.train.seq_len, itemsize)
-    head = 0 if plan.schedule in V_SHAPED else plan.pp - 1  # the rank holding the last chunk
-    device = max(units * parts.unit + (max(parts.working, parts.logits) if r == head else parts.working)
-                 for r, units in enumerate(sim.peak_activations))
-    return device, max(sim.peak_offloaded) * parts.unit
 
 
 def measure(cfg: RunConfig, rank: int) -> dict[str, float]:

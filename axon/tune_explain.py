@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from perfmodel import candidates, pipeline
+from perfmodel import candidates
 from perfmodel import search as srch
 from perfmodel.estimate import Estimate
 from perfmodel.memory import Memory, memory
@@ -110,9 +110,8 @@ def leanest(m: ModelSpec, c: Cluster, world: int, cons: dict[str, Any], gbs: int
     free = "offload.optimizer" not in cons and "offload.activations" not in cons
     best, best_key = None, None
     for lean in candidates.leanest_plans(m, world, cons, gbs, seq):
-        sched = pipeline.schedule_cost(lean.schedule, lean.pp, lean.microbatches(gbs), lean.virtual_stages)
         for plan in [lean] + ([lean.replace(offload=Offload())] if free and lean.offload != Offload() else []):
-            mem = memory(m, plan, c, seq, sched.peak_activations, sched.head_activations)
+            mem = memory(m, plan, c, seq, plan.microbatches(gbs))
             key = (mem.host * c.gpus_per_node > c.host_bytes, mem.total)  # host-fitting plans first
             if best_key is None or key < best_key:
                 best, best_key = (plan, mem), key

@@ -376,7 +376,7 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
     opt = optimizer_time(plan, c, psi)
     bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt, c.ranks_per_unit)
     tokens_per_s = global_batch_size * seq_len / step
-    mem = memory(m, plan, c, seq_len, sched.peak_activations, sched.head_activations)
+    mem = memory(m, plan, c, seq_len, micro)
     breakdown = {"compute_s": micro * mb.compute, "recompute_s": micro * mb.recompute,
                  "tensor_comm_s": micro * mb.tensor, "context_comm_s": micro * mb.context,
                  "pipeline_p2p_s": micro * p2p, "offload_s": micro * offload, "bubble_s": bubble,

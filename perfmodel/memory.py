@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from perfmodel.comm import tensor_volumes
 from perfmodel.flops import layer_params
+from perfmodel.pipeline import ScheduleCost, schedule_cost
 from perfmodel.schedules import V_SHAPED
 from perfmodel.specs import Cluster, ModelSpec, Plan
 from perfmodel.split import stage_layers
@@ -228,26 +229,24 @@ def activation_parts(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int, flash
                            logits_bytes(m, plan, seq, dtype_bytes))
 
 
-def combine_activations(parts: ActivationParts, pp: int, peak_units: float, head_units: float, offload: float,
-                        last_holds_all: bool = False) -> tuple[float, float]:
+def combine_activations(parts: ActivationParts, pp: int, cost: ScheduleCost) -> tuple[float, float]:
     """(device, host) activation bytes on the most loaded rank.
 
-    `peak_units` microbatch-stages are in flight on the busiest rank, `head_units` on the rank
-    holding the head (pipeline.py); a fraction `offload` of all but the running one lives on the
-    host. The head's rank also holds the running microbatch's final norm and logits (with pp = 1
-    one rank holds everything). The logits are freed once the loss's backward has passed the
-    head, before full recomputation rematerializes a block (`working`), so the two never coexist.
-    `last_holds_all` (GPipe: every forward before any backward): the head's rank keeps every
-    in-flight microbatch's logits too."""
-    waiting = max(peak_units - 1.0, 0.0) * parts.unit
-    held = parts.unit + waiting * (1 - offload)
+    `cost` (perfmodel/pipeline.py `schedule_cost`, with the plan's activation offload) gives the
+    microbatch-stage units on the device on the busiest rank and on the rank holding the head
+    (pipeline.py), and those in host memory. The head's rank also holds the running microbatch's
+    final norm and logits (with pp = 1 one rank holds everything). The logits are freed once the
+    loss's backward has passed the head, before full recomputation rematerializes a block
+    (`working`), so the two never coexist; with GPipe (every forward before any backward,
+    `head_logits` > 1) the head's rank keeps every in-flight microbatch's logits."""
+    held, host = cost.peak_activations * parts.unit, cost.offloaded * parts.unit
     if pp == 1:
-        return held + max(parts.working, parts.logits), waiting * offload
-    if last_holds_all:
-        head = head_units * (parts.unit + parts.logits)
+        return held + max(parts.working, parts.logits), host
+    if cost.head_logits > 1:
+        head = cost.head_activations * parts.unit + cost.head_logits * parts.logits
     else:
-        head = parts.unit + max(head_units - 1.0, 0.0) * parts.unit * (1 - offload) + max(parts.working, parts.logits)
-    return max(held + parts.working, head), waiting * offload
+        head = cost.head_activations * parts.unit + max(parts.working, parts.logits)
+    return max(held + parts.working, head), host
 
 
 def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, float, float, float, float]:
@@ -269,10 +268,10 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, 
     return params, grads, optimizer, buffers, host
 
 
-def memory(m: ModelSpec, plan: Plan, c: Cluster, seq: int, peak_units: float, head_units: float) -> Memory:
-    """Everything a rank holds at its peak; `peak_units` / `head_units` from the pipeline schedule."""
+def memory(m: ModelSpec, plan: Plan, c: Cluster, seq: int, microbatches: int) -> Memory:
+    """Everything a rank holds at its peak, running `microbatches` per step under the plan's schedule."""
     params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
     parts = activation_parts(m, plan, seq, c.dtype_bytes)
-    acts, host_acts = combine_activations(parts, plan.pp, peak_units, head_units, plan.offload.activations,
-                                          plan.schedule == "gpipe")
+    cost = schedule_cost(plan.schedule, plan.pp, microbatches, plan.virtual_stages, plan.offload.activations)
+    acts, host_acts = combine_activations(parts, plan.pp, cost)
     return Memory(params, grads, optimizer, acts, buffers, c.overhead_bytes, host + host_acts)

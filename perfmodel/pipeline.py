@@ -9,14 +9,20 @@ the head (which also keeps the logits).
 Within `SIMULATED_PP` stages and `SIMULATED_MICROBATCHES` microbatches the numbers come from
 simulating the very action lists the runtime executes (perfmodel/schedules.py built,
 perfmodel/schedule_sim.py simulated, memoized); beyond, from the closed forms.
+
+Activation offload (PipeOffload, `parallel.offload.activations`): the device and host units come
+from the runtime's own offload plan (perfmodel/schedules.py `_offload_plan`: by chunk and
+microbatch, each offloaded pair back on the device from its RELOAD, RELOAD_LEAD compute actions
+ahead of its backward), simulated; beyond the simulated range a closed form keeps the running
+chunk and RELOAD_LEAD reloaded ones and offloads the fraction of the rest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-from perfmodel.schedules import V_SHAPED, chunks_per_rank, compute_orders
-from perfmodel.schedule_sim import simulate
+from perfmodel.schedules import RELOAD_LEAD, V_SHAPED, W, Action, chunks_per_rank, compute_orders, with_offloads
+from perfmodel.schedule_sim import held_peaks, simulate
 
 SIMULATED_PP = 16  # simulate schedules up to this many stages ...
 SIMULATED_MICROBATCHES = 64  # ... and this many microbatches per step
@@ -25,9 +31,11 @@ SIMULATED_MICROBATCHES = 64  # ... and this many microbatches per step
 @dataclass(frozen=True)
 class ScheduleCost:
     bubble_fraction: float
-    peak_activations: float  # stage-microbatch units, max over ranks
+    peak_activations: float  # stage-microbatch units on the device, max over ranks
     source: str  # "simulated" or "closed-form"
-    head_activations: float = 1.0  # units on the rank holding the last chunk (the head; rank 0 in a V)
+    head_activations: float = 1.0  # device units on the rank holding the last chunk (the head; rank 0 in a V)
+    offloaded: float = 0.0  # units in host memory (activation offload), max over ranks
+    head_logits: float = 1.0  # microbatches whose logits the head's rank holds at once (gpipe: every one)
 
 
 def _fraction(idle_units: float, m: int) -> float:
@@ -46,7 +54,7 @@ def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
         return ScheduleCost(0.0, 1.0, "closed-form")
     p = pp
     if schedule == "gpipe":  # all forwards, then all backwards
-        return ScheduleCost(_fraction(p - 1, m), float(m), "closed-form", float(m))
+        return ScheduleCost(_fraction(p - 1, m), float(m), "closed-form", float(m), head_logits=float(m))
     if schedule == "1f1b":  # the last stage runs each backward right after its forward
         return ScheduleCost(_fraction(p - 1, m), float(min(m, p)), "closed-form")
     if schedule == "interleaved":  # (p-1)/(vm+p-1); the first rank warms up 2(p-1) + (v-1)p chunks,
@@ -68,20 +76,54 @@ def closed_form(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
 
 
 @lru_cache(maxsize=4096)
-def simulated(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
+def simulated(schedule: str, pp: int, m: int, v: int = 1, offload: float = 0.0) -> ScheduleCost:
     """Bubble and peak activations of the runtime's own action lists, simulated (unit costs; the
-    compute actions alone: messages take no time and offloads are priced apart)."""
-    result = simulate(compute_orders(schedule, pp, m, v))
-    peaks = result.peak_activations
+    compute actions alone: messages take no time and offload time is priced apart). With
+    `offload`, the device and host peaks of the list with the runtime's offloads and reloads."""
+    if offload > 0:
+        orders = with_offloads(run_orders(schedule, pp, m, v), offload)
+        split = any(a.kind == W for a in orders[0])
+        held = [held_peaks(acts, split, 1 / chunks_per_rank(schedule, v)) for acts in orders]
+        peaks, host = [h[0] for h in held], max(h[1] for h in held)
+        bubble = simulated(schedule, pp, m, v).bubble_fraction  # offload time is priced apart
+    else:
+        result = simulate(run_orders(schedule, pp, m, v))
+        peaks, host, bubble = list(result.peak_activations), 0.0, result.bubble_fraction
     head = peaks[0] if schedule in V_SHAPED else peaks[-1]
-    return ScheduleCost(result.bubble_fraction, float(max(peaks)), "simulated", float(head))
+    return ScheduleCost(bubble, float(max(peaks)), "simulated", float(head), float(host), _head_logits(schedule, m))
 
 
-def schedule_cost(schedule: str, pp: int, m: int, v: int = 1) -> ScheduleCost:
-    """The simulated cost within the simulated range, else the closed form."""
+@lru_cache(maxsize=1024)
+def run_orders(schedule: str, pp: int, m: int, v: int) -> list[list[Action]]:
+    """perfmodel/schedules.py `compute_orders`, memoized (read only: simulate and with_offloads copy)."""
+    return compute_orders(schedule, pp, m, v)
+
+
+def _head_logits(schedule: str, m: int) -> float:
+    return float(m) if schedule == "gpipe" else 1.0  # gpipe: every forward before any backward
+
+
+def offloaded_closed_form(cost: ScheduleCost, schedule: str, v: int, offload: float) -> ScheduleCost:
+    """`cost` (no offload) with a fraction `offload` of what a rank holds beyond its running chunk
+    and the RELOAD_LEAD chunks reloaded ahead of their backward moved to the host."""
+    chunk = 1.0 / chunks_per_rank(schedule, v)  # one chunk of one microbatch, in stage units
+
+    def split(units: float) -> tuple[float, float]:
+        kept = min(units, (1 + RELOAD_LEAD) * chunk)
+        return units - offload * (units - kept), offload * (units - kept)
+
+    (peak, host), (head, _) = split(cost.peak_activations), split(cost.head_activations)
+    return ScheduleCost(cost.bubble_fraction, peak, cost.source, head, host, cost.head_logits)
+
+
+def schedule_cost(schedule: str, pp: int, m: int, v: int = 1, offload: float = 0.0) -> ScheduleCost:
+    """The simulated cost within the simulated range, else the closed form; `offload`: the
+    fraction of activations offloaded (parallel.offload.activations; ignored at pp = 1)."""
+    offload = offload if pp > 1 else 0.0
     if pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES:
-        return simulated(schedule, pp, m, v)
-    return closed_form(schedule, pp, m, v)
+        return simulated(schedule, pp, m, v, offload)
+    cost = closed_form(schedule, pp, m, v)
+    return offloaded_closed_form(cost, schedule, v, offload) if offload > 0 else cost
 
 
 EXACT_BUBBLE = ("gpipe", "1f1b", "interleaved")  # closed-form bubble == simulated, within the simulated range

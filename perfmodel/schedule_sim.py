@@ -50,28 +50,29 @@ def simulate(actions: list[list[Action]], cost: dict[str, float] | None = None, 
     lines = timeline(actions, costs, p2p)
     step = max((tl[-1][1] for tl in lines if tl), default=0.0)
     busy = sum(e - s for tl in lines for s, e, a in tl if a.kind in COMPUTE)
-    peaks = [_peaks(tl, split, pp / len(place)) for tl in lines]
+    peaks = [held_peaks(acts, split, pp / len(place)) for acts in actions]
     return SimResult(bubble_fraction=1.0 - busy / (pp * step) if step > 0 else 0.0, step_time=step,
                      peak_activations=tuple(p[0] for p in peaks), peak_offloaded=tuple(p[1] for p in peaks),
                      timeline=tuple(tuple(tl) for tl in lines))
 
 
-def _peaks(line: list[tuple[float, float, Action]], split: bool, unit: float) -> tuple[float, float]:
+def held_peaks(acts: list[Action], split: bool, unit: float) -> tuple[float, float]:
+    """(device, host) peak units of one rank's list. A rank's holdings change only at its own
+    actions, which run one after another in list order, so no timing is needed: F holds its unit
+    from its start; B (W when split) frees it at its end; OFFLOAD moves it to the host at its end;
+    RELOAD holds it on the device again from its start and frees the host copy at its end."""
     freed_by = W if split else B
-    events: list[tuple[float, float, float]] = []  # (time, device delta, host delta)
-    for start, stop, a in line:
-        if a.kind == F:
-            events.append((start, unit, 0.0))
-        elif a.kind == freed_by:
-            events.append((stop, -unit, 0.0))
-        elif a.kind == OFFLOAD:
-            events.append((stop, -unit, unit))
-        elif a.kind == RELOAD:
-            events += [(start, unit, 0.0), (stop, 0.0, -unit)]
     device = host = peak_device = peak_host = 0.0
-    for _, d_dev, d_host in sorted(events, key=lambda e: (e[0], e[1] + e[2])):  # frees first at a tie
-        device, host = device + d_dev, host + d_host
-        peak_device, peak_host = max(peak_device, device), max(peak_host, host)
+    for a in acts:
+        if a.kind in (F, RELOAD):
+            device += unit
+            peak_device = max(peak_device, device)
+            host -= unit if a.kind == RELOAD else 0.0
+        elif a.kind == freed_by:
+            device -= unit
+        elif a.kind == OFFLOAD:
+            device, host = device - unit, host + unit
+            peak_host = max(peak_host, host)
     return round(peak_device, 9), round(peak_host, 9)
 
 

@@ -236,6 +236,15 @@ def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Ac
     return orders
 
 
+def with_offloads(orders: list[list[Action]], fraction: float) -> list[list[Action]]:
+    """The compute orders with the offload plan's OFFLOADs (after their F) and RELOADs (before the
+    compute RELOAD_LEAD ahead of their B) in place and no messages: all that memory depends on
+    (`build` places them the same way among its messages)."""
+    reloads, offloads = _offload_plan(orders, fraction)
+    return [[x for k, a in enumerate(order) for x in (*reloads[r].get(k, ()), a, *offloads[r].get(k, ()))]
+            for r, order in enumerate(orders)]
+
+
 def _offload_plan(orders: list[list[Action]], fraction: float
                   ) -> tuple[list[dict[int, list[Action]]], list[dict[int, list[Action]]]]:
     """PipeOffload: per rank, offload `fraction` of the (chunk, microbatch) activations, picked
@@ -255,32 +264,44 @@ def _offload_plan(orders: list[list[Action]], fraction: float
         pairs = {(a.chunk, a.microbatch): (k, at[(B, a.chunk, a.microbatch)],
                                            at.get((W, a.chunk, a.microbatch), at[(B, a.chunk, a.microbatch)]))
                  for k, a in enumerate(order) if a.kind == F}  # (F index, B index, freed index)
-        count = int(fraction * len(pairs) + 0.5)
-        eligible = {key for key, (f, b, _) in pairs.items() if b - f > RELOAD_LEAD + 1}
-        chosen: set[tuple[int, int]] = set()
-        for _ in range(count):
-            occupancy = [0] * len(order)
-            for key, (f, b, free) in pairs.items():
-                for t in (range(f, free + 1) if key not in chosen else
-                          [f, *range(b - RELOAD_LEAD, free + 1)]):
-                    occupancy[t] += 1
-            peak = max(occupancy)
-            at_peak = [t for t, n in enumerate(occupancy) if n == peak]
-
-            def gain(key: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
-                f, b, _ = pairs[key]
-                covered = sum(1 for t in at_peak if f < t < b - RELOAD_LEAD)
-                return covered, b - f, (-key[1], -key[0])
-
-            left = eligible - chosen
-            if not left:
-                break
-            chosen.add(max(left, key=gain))
-        for c, i in chosen:
+        for c, i in _offload_choice(pairs, len(order), int(fraction * len(pairs) + 0.5)):
             f, b, _ = pairs[(c, i)]
             offloads[r].setdefault(f, []).append(Action(OFFLOAD, i, c))
             reloads[r].setdefault(b - RELOAD_LEAD, []).append(Action(RELOAD, i, c))
     return reloads, offloads
+
+
+def _offload_choice(pairs: dict[tuple[int, int], tuple[int, int, int]], n: int, count: int) -> list[tuple[int, int]]:
+    """`count` of one rank's (chunk, microbatch) pairs (F index, B index, freed index; n actions) to
+    offload, greedily: each pick is off the device at the most instants where the rank holds its
+    peak (ties: the longest-lived, then the latest microbatch and chunk). The occupancy per action
+    index is updated in place as pairs are picked; an offloaded pair leaves it strictly between
+    its F and its RELOAD."""
+    left = {key for key, (f, b, _) in pairs.items() if b - f > RELOAD_LEAD + 1}
+    if count >= len(left):
+        return sorted(left)  # every eligible pair: the greedy order would not change the plan
+    occupancy = [0] * n
+    for f, _, free in pairs.values():
+        for t in range(f, free + 1):
+            occupancy[t] += 1
+    chosen: list[tuple[int, int]] = []
+    while left and len(chosen) < count:
+        peak = max(occupancy)
+        before = [0]  # before[t]: instants at the peak among 0..t-1
+        for occ in occupancy:
+            before.append(before[-1] + (occ == peak))
+
+        def gain(key: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+            f, b, _ = pairs[key]
+            return before[max(b - RELOAD_LEAD, f + 1)] - before[f + 1], b - f, (-key[1], -key[0])
+
+        pick = max(left, key=gain)
+        left.discard(pick)
+        chosen.append(pick)
+        f, b, _ = pairs[pick]
+        for t in range(f + 1, b - RELOAD_LEAD):
+            occupancy[t] -= 1
+    return chosen
 
 
 def _inputs(kind: str, c: int, i: int, n: int) -> tuple[tuple[str, int, int], ...]:

@@ -47,7 +47,7 @@ def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
-    for cached in (pipeline.simulated, split.stage_layers, split._balanced, comm._inside_node, divisors):
+    for cached in (pipeline.simulated, pipeline.run_orders, split.stage_layers, split._balanced, comm._inside_node, divisors):
         cached.cache_clear()
 
 
@@ -226,8 +226,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                                       for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
-                cost = pipeline.schedule_cost(sched, pp, micro, v)
-                n, found = _fitting(c, parts, cost, sched == "gpipe", pp, micro, mb.total + p2p, mb.compute,
+                n, found = _fitting(c, parts, (sched, pp, micro, v), micro * (mb.total + p2p), mb.compute,
                                     options, facts)
                 timed += n
                 for step, (zero, opt, frac) in found:
@@ -236,21 +235,23 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     return timed, best
 
 
-def _fitting(c: Cluster, parts: ActivationParts, cost: pipeline.ScheduleCost, gpipe: bool, pp: int, micro: int, per_micro: float, compute: float,
+def _fitting(c: Cluster, parts: ActivationParts, schedule: tuple[str, int, int, int], busy: float, compute: float,
              options: list[tuple], facts: tuple[float, ...]) -> tuple[int, list[tuple[float, tuple]]]:
-    """One schedule of `_best_for_layout`: (plans timed, [(step time, (zero, optimizer offload,
-    activation offload))]), the fastest fitting state choice (`options`, fastest first) at each
-    offload fraction tried; the fractions stop once the fastest states fit (more offload only adds
-    time). `per_micro`: one microbatch's busy seconds before offload."""
+    """One schedule (name, pp, microbatches, v) of `_best_for_layout`: (plans timed, [(step time,
+    (zero, optimizer offload, activation offload))]), the fastest fitting state choice (`options`,
+    fastest first) at each offload fraction tried; the fractions stop once the fastest states fit
+    (more offload only adds time). `busy`: the step's busy seconds before offload."""
     timed, found = 0, []
+    name, pp, micro, v = schedule
     for frac in facts:
-        acts, host_acts = combine_activations(parts, pp, cost.peak_activations, cost.head_activations, frac, gpipe)
-        busy = micro * (per_micro + est.offload_time(frac, parts.unit, c, compute))
+        cost = pipeline.schedule_cost(name, pp, micro, v, frac)
+        acts, host_acts = combine_activations(parts, pp, cost)
+        busy_f = busy + micro * est.offload_time(frac, parts.unit, c, compute)
         for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
             if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
                 continue
             timed += 1
-            found.append((est.step_time(busy, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1], (zero, opt, frac)))
+            found.append((est.step_time(busy_f, cost.bubble_fraction, sync, opt_s, c.ranks_per_unit)[1], (zero, opt, frac)))
             break
         else:
             continue

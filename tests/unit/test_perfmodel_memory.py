@@ -4,11 +4,12 @@ from dataclasses import replace
 import pytest
 
 from perfmodel import pipeline
-from tests.unit.schedule_grid import grid
+from perfmodel.flops import layer_params, n_params
 from perfmodel.memory import (activation_parts, combine_activations, layer_activation_bytes, model_states,
                               stage_params)
-from perfmodel.flops import layer_params, n_params
+from perfmodel.pipeline import ScheduleCost
 from perfmodel.specs import ModelSpec, Plan
+from tests.unit.schedule_grid import grid
 
 # GPT-style block (MHA, GELU MLP of 4h, LayerNorm): the shape the published formulas assume
 GPT = ModelSpec(n_layers=4, d_model=1024, n_heads=16, n_kv_heads=16, d_ff=4096, vocab_size=1000,
@@ -72,17 +73,39 @@ def test_pipeline_in_flight_and_offload():
     parts = activation_parts(GPT, plan, S, 2)
     per_layer = layer_activation_bytes(GPT, S, B, dtype_bytes=2)
     assert parts.unit == pytest.approx(per_layer * GPT.n_layers / 4)  # one layer per stage
-    device, host = combine_activations(parts, 4, peak_units=4, head_units=1, offload=0.0)
+    device, host = combine_activations(parts, 4, ScheduleCost(0.0, 4.0, "test", 1.0))
     assert device == pytest.approx(max(4 * parts.unit, parts.unit + parts.logits))
-    device_half, host_half = combine_activations(parts, 4, peak_units=4, head_units=1, offload=0.5)
-    assert device_half == pytest.approx(max(parts.unit + 1.5 * parts.unit, parts.unit + parts.logits))
-    assert host_half == pytest.approx(1.5 * parts.unit) and host == 0.0
+    offloaded, host_off = combine_activations(parts, 4, ScheduleCost(0.0, 3.0, "test", 1.0, offloaded=2.0))
+    assert offloaded == pytest.approx(max(3 * parts.unit, parts.unit + parts.logits))
+    assert host_off == pytest.approx(2 * parts.unit) and host == 0.0
     # GPipe: all forwards first, so the last stage also keeps every microbatch's logits
-    gpipe, _ = combine_activations(parts, 4, peak_units=4, head_units=4, offload=0.0, last_holds_all=True)
+    gpipe, _ = combine_activations(parts, 4, ScheduleCost(0.0, 4.0, "test", 4.0, head_logits=4.0))
     assert gpipe == pytest.approx(4 * (parts.unit + parts.logits))
     # zbh1 / V shapes: the head's rank holds several microbatches (each until its W) and the logits
-    zb, _ = combine_activations(parts, 4, peak_units=4, head_units=4, offload=0.0)
+    zb, _ = combine_activations(parts, 4, ScheduleCost(0.0, 4.0, "test", 4.0))
     assert zb == pytest.approx(4 * parts.unit + parts.logits)
+
+
+def test_offloaded_units_are_the_runtime_offload_plan_simulated():
+    """PipeOffload: the device and host units are the runtime's action list (offloads and reloads
+    included) simulated, per rank; beyond the simulated range the closed form keeps the running
+    chunk and RELOAD_LEAD reloaded ones and is never below that."""
+    from perfmodel.schedule_sim import simulate
+    from perfmodel.schedules import RELOAD_LEAD, build
+
+    for sched, p, m, v in (("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("zbv", 4, 8, 2), ("gpipe", 2, 4, 1)):
+        for frac in (0.5, 1.0):
+            sim = simulate(build(sched, p, m, v, frac))
+            cost = pipeline.schedule_cost(sched, p, m, v, frac)
+            assert cost.peak_activations == max(sim.peak_activations) and cost.offloaded == max(sim.peak_offloaded)
+            assert cost.peak_activations <= pipeline.schedule_cost(sched, p, m, v).peak_activations
+    assert pipeline.schedule_cost("1f1b", 4, 8, 1, 1.0).peak_activations == 1 + RELOAD_LEAD  # running + reloaded
+    big = pipeline.schedule_cost("1f1b", 32, 128, 1, 1.0)  # closed form
+    assert big.source == "closed-form" and big.peak_activations == 1 + RELOAD_LEAD and big.offloaded == 32 - 3
+    half = pipeline.schedule_cost("interleaved", 32, 128, 2, 0.5)
+    full = pipeline.schedule_cost("interleaved", 32, 128, 2)
+    kept = (1 + RELOAD_LEAD) / 2
+    assert half.peak_activations == pytest.approx(full.peak_activations - 0.5 * (full.peak_activations - kept))
 
 
 def test_head_rank_units_match_the_simulation():
