@@ -1,5 +1,6 @@
-"""`axon submit` against a real one-node Slurm: a 4-task CPU job trains, and a preempted job
-requeues itself and resumes with every step run exactly once."""
+"""`axon submit` against a real one-node Slurm: a 4-task CPU job, submitted under a run name that
+tries shell injection, is preempted, requeues itself, resumes with every step run exactly once,
+completes and learns (one job for all of it: each costs 4 processes importing torch)."""
 from __future__ import annotations
 
 import json
@@ -41,27 +42,11 @@ def _log(run_dir: Path, job_id: str) -> str:
     return path.read_text(errors="replace") if path.is_file() else "(no log)"
 
 
-def test_four_task_job_completes_and_learns(local_slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    # The run name doubles as an injection attempt: it must reach Slurm and the trainer as text.
-    job_id = _submit(local_slurm, "run.name='e2e; touch PWNED'", f"run.dir={run_dir}", "train.steps=20")
-    info = local_slurm.wait_job(job_id, ("COMPLETED",), JOB_TIMEOUT_S)
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')}\n{_log(run_dir, job_id)}"
-    assert info["JobName"] == "e2e;"  # scontrol -o splits on spaces; the full name is checked below
-    assert "Name=e2e; touch PWNED" in local_slurm.run("scontrol", "show", "job", job_id).stdout
-    assert not (REPO / "PWNED").exists() and not (run_dir / "PWNED").exists()
-    records = _metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 21))
-    losses = [r["loss"] for r in records]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
-    assert json.loads((run_dir / "submit.json").read_text())["job_id"] == job_id
-    assert (run_dir / "config.yaml").is_file()
-
-
-def test_preempted_job_requeues_and_resumes_every_step_once(local_slurm, tmp_path):
+def test_preempted_job_requeues_resumes_every_step_once_and_learns(local_slurm, tmp_path):
     run_dir = tmp_path / "run"
     steps = 40
-    job_id = _submit(local_slurm, "run.name=preempt", f"run.dir={run_dir}", f"train.steps={steps}")
+    # The run name doubles as an injection attempt: it must reach Slurm and the trainer as text.
+    job_id = _submit(local_slurm, "run.name='e2e; touch PWNED'", f"run.dir={run_dir}", f"train.steps={steps}")
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while len(_metrics(run_dir)) < 2 and time.monotonic() < deadline:  # training, handler installed
         assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), _log(run_dir, job_id)
@@ -82,3 +67,10 @@ def test_preempted_job_requeues_and_resumes_every_step_once(local_slurm, tmp_pat
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     before, after = records[preempted_at - 1]["loss"], records[preempted_at]["loss"]
     assert abs(after - before) < 1.0, (before, after)  # resumed weights, not a fresh model
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert info["JobName"] == "e2e;"  # scontrol -o splits on spaces; the full name is checked below
+    assert "Name=e2e; touch PWNED" in local_slurm.run("scontrol", "show", "job", job_id).stdout
+    assert not (REPO / "PWNED").exists() and not (run_dir / "PWNED").exists()
+    assert json.loads((run_dir / "submit.json").read_text())["job_id"] == job_id
+    assert (run_dir / "config.yaml").is_file()
