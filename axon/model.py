@@ -222,7 +222,8 @@ class GPT(nn.Module):
         """hidden [B, S, h], targets [B, S] -> the summed cross-entropy of `logits(x)` over kept
         targets, the head matmul and the loss fused by token chunks (kernels/linear_ce.py): the
         [B, S, V] logits never exist whole. Call it where the logits would be computed (under the
-        same autocast); an unsplit head only (tensor parallelism splits it)."""
+        same autocast); an unsplit head only (a head split over tp_col fuses its rows with
+        parallel/tensor.py `TPLinear.fused_loss`; parallel/head_loss.py chooses)."""
         weight = self.tok_emb.weight if self.spec.tied_embeddings else self.head.weight  # [V, h]
         return kernels.linear_cross_entropy(self.norm(x), weight, targets, self.spec.kernels)
 

@@ -6,7 +6,8 @@ and the PyTorch reference (docs/architecture.md, "Adding a kernel").
     q = kernels.rope(q, cos, sin, kind)
     h = kernels.swiglu(gate, up, kind)
     loss = kernels.linear_cross_entropy(x, weight, targets, kind)   # head matmul + CE, fused by chunk
-    y = kernels.linear(x, weight, bias, table)         # table: kernels.gemm.GemmTable (model.gemm_tuning)
+    loss = kernels.cross_entropy(logits, targets, width, kind)      # CE of given logits, by chunk
+    y = kernels.linear(x, weight, bias, table)         # table: kernels.gemm_tuning.GemmTable (model.gemm_tuning)
     y = kernels.attention(q, k, v, positions, kind)                 # causal (GQA, packed rows)
     out, lse = kernels.attention_block(q, kv, causal, scale, qd, kd, kind)   # ring attention's block pair
     dq, dkv = kernels.attention_block_backward(q, kv, dout, lse, delta, causal, scale, qd, kd, kind)
@@ -17,9 +18,11 @@ PyTorch path. perfmodel/rules.py validates the setting. The PyTorch path of rms_
 is an autograd.Function running the reference's forward and saving only what its backward needs
 (docs/activation_memory.md); rope is the reference itself (it saves only the angle tables).
 linear_cross_entropy is chunked on both paths (torch ops or Triton per chunk), never the whole
-logits (kernels/linear_ce.py). attention's PyTorch path is scaled_dot_product_attention, its
-Triton path flash attention (saves q, k, v, the output and the log-sum-exp either way); the block
-functions return the block's log-sum-exp for ring attention's merge (kernels/flash_attention.py).
+logits (kernels/linear_ce.py); cross_entropy runs the same per-chunk math on logits that exist
+whole (kernels/cross_entropy.py); both take a vocabulary split over a group (torch path).
+attention's PyTorch path is scaled_dot_product_attention, its Triton path flash attention (saves
+q, k, v, the output and the log-sum-exp either way); the block functions return the block's
+log-sum-exp for ring attention's merge (kernels/flash_attention.py).
 linear runs each of a Linear's three GEMMs (forward, input and weight gradient) in the layout the
 GEMM table chose for its shape (None: torch's own, bitwise F.linear); kernels/gemm.py also gives
 those GEMMs to the Linears with their own autograd.Function (tensor parallelism, the pipeline's
@@ -31,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from kernels import flash_attention, gemm, linear_ce, rmsnorm, rope as _rope, swiglu as _swiglu
+from kernels import cross_entropy as _cross_entropy, flash_attention, gemm, linear_ce, rmsnorm
+from kernels import rope as _rope, swiglu as _swiglu
 from kernels.rmsnorm import SumAcross
 from kernels.triton_support import available
 
@@ -74,6 +78,15 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     only), kernels/linear_ce.py."""
     triton_path = vocab_reduce is None and use_triton(kind, x)
     return linear_ce.linear_cross_entropy(x, weight, targets, triton_path, chunk, vocab_start, vocab_reduce)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, width: int, kind: str = "auto",
+                  vocab_start: int = 0, vocab_reduce: Optional[linear_ce.VocabReduce] = None) -> torch.Tensor:
+    """Sum over kept targets of the cross-entropy of logits [.., v] (the whole vocabulary, or this
+    rank's columns from vocab_start under `vocab_reduce`, torch path only) against targets [..],
+    by the fused loss's token chunks for a head input `width` wide, kernels/cross_entropy.py."""
+    triton_path = vocab_reduce is None and use_triton(kind, logits)
+    return _cross_entropy.cross_entropy(logits, targets, width, triton_path, None, vocab_start, vocab_reduce)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: Optional[torch.Tensor] = None,

@@ -1,7 +1,8 @@
 """The loss mask: targets equal to IGNORE_INDEX add nothing to the loss or its gradient.
 
-Both loss functions honour it (`head_loss.cross_entropy_sum`, the vocab-parallel
-`tensor_ops.VocabCrossEntropy`); whatever chooses the tokens to leave out (the Goldfish loss in
+Every loss function honours it (`head_loss.cross_entropy_sum`, kernels.cross_entropy and the
+fused kernels.linear_cross_entropy, split over the vocabulary or not: a negative target counts for
+nothing, kernels/linear_ce.py); whatever chooses the tokens to leave out (the Goldfish loss in
 axon/goldfish.py, prompt masking) marks them with `mask_targets` and divides the summed loss by
 the global count of the tokens kept.
 """

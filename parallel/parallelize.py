@@ -10,8 +10,9 @@
 On the meta chunk, in this order:
 1. tensor parallelism (plan.tp > 1): the modules `tensor.GPT_STYLES` names become their 3D
    tensor-parallel versions, which report their parameters' layouts; the loss becomes the
-   vocab-parallel one (without tensor parallelism: the fused head loss, parallel/head_loss.py). Depth gathers prefetch one weight ahead (`plan.prefetch_tp_weights`)
-   except under ZeRO-3 (`depth_prefetch`).
+   vocab-parallel one. Fused or of the logits, per microbatch by perfmodel/memory.py
+   `fused_head_loss` (parallel/head_loss.py `choose`). Depth gathers prefetch one weight ahead
+   (`plan.prefetch_tp_weights`) except under ZeRO-3 (`depth_prefetch`).
 2. context parallelism: each Block's attention core becomes the cp-sharded one (ring, or the
    Block's own core inside the Ulysses all-to-alls; `parallel.attach`).
 3. recomputation: the chunk's first `recompute_layers` Blocks are wrapped (full: the Block's
@@ -28,13 +29,12 @@ from typing import Optional
 from torch import nn
 
 from launch.grid import Grid
-from parallel import context, recompute, tensor
+from parallel import context, head_loss, recompute, tensor
 from parallel.context import ContextParallel
-from parallel.head_loss import HeadLoss, fused, of_logits
+from parallel.head_loss import HeadLoss
 from parallel.layout import ParamLayout
 from parallel.recompute import RecomputeMeter
 from parallel.tensor import TensorParallel
-from perfmodel.memory import fused_head_loss
 from perfmodel.specs import ModelSpec, Plan
 
 
@@ -69,7 +69,7 @@ def parallelize(chunk: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid, recom
     tp = tensor.apply(chunk, spec, plan, grid, prefetch=depth_prefetch(plan)) if plan.tp > 1 else None
     ctx = context.apply(chunk, spec, plan, grid)
     names = recompute.apply(chunk, plan, meter, recompute_layers)
-    loss_fn = fused if fused_head_loss(plan) else of_logits(tp.loss_fn)
+    loss_fn = head_loss.choose(spec, plan, tp)
     if tp is None:
         return Parallelized(ctx, loss_fn, recomputed=names)
     return Parallelized(ctx, loss_fn, dict(tp.layouts), tp, names)

@@ -3,6 +3,7 @@
     tp = apply(model, spec, plan, grid)      # on the meta model, before materialize
     materialize(model, spec, seed, device, tp.layouts)
     loss_sum = tp.loss_fn(model(tokens), targets)   # vocab-parallel, never gathers the logits
+    loss_sum = model.head.fused_loss(model.norm(x), targets)   # 1D: fused, never computes them whole
     tp.weights_changed()                     # after every update of the weights outside autograd
 
 Which module gets which treatment is data: `styles` maps module path patterns (`*` matches one
@@ -19,7 +20,9 @@ Backward: gather again (unless cached), dX all-reduce over the out-axis (async, 
 the dW GEMMs), dW reduce-scatter over depth (deferred to the next op in backward). QKV-type ops
 that read the same input (wq, wk, wv; w_gate, w_up) form one group: one autograd node computes
 their outputs and sums their local dX before the one reduction, as Megatron's fused QKV and fc1
-do (per layer 2 input-gradient reductions, not 5; under SP the sequence gather's reduce-scatter).
+do (per layer 2 input-gradient reductions, not 5; under SP the sequence gather's reduce-scatter;
+parallel/tensor_group.py). Under 1D layouts the head can skip its logits: `TPLinear.fused_loss`
+runs the fused cross-entropy (kernels/linear_ce.py) on this rank's vocabulary rows.
 Activation layout: the residual stream is [B, S, d/tp_row], replicated over tp_col (split along
 the sequence over tp_col with sequence parallelism); tokens are split over tp_depth by the data
 loader. Attention heads (q and kv, GQA) are split over tp_col and computed redundantly over
@@ -32,20 +35,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from itertools import groupby
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import gemm
 from launch.grid import Grid
 from parallel.collectives import Collectives
 from parallel.layout import DATA_AXES, TP_AXES, ParamLayout
 from parallel.shard import Shard
-from parallel.sequence import SEQ_DIM, local_positions, scatter_seq
-from parallel.tensor_ops import ReduceFrom, SumAcross, VocabCrossEntropy
+from parallel.sequence import gather_seq, local_positions, scatter_seq
+from parallel.tensor_group import Group
+from parallel.tensor_ops import CopyTo, ReduceFrom, SumAcross, reducer
 from parallel.tensor_weights import DepthStore, DepthWeight
 from perfmodel import rules
 from perfmodel.specs import ModelSpec, Plan
@@ -72,113 +75,6 @@ GPT_STYLES: dict[str, str] = {
     "norm": "norm",
     "head": "qkv",
 }
-
-
-class _Projections(torch.autograd.Function):
-    """y_i = x W_i^T for each op of a `_Group` (the [rows, cols] pieces W_i of depth-sharded
-    weights), all reading the same x. Backward sums the ops' local input gradients and reduces the
-    sum once over the out-axis (async, overlapped with the dW GEMMs), as Megatron's fused QKV and
-    fc1 do. `succ` is the weight of the op after the group in forward order, whose deferred depth
-    reduce-scatter this backward collects; inside the group each op collects the next one's.
-
-    Under sequence parallelism (`_Group.gathers`) x arrives sequence-sharded [B, S/tp_col, in_l]:
-    forward gathers the sequence, and only the shard is saved; backward gathers it again for the
-    dW GEMMs (launched first, hidden behind the dX GEMMs) and reduce-scatters the summed dX over
-    the sequence, as Megatron-SP does (the gathered input is never kept between the passes)."""
-
-    @staticmethod
-    def forward(ctx, x, succ, group: "_Group", *weights):
-        ys = []
-        ctx.save_for_backward(x)  # under SP the shard [B, S/tp_col, in_l]
-        if group.gathers:
-            x = group.ops[0].comm.gather_along(x, COL, SEQ_DIM)  # [B, S, in_l]
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in_l]
-        for op in group.ops:
-            w = op.store.weight(op.dw, "fwd")  # [out_l, in_l]
-            form = gemm.choose(op.gemm_table, "fwd", x2.shape[0], *w.shape, gemm.compute_dtype(x))
-            y = gemm.forward(x2, w, None, form).view(*x.shape[:-1], w.shape[0])  # [B, S, out_l] partial over the in-axis
-            if op.reduce_out:
-                op.comm.all_reduce(y, op.in_axis)
-            ys.append(y)
-        ctx.group, ctx.has_succ = group, succ is not None
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *dys):
-        (x,) = ctx.saved_tensors
-        group: _Group = ctx.group
-        comm = group.ops[0].comm
-        full, gathered = comm.start_gather_along(x, COL, SEQ_DIM) if group.gathers else (x, None)  # [B, S, in_l]
-        dx = group.input_grad(dys)  # [B, S, in_l], summed over the group
-        handle = group.reduce_input_grad(dx)
-        if gathered is not None:
-            gathered.wait()
-            dx = comm.scatter_along(dx, COL, SEQ_DIM)  # [B, S/tp_col, in_l], summed over tp_col
-        dweights = group.weight_grads(full, dys)
-        dsucc = group.ops[-1].store.take_deferred(group.ops[-1].succ) if ctx.has_succ else None
-        if handle is not None:
-            handle.wait()
-        return (dx.to(x.dtype), dsucc, None, *dweights)
-
-
-class _Group:
-    """Column-parallel projections that read the same input (GPT: wq, wk, wv; w_gate, w_up; any
-    other TPLinear is a group of one). The first op called computes every op's output in one
-    `_Projections` node, whose backward reduces the summed input gradient once; the others take
-    theirs. An op called on another input (or twice) starts a new node: still exact, only slower."""
-
-    def __init__(self, ops: list["TPLinear"]):
-        self.ops = ops
-        self.gathers = ops[0].gather  # input sequence-sharded (SP): gathered inside `_Projections`
-        self._x: Optional[torch.Tensor] = None
-        self._ready: dict[int, torch.Tensor] = {}  # by position in `ops`: computed, not yet taken
-
-    def output(self, op: "TPLinear", x: torch.Tensor) -> torch.Tensor:
-        i = self.ops.index(op)
-        if x is not self._x or i not in self._ready:
-            ys = _Projections.apply(x, self.ops[-1].succ_param(), self, *(o.weight for o in self.ops))
-            self._x, self._ready = x, dict(enumerate(ys))
-        y = self._ready.pop(i)
-        if not self._ready:
-            self._x = None  # every op took its output: hold nothing between steps
-        return y
-
-    def input_grad(self, dys: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The sum of the ops' local input gradients dy_i W_i [B, S, in_l], partial over the out-axis."""
-        dx = None
-        for op, dy in reversed(list(zip(self.ops, dys))):
-            w = op.store.weight(op.dw, "bwd").to(dy.dtype)  # gathered again unless cached (autocast: dy's dtype)
-            dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out_l]
-            form = gemm.choose(op.gemm_table, "dx", dy2.shape[0], *w.shape, dy.dtype)
-            if dx is None:
-                dx = gemm.input_grad(dy2, w, form).view(*dy.shape[:-1], w.shape[1])  # [B, S, in_l]
-            else:
-                gemm.input_grad(dy2, w, form, acc=dx.view(-1, dx.shape[-1]))
-        return dx
-
-    def reduce_input_grad(self, dx: torch.Tensor) -> Any:
-        """Launch the one reduction of the group's input gradient (None under SP: `_Projections`
-        reduce-scatters it over the sequence)."""
-        op = self.ops[0]
-        if not op.reduce_in_grad:
-            return None
-        return op.comm.all_reduce(dx, op.out_axis, async_op=op.overlap_dx)
-
-    def weight_grads(self, x: torch.Tensor, dys: tuple[torch.Tensor, ...]) -> list[Optional[torch.Tensor]]:
-        """dW_i = dy_i^T x, reduce-scattered over depth: the first op's deferred to the op before
-        the group (None here), the others' launched in turn and collected after the last GEMM."""
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in_l]
-        grads: list[Optional[torch.Tensor]] = [None] * len(self.ops)
-        for i in reversed(range(len(self.ops))):
-            op, dy = self.ops[i], dys[i]
-            dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out_l]
-            form = gemm.choose(op.gemm_table, "dw", dy2.shape[0], dy2.shape[1], x2.shape[1], dy.dtype)
-            dw = gemm.weight_grad(dy2, x2.to(dy.dtype), form)  # [out_l, in_l]
-            grads[i] = op.store.reduce_grad(op.dw, dw.to(op.weight.dtype), defer=op.defer)
-        for i, op in enumerate(self.ops[1:], 1):
-            if grads[i] is None:  # deferred to the op before it, which is in this group
-                grads[i] = op.store.take_deferred(op.dw)
-        return grads
 
 
 class _Gathered(torch.autograd.Function):
@@ -257,7 +153,7 @@ class TPLinear(_DepthSharded):
         self.reduce_out = not self.scatter
         self.reduce_in_grad = not self.gather
         self.overlap_dx = env.plan.overlap_tp_input_grad
-        self.group = _Group([self])  # `_share_inputs` puts projections of one input together
+        self.group = Group([self])  # `_share_inputs` puts projections of one input together
 
     def gemm_shape(self) -> tuple[int, int]:
         """(out_l, in_l) of its local GEMM: the [rows, cols] piece before depth flattening."""
@@ -268,6 +164,19 @@ class TPLinear(_DepthSharded):
         if self.scatter:
             y = scatter_seq(y, self.comm, COL)  # [B, S/tp_col, out_l]
         return y + self.bias if self.bias is not None else y
+
+    def fused_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """As the head (1D: tp_row = tp_depth = 1): the summed cross-entropy of x [B, S, in] (under SP
+        sequence-sharded [B, S/tp_col, in]) times this rank's vocabulary rows against global targets
+        [B, S], fused by token chunks (kernels/linear_ce.py). The input enters as it enters `Group`:
+        under SP gathered (backward: reduce-scatter), else replicated (backward: all-reduce of the
+        partial input gradient over tp_col)."""
+        if self.comm.size(self.in_axis) > 1 or self.flat is not None or self.bias is not None:
+            raise ValueError("the fused vocab-parallel head loss takes a head without bias whose input is whole: "
+                             "parallel.tp_row = parallel.tp_depth = 1 (perfmodel/memory.py fused_head_loss)")
+        x = gather_seq(x, self.comm, COL) if self.gather else CopyTo.apply(x, self.comm, COL)  # [B, S, in]
+        return kernels.linear_cross_entropy(x, self.weight, targets, self.env.spec.kernels,
+                                            vocab_start=self.row_span.start, vocab_reduce=reducer(self.comm, COL))
 
     def layouts(self) -> dict[str, ParamLayout]:
         out = {"weight": self.weight_layout()}
@@ -359,12 +268,15 @@ class TensorParallel:
 
     comm: Collectives
     store: DepthStore
+    spec: ModelSpec
     layouts: dict[str, ParamLayout] = field(default_factory=dict)
     vocab_start: int = 0
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum of token cross-entropies of local logits [B, S, V/tp_col] against global targets."""
-        return VocabCrossEntropy.apply(logits, targets, self.comm, COL, self.vocab_start)
+        """Sum of token cross-entropies of local logits [B, S, V/tp_col] against global targets
+        [B, S], by token chunks (kernels/cross_entropy.py); the max and sums all-reduced over tp_col."""
+        return kernels.cross_entropy(logits, targets, self.spec.d_model, self.spec.kernels, self.vocab_start,
+                                     reducer(self.comm, COL))
 
     def weights_changed(self) -> None:
         """Call after the parameters change outside autograd (an optimizer step, a checkpoint
@@ -387,7 +299,7 @@ def _chain(ops: list[_DepthSharded], plan: Plan) -> None:
 
 def _share_inputs(swapped: list[tuple[str, str, nn.Module]]) -> None:
     """Consecutive column-parallel ("qkv") projections under one parent module read the same input
-    (GPT: wq, wk, wv; w_gate, w_up): each such run becomes one `_Group`, so their input gradient
+    (GPT: wq, wk, wv; w_gate, w_up): each such run becomes one `Group`, so their input gradient
     is reduced once. Consecutive in forward order, so `_chain` links the group's ops in turn."""
     def run_key(entry: tuple[str, str, nn.Module]) -> tuple[str, str]:
         path, style, _ = entry
@@ -396,7 +308,7 @@ def _share_inputs(swapped: list[tuple[str, str, nn.Module]]) -> None:
     for (_, style), run in groupby(swapped, run_key):
         ops = [module for _, _, module in run]
         if style == "qkv" and len(ops) > 1:
-            group = _Group(ops)
+            group = Group(ops)
             for op in ops:
                 op.group = group
 
@@ -450,7 +362,7 @@ def apply(model: nn.Module, spec: ModelSpec, plan: Plan, grid: Grid, styles: Map
         swapped.append((path, style, module))
     _chain([m for _, _, m in swapped if isinstance(m, _DepthSharded)], plan)
     _share_inputs(swapped)
-    tp = TensorParallel(comm, env.store, vocab_start=env.span(COL, spec.vocab_size).start)
+    tp = TensorParallel(comm, env.store, spec, vocab_start=env.span(COL, spec.vocab_size).start)
     for path, _, module in swapped:
         tp.layouts.update({f"{path}.{leaf}": layout for leaf, layout in module.layouts().items()})
     return tp

@@ -147,7 +147,7 @@ def tensor_volumes(m: ModelSpec, plan: Plan, tokens: float, dtype_bytes: int) ->
     summed dX (tokens x k/Y) over X; the second all-reduces its output (tokens x n/Y) over X and
     its dX (tokens x k/X) over Y. With sequence parallelism each group's dX all-reduce over X
     becomes the all-gather of its sequence-sharded input for the weight gradients and the
-    reduce-scatter of its dX (parallel/tensor.py `_Projections`): together the ring cost of an
+    reduce-scatter of its dX (parallel/tensor_group.py `Projections`): together the ring cost of an
     all-reduce."""
     x, y = plan.tp_col, plan.tp_row
     fc = fr = bc = br = w = 0.0

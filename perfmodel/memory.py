@@ -176,10 +176,17 @@ def stage_activation_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int,
     return k * recomputed + (layers - k) * kept
 
 
-def fused_head_loss(plan: Plan) -> bool:
-    """Whether the last chunk's head and loss run fused by token chunks (parallel/head_loss.py):
-    an unsplit head, i.e. no tensor parallelism (a split head keeps the vocab-parallel loss)."""
-    return plan.tp == 1
+def fused_head_loss(m: ModelSpec, plan: Plan, tokens: float) -> bool:
+    """Whether the last chunk's head and loss run fused by token chunks (parallel/head_loss.py), for
+    a microbatch of `tokens` on this rank (micro_batch_size * seq / cp, the count of its targets).
+    Only where it pays: the head's input whole on each rank of its vocabulary split (no tensor
+    parallelism, or 1D over tp_col: tp_row = tp_depth = 1; the 3D head keeps its logits) and the
+    tokens spanning more than one chunk of `loss_chunk_tokens`. Fusing a single chunk saves only
+    the logits kept for backward (the working set is the same chunk) and adds the backward's
+    recompute of the head matmul: the tiny CPU model ran 15% fewer tokens/s fused (issue 14)."""
+    if plan.tp_row > 1 or plan.tp_depth > 1:
+        return False
+    return tokens > loss_chunk_tokens(tokens, m.d_model, m.vocab_size // plan.tp_col)
 
 
 LOSS_MIN_CHUNK = 256  # the fewest tokens per chunk `loss_chunk_tokens` picks
@@ -195,18 +202,20 @@ def loss_chunk_tokens(tokens: float, width: int, vocab: int) -> int:
 
 
 def logits_bytes(m: ModelSpec, plan: Plan, seq: int, dtype_bytes: int) -> float:
-    """The last stage's final norm, logits and their fp32 softmax for one microbatch (vocab split
-    over tp_col, replicated over tp_row like the heads; the norm over tp_row, and its sequence over
-    tp_col under SP). Fused
-    (`fused_head_loss`): the norm's input and output, the fp32 log-sum-exp per token and one
-    chunk of logits with its fp32 copy, alive while the loss runs."""
+    """The last stage's final norm and loss for one microbatch (vocab split over tp_col, replicated
+    over tp_row like the heads; the norm over tp_row, and its sequence over tp_col under SP), with
+    one chunk of logits and its fp32 copy, alive while the loss runs (kernels/linear_ce.py and
+    kernels/cross_entropy.py run the same chunks). Fused (`fused_head_loss`): the norm's input, the
+    head's input (gathered whole under SP) and the fp32 log-sum-exp per token. Unfused: the norm's
+    input and output (under SP the head re-gathers its input), the logits and the log-sum-exp."""
     tokens = plan.micro_batch_size * seq / plan.cp
     region = plan.tp_row * (plan.tp_col if plan.sequence_parallel else 1)  # the residual stream's split
-    norm = 2 * m.d_model / region * dtype_bytes  # input, output (under SP the head re-gathers its input)
-    if fused_head_loss(plan):
-        chunk = min(tokens, loss_chunk_tokens(tokens, m.d_model, m.vocab_size))
-        return tokens * (norm + 4) + chunk * m.vocab_size * (dtype_bytes + 4)
-    return tokens * (norm + m.vocab_size / plan.tp_col * (dtype_bytes + 4))
+    vocab = m.vocab_size / plan.tp_col
+    working = min(tokens, loss_chunk_tokens(tokens, m.d_model, int(vocab))) * vocab * (dtype_bytes + 4)
+    if fused_head_loss(m, plan, tokens):
+        return tokens * ((m.d_model / region + m.d_model) * dtype_bytes + 4) + working
+    norm = 2 * m.d_model / region * dtype_bytes  # input, output
+    return tokens * (norm + vocab * dtype_bytes + 4) + working
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """3D tensor parallelism: loss and every gradient equal a single-process run (fp32, relative
 1e-5) for each (tp_col, tp_row, tp_depth) layout, with sequence parallelism, dp=2 and the overlap
-switches on and off; the bytes counted per step equal the docs/architecture.md formulas; a
-layout that does not divide the model fails before anything runs, naming the setting.
+switches on and off; the bytes counted per step equal the docs/architecture.md formulas; the
+trainer's head loss (parallel/head_loss.py `choose`) on samples of two loss chunks: fused with the
+vocabulary split under 1D layouts (with and without SP), the chunked loss of the logits under 3D
+ones, equal to the single-process run either way; a layout that does not divide the model fails
+before anything runs, naming the setting.
 """
 from __future__ import annotations
 
@@ -123,6 +126,26 @@ def test_parity_and_bytes(dist_pools, case):
                 # the end-of-step prefetch of the next step's first weight (the embedding)
                 extra[("tp_depth", "all_gather")] -= piece
             assert extra == want, f"rank {rank}: bytes {got} != formula {want}"
+
+
+# 512 tokens per microbatch over V/tp_col = 256 columns of a 64-wide head: chunks of 256 tokens
+# (perfmodel/memory.py loss_chunk_tokens), so two chunks and the fused path where the head allows.
+CHUNKED = dict(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512)
+HEAD_CASES = [
+    (dict(tp_col=2), CHUNKED, True),
+    (dict(tp_col=2, sequence_parallel=True), dict(CHUNKED, norm="layernorm", pos="learned"), True),
+    (dict(tp_row=2), CHUNKED, False),  # a 3D head (input split over tp_row): logits, then kernels' CE
+]
+
+
+@pytest.mark.parametrize("plan_kw, spec_kw, fused", HEAD_CASES, ids=["col", "col-sp", "row"])
+def test_head_loss_fused_under_1d(dist_pools, plan_kw, spec_kw, fused):
+    for rank, (res,) in enumerate(dist_pools.run(2, parity, [(plan_kw, spec_kw)], 1, chosen=True, seq=512)):
+        assert res["fused_calls"] == ([512] * MICRO if fused else []), rank
+        for loss, ref in zip(res["loss"], res["ref_loss"]):
+            assert abs(loss - ref) <= TOL * abs(ref), (rank, loss, ref)
+        bad = {n: e for n, e in res["grad_err"].items() if e > TOL}
+        assert not bad, f"rank {rank}: gradients differ from the single-process run: {bad}"
 
 
 @pytest.mark.parametrize("plan, spec, knob", [

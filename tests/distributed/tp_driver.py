@@ -5,6 +5,9 @@ microbatches (an SGD update between steps) on the 3D tensor-parallel model and o
 single-process reference of the same model, seed and data, sums gradients over each
 parameter's declared `grad_axes` (what the data-parallel wrapper does), and returns per case
 the losses, the worst relative error of every gradient over the steps, and the bytes counted.
+The loss is `tp.loss_fn` of the logits, or with `chosen=True` the trainer's head loss
+(parallel/head_loss.py `choose`: fused or not by perfmodel/memory.py fused_head_loss), whose
+fused calls are counted (`fused_calls`); `seq` sets the sample length.
 `layer_backward_collectives(plan, spec)` counts the torch.distributed calls made during one
 middle Block's backward, per (axis, kind): (calls, message bytes); `grouped_on_other_inputs`
 checks grouped projections fed different inputs against the full weights.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,16 +25,17 @@ import torch.nn.functional as F
 from axon.init import materialize
 from axon.model import build
 from launch.grid import Grid
+from parallel.head_loss import choose
 from parallel.tensor import apply
 from perfmodel.specs import ModelSpec, Plan
 
 SEED, SEQ, MICRO = 3, 16, 2
 
 
-def batch(spec: ModelSpec, plan: Plan, step: int) -> torch.Tensor:
-    """The global batch of `step` [shards * MICRO, SEQ + 1], the same on every rank."""
+def batch(spec: ModelSpec, plan: Plan, step: int, seq: int = SEQ) -> torch.Tensor:
+    """The global batch of `step` [shards * MICRO, seq + 1], the same on every rank."""
     g = torch.Generator().manual_seed(11 + step)
-    return torch.randint(0, spec.vocab_size, (plan.data_shards * MICRO, SEQ + 1), generator=g)
+    return torch.randint(0, spec.vocab_size, (plan.data_shards * MICRO, seq + 1), generator=g)
 
 
 LR = 0.5
@@ -70,7 +74,23 @@ def build_tp(spec: ModelSpec, plan: Plan, grid: Grid):
     return model, tp
 
 
-def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor) -> float:
+def chosen_loss(spec: ModelSpec, plan: Plan, tp, head: torch.nn.Module, calls: list) -> Callable:
+    """(model, inputs, targets) -> the trainer's head loss of the model's hidden states, the token
+    count of each call of the head's fused loss appended to `calls`."""
+    loss_fn, fused_loss = choose(spec, plan, tp), head.fused_loss
+
+    def counted(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(targets.numel())
+        return fused_loss(x, targets)
+    head.fused_loss = counted
+
+    def loss_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(inputs.shape[1])  # as GPT.forward
+        return loss_fn(model, model.blocks(model.embed(inputs, positions), positions), targets)
+    return loss_of
+
+
+def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor, loss_of: Callable) -> float:
     """One step of MICRO microbatches (one sample each) on this rank's data shard."""
     c = grid.coords()
     shard = c["dp"] * plan.tp_depth + c["tp_depth"]
@@ -79,7 +99,7 @@ def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor) -> float:
     loss_sum = torch.zeros(())
     for i in range(MICRO):
         sample = mine[i:i + 1]
-        loss = tp.loss_fn(model(sample[:, :-1]), sample[:, 1:])
+        loss = loss_of(model, sample[:, :-1], sample[:, 1:])
         (loss / n_tokens).backward()
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum, group=grid.group("dp", "cp", "tp_depth").group)
@@ -88,7 +108,7 @@ def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor) -> float:
     return loss_sum.item() / n_tokens
 
 
-def parity(cases: list[tuple[dict, dict]], steps: int = 1) -> list[dict]:
+def parity(cases: list[tuple[dict, dict]], steps: int = 1, chosen: bool = False, seq: int = SEQ) -> list[dict]:
     out = []
     for plan_kw, spec_kw in cases:
         spec = ModelSpec(**spec_kw)
@@ -96,12 +116,15 @@ def parity(cases: list[tuple[dict, dict]], steps: int = 1) -> list[dict]:
         grid = Grid.build(plan, dist.get_rank(), dist.get_world_size())
         ref = build_reference(spec)
         model, tp = build_tp(spec, plan, grid)
-        res = {"loss": [], "ref_loss": [], "grad_err": {}, "bytes": []}
+        res = {"loss": [], "ref_loss": [], "grad_err": {}, "bytes": [], "fused_calls": []}
+        loss_of = lambda model, inputs, targets: tp.loss_fn(model(inputs), targets)  # noqa: E731
+        if chosen:
+            loss_of = chosen_loss(spec, plan, tp, model.head, res["fused_calls"])
         for step in range(steps):
-            tokens = batch(spec, plan, step)
+            tokens = batch(spec, plan, step, seq)
             res["ref_loss"].append(reference_step(ref, tokens))
             tp.comm.reset()
-            res["loss"].append(tp_step(model, tp, plan, grid, tokens))
+            res["loss"].append(tp_step(model, tp, plan, grid, tokens, loss_of))
             res["bytes"].append(tp.comm.reset())
             ref_grads = dict((n, p.grad) for n, p in ref.named_parameters())
             for name, p in model.named_parameters():

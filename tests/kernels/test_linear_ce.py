@@ -3,7 +3,9 @@ then F.cross_entropy summed, parallel/loss_mask.py's ignore index): the loss, d 
 weight, with ignored targets, on chunk sizes that do not divide the token count, fp32 and bf16;
 the Triton chunk kernels (under Triton's interpreter on CPU) against the torch path; the
 vocabulary split over a group (two threads standing in for two ranks); the model's head_loss
-against its logits + cross_entropy_sum, tied and untied, under autocast.
+against its logits + cross_entropy_sum, tied and untied, under autocast. The cross-entropy of given
+logits (kernels/cross_entropy.py, the same per-chunk math) against F.cross_entropy on the same
+paths, and the trainer's choice between the two (parallel/head_loss.py `choose`).
 
 Tolerances: fp32 1e-5 relative to each output's scale; bf16 2^-7 (one bf16 ulp) relative to the
 scale, doubled as in test_kernels.py: the fused path rounds the same bf16 logits and d logits, but
@@ -171,3 +173,106 @@ def test_only_the_gradients_asked_for():
     _, dx, dw = run(linear_cross_entropy_reference, x, w, t)
     close(xg.grad * 0.5, dx, torch.float32)
     close(wg.grad * 0.5, dw, torch.float32)
+
+
+def logits_problem(dtype=torch.float32, vocab=300, seed=5):
+    """logits [3, 37, V] (around the scale of a head's) and targets [3, 37] with ignored ones."""
+    x, w, t = problem(vocab=vocab, dtype=dtype, seed=seed)
+    return (x.float() @ w.float().t()).to(dtype), t
+
+
+def run_logits(fn, logits, t):
+    """(loss, d logits) of fn(logits, t), backward from a loss gradient of 0.5."""
+    logits = logits.detach().clone().requires_grad_()
+    loss = fn(logits, t)
+    (loss * 0.5).backward()
+    return loss.detach(), logits.grad
+
+
+def compare_logits(fn, logits, t, dtype):
+    from parallel.head_loss import cross_entropy_sum
+
+    for got, want in zip(run_logits(fn, logits, t), run_logits(cross_entropy_sum, logits, t)):
+        assert got.dtype == want.dtype
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [16, 7, 1000])
+def test_cross_entropy_of_logits_equals_the_unfused_loss(chunk, dtype):
+    from kernels.cross_entropy import cross_entropy
+
+    logits, t = logits_problem(dtype)
+    compare_logits(lambda lg, t: cross_entropy(lg, t, 48, chunk=chunk), logits, t, dtype)
+    if available():
+        compare_logits(lambda lg, t: cross_entropy(lg, t, 48, True, chunk), logits, t, dtype)
+
+
+def test_cross_entropy_default_chunks_and_dispatch():
+    """kernels.cross_entropy: the fused loss's chunks for a head input `width` wide (300 logits over
+    a 48-wide input: chunks of 256 tokens; 600 tokens: three chunks, the last partial)."""
+    g = torch.Generator().manual_seed(6)
+    logits, t = torch.randn(2, 300, 300, generator=g), torch.randint(0, 300, (2, 300), generator=g)
+    compare_logits(lambda lg, t: kernels.cross_entropy(lg, t, 48, "torch"), logits, t, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_vocabulary_split_over_a_group(dtype):
+    """Each rank's columns of the logits (140 + 160), global targets: the whole loss on every rank
+    and its columns of d logits."""
+    from kernels.cross_entropy import cross_entropy
+    from parallel.head_loss import cross_entropy_sum
+
+    logits, t = logits_problem(dtype, seed=7)
+    want = run_logits(cross_entropy_sum, logits, t)
+    bounds, group, results = [(0, 140), (140, 300)], ThreadGroup(2), [None, None]
+
+    def rank(r: int) -> None:
+        v0, v1 = bounds[r]
+        results[r] = run_logits(lambda lg, t: cross_entropy(lg, t, 48, chunk=16, vocab_start=v0,
+                                                            vocab_reduce=group.reduce_for(r)), logits[..., v0:v1], t)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for loss, _ in results:
+        close(loss, want[0], dtype)
+    close(torch.cat([results[0][1], results[1][1]], -1), want[1], dtype)
+
+
+@pytest.mark.parametrize("seq, fused", [(128, False), (256, False), (257, True), (1024, True)])
+def test_head_loss_fused_only_past_one_chunk(seq, fused, monkeypatch):
+    """The trainer's head loss (parallel/head_loss.py `choose`, no tensor parallelism) fuses a
+    microbatch only when its tokens span more than one chunk (perfmodel/memory.py fused_head_loss:
+    256 tokens at least); either way the loss equals the unfused definition."""
+    from axon.model import GPT
+    from parallel import head_loss
+    from perfmodel.specs import ModelSpec, Plan
+
+    spec = ModelSpec(n_layers=1, d_model=32, n_heads=4, vocab_size=128, kernels="torch")
+    torch.manual_seed(0)
+    model = GPT(spec, layer_ids=range(0))
+    calls = []
+    monkeypatch.setattr(GPT, "head_loss", lambda self, x, t: calls.append(1) or kernels.linear_cross_entropy(
+        self.norm(x), self.head.weight, t, "torch"))
+    x, t = torch.randn(1, seq, 32), torch.randint(0, 128, (1, seq))
+    loss = head_loss.choose(spec, Plan(), None)(model, x, t)
+    assert bool(calls) == fused
+    want = head_loss.cross_entropy_sum(model.logits(x), t)
+    close(loss.detach(), want.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("plan, tokens, fused", [
+    (dict(), 256, False), (dict(), 257, True),  # V 256 over h 128: chunks of max(256, tokens/2)
+    (dict(tp_col=2), 512, False),  # 128 columns per rank, narrower than h: one chunk of all tokens
+    (dict(tp_col=2, sequence_parallel=True), 4096, False),
+    (dict(tp_row=2), 4096, False), (dict(tp_col=2, tp_depth=2), 4096, False),  # 3D heads keep their logits
+])
+def test_fused_head_loss_rule(plan, tokens, fused):
+    """perfmodel/memory.py fused_head_loss on the tiny model (d 128, V 256)."""
+    from perfmodel.memory import fused_head_loss
+    from perfmodel.specs import ModelSpec, Plan
+
+    assert fused_head_loss(ModelSpec(), Plan(**plan), tokens) is fused

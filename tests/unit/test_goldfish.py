@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from axon.config import Goldfish
 from axon.goldfish import hash_drop, keep_mask, reference_drop
+from kernels.cross_entropy import cross_entropy
 from parallel.loss_mask import IGNORE_INDEX, mask_targets
 from parallel.head_loss import cross_entropy_sum
-from parallel.tensor_ops import VocabCrossEntropy
 
 
 def _tokens(b: int, n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
@@ -77,18 +77,15 @@ def test_cross_entropy_ignores_masked_targets():
     assert (logits.grad[~keep] == 0).all()
 
 
-class _OneRank:
-    """The collectives of a one-rank axis: nothing to reduce."""
-
-    def all_reduce(self, t: torch.Tensor, axis: str, op: str = "sum") -> None:
-        pass
-
-
-def test_vocab_parallel_cross_entropy_ignores_masked_targets():
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "one-rank-split"])
+def test_chunked_cross_entropy_ignores_masked_targets(split):
+    """kernels.cross_entropy (the logits' loss of the trainer and of tensor parallelism), by chunks
+    of 4 tokens, with and without the vocabulary-split code path (a one-rank group)."""
     logits = torch.randn(2, 6, 11, requires_grad=True)  # [B, S, V], the whole vocabulary on one rank
     targets = torch.randint(0, 11, (2, 6))
     keep = torch.rand(2, 6) > 0.4
-    loss = VocabCrossEntropy.apply(logits, mask_targets(targets, keep), _OneRank(), "tp_col", 0)
+    one_rank = (lambda t, op: None) if split else None  # nothing to reduce over one rank
+    loss = cross_entropy(logits, mask_targets(targets, keep), 8, chunk=4, vocab_reduce=one_rank)
     ref_logits = logits.detach().clone().requires_grad_(True)
     expected = cross_entropy_sum(ref_logits, mask_targets(targets, keep))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

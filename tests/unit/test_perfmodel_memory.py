@@ -49,7 +49,7 @@ def test_korthikanti_tensor_parallel(t):
     assert kor(tp_col=t, recompute="selective") == pytest.approx(sbh * (10 + 24 / t))
     assert kor(tp_col=t, recompute="full") == pytest.approx(2 * sbh)
     # SP: the paper's (sbh/t)(34 + 5as/h): the attention / MLP inputs saved as their sequence shard
-    # and re-gathered in backward, as our runtime does (parallel/tensor.py `_Projections`)
+    # and re-gathered in backward, as our runtime does (parallel/tensor_group.py `Projections`)
     assert kor(tp_col=t, sequence_parallel=True) == pytest.approx(sbh / t * (34 + 5 * A * S / H))
     assert kor(tp_col=t, sequence_parallel=True, recompute="selective") == pytest.approx(sbh * 34 / t)
     assert kor(tp_col=t, sequence_parallel=True, recompute="full") == pytest.approx(2 * sbh / t)
