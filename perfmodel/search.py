@@ -31,6 +31,7 @@ from perfmodel import pipeline, rules
 from perfmodel.candidates import (ACT_OFFLOAD, MICRO_BATCH_SIZES, allowed, base_plan, constraint_key, divisors,
                                   layouts, micro_choices, schedule_choices)
 from perfmodel.memory import ActivationParts, activation_parts, combine_activations, state_bytes
+from perfmodel.schedules import V_SHAPED
 from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 
 
@@ -190,13 +191,15 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     units = est.zero_units(m, layout, seq)
     zeros = allowed(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
-    states = None  # (zero, optimizer offloaded, device bytes besides activations, host bytes, optimizer s)
+    states_of: dict[bool, list] = {}  # by V shape (rank 0 holds embedding and head): (zero, optimizer
+    # offloaded, device bytes besides activations, host bytes, optimizer s) per ZeRO and offload choice
     facts = allowed(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
     recomputes = allowed(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
     scheds_of: dict[int, list[tuple[str, int]]] = {}
     for (mbs, micro, cp_mode), mb in first.items():
-        syncs = options = None  # the gradient sync by ZeRO stage; the state choices, fastest first
+        syncs = None  # the gradient sync by ZeRO stage
+        options_of: dict[bool, list] = {}  # the state choices, fastest first, by V shape
         for k, recompute in enumerate(recomputes):
             if k:
                 mb = est.microbatch_costs(m, layout.replace(recompute=recompute), c, seq, micro,
@@ -204,11 +207,12 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
             if micro * mb.total > limit or (best is not None and micro * mb.total >= best[0]):
                 break  # below every schedule's floor; more recomputation only adds time
             plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-            if states is None:
-                states = _states(m, c, seq, by_zero, psi, cons)
+            if not states_of:  # (the optimizer seconds do not depend on the V shape)
+                states_of[layout.schedule in V_SHAPED] = _states(m, c, seq, by_zero, psi, cons)
             if syncs is None:  # the gradient sync hides behind backward, which recompute does not change
                 syncs = {zero: est.gradient_sync(plan, c, psi, mb, micro, units) for zero, plan in by_zero.items()}
-                fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in states), key=sum)
+                any_states = next(iter(states_of.values()))
+                fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in any_states), key=sum)
             scheds = scheds_of.get(mbs)
             if scheds is None:
                 scheds = scheds_of[mbs] = schedule_choices(m, layout, micro, cons)
@@ -221,9 +225,15 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                                       *fastest, c.ranks_per_unit)[1]
                 if floor > limit or (best is not None and floor >= best[0]):
                     continue
+                v_shape = sched in V_SHAPED
+                if v_shape not in states_of:
+                    states_of[v_shape] = _states(m, c, seq, {z: p.replace(schedule=sched) for z, p in by_zero.items()},
+                                                 psi, cons)
+                options = options_of.get(v_shape)
                 if options is None:
-                    options = sorted(((syncs[zero], opt_s, state, host, zero, opt)
-                                      for zero, opt, state, host, opt_s in states), key=lambda o: o[0] + o[1])
+                    options = options_of[v_shape] = sorted(
+                        ((syncs[zero], opt_s, state, host, zero, opt) for zero, opt, state, host, opt_s in states_of[v_shape]),
+                        key=lambda o: o[0] + o[1])
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 n, found = _fitting(c, parts, (sched, pp, micro, v), micro * (mb.total + p2p), mb.compute,
