@@ -90,8 +90,11 @@ def chosen_loss(spec: ModelSpec, plan: Plan, tp, head: torch.nn.Module, calls: l
     return loss_of
 
 
-def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor, loss_of: Callable) -> float:
-    """One step of MICRO microbatches (one sample each) on this rank's data shard."""
+def tp_step(model, tp, plan: Plan, grid: Grid, tokens: torch.Tensor, loss_of: Callable | None = None) -> float:
+    """One step of MICRO microbatches (one sample each) on this rank's data shard; `loss_of(model,
+    inputs, targets)` (default: the vocab-parallel loss of the model's logits)."""
+    if loss_of is None:
+        loss_of = lambda model, inputs, targets: tp.loss_fn(model(inputs), targets)  # noqa: E731
     c = grid.coords()
     shard = c["dp"] * plan.tp_depth + c["tp_depth"]
     mine = tokens[shard * MICRO:(shard + 1) * MICRO]
@@ -117,9 +120,7 @@ def parity(cases: list[tuple[dict, dict]], steps: int = 1, chosen: bool = False,
         ref = build_reference(spec)
         model, tp = build_tp(spec, plan, grid)
         res = {"loss": [], "ref_loss": [], "grad_err": {}, "bytes": [], "fused_calls": []}
-        loss_of = lambda model, inputs, targets: tp.loss_fn(model(inputs), targets)  # noqa: E731
-        if chosen:
-            loss_of = chosen_loss(spec, plan, tp, model.head, res["fused_calls"])
+        loss_of = chosen_loss(spec, plan, tp, model.head, res["fused_calls"]) if chosen else None
         for step in range(steps):
             tokens = batch(spec, plan, step, seq)
             res["ref_loss"].append(reference_step(ref, tokens))
