@@ -1,10 +1,11 @@
 """Shared pieces of the pipeline benchmarks: the model pieces (ranks start with launch.local.spawn).
 
-Not a benchmark by itself; `pp_memory.py` and `pp_vs_torch.py` use it.
+Not a benchmark by itself; `pp_memory.py`, `pp_vs_torch.py` and `e2e_peers/pipelining.py` use it.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from axon.init import materialize
 from axon.model import GPT
@@ -36,3 +37,18 @@ def microbatches(spec: ModelSpec, m: int, mbs: int, seq: int, step: int) -> list
     data = torch.randint(0, spec.vocab_size, (m * mbs, seq + 1), generator=g)  # [m*mbs, S+1]
     positions = torch.arange(seq)
     return [(mb[:, :-1], mb[:, 1:], positions) for mb in data.split(mbs)]
+
+
+class Stage(nn.Module):
+    """A chunk as torch.distributed.pipelining wants it: forward(x) -> activation (or logits)."""
+
+    def __init__(self, chunk: nn.Module, first: bool, last: bool, seq: int):
+        super().__init__()
+        self.chunk, self.first, self.last = chunk, first, last
+        self.register_buffer("positions", torch.arange(seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.chunk.embed(x, self.positions)  # [b, S] -> [b, S, h]
+        x = self.chunk.blocks(x, self.positions)
+        return self.chunk.logits(x) if self.last else x  # [b, S, V] or [b, S, h]

@@ -26,28 +26,12 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from benchmarks.pp_common import build_pipeline, head_loss, loss_fn, microbatches, plan_for
+from benchmarks.pp_common import Stage, build_pipeline, head_loss, loss_fn, microbatches, plan_for
 from launch.grid import Grid
 from launch.local import spawn
 from perfmodel.specs import ModelSpec
-
-
-class _Stage(nn.Module):
-    """A chunk as torch.distributed.pipelining wants it: forward(x) -> activation (or logits)."""
-
-    def __init__(self, chunk: nn.Module, first: bool, last: bool, seq: int):
-        super().__init__()
-        self.chunk, self.first, self.last = chunk, first, last
-        self.register_buffer("positions", torch.arange(seq), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            x = self.chunk.embed(x, self.positions)  # [b, S] -> [b, S, h]
-        x = self.chunk.blocks(x, self.positions)
-        return self.chunk.logits(x) if self.last else x  # [b, S, V] or [b, S, h]
 
 
 def _rank(spec: ModelSpec, pp: int, m: int, seq: int, trials: int) -> dict:
@@ -59,7 +43,7 @@ def _rank(spec: ModelSpec, pp: int, m: int, seq: int, trials: int) -> dict:
     for name, schedule, v in (("1f1b", "1f1b", 1), ("interleaved", "interleaved", 2)):
         pipe = build_pipeline(spec, plan_for(pp, schedule, virtual_stages=v), grid, seq)
         n = pipe.n_chunks
-        stages = [PipelineStage(_Stage(pipe.chunks[c], c == 0, c == n - 1, seq), c, n, torch.device("cpu"),
+        stages = [PipelineStage(Stage(pipe.chunks[c], c == 0, c == n - 1, seq), c, n, torch.device("cpu"),
                                 group=group) for c in sorted(pipe.chunks)]
         torch_sched = (Schedule1F1B(stages[0], m, loss_fn=scaled, scale_grads=False) if v == 1 else
                        ScheduleInterleaved1F1B(stages, m, loss_fn=scaled, scale_grads=False))

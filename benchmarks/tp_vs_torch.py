@@ -38,33 +38,16 @@ SEQ, BATCH, MICRO, SEED = 256, 4, 2, 0
 
 def _torch_variant(spec, grid_world: int, sp: bool):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import parallelize_module
 
     from axon.init import materialize
     from axon.model import build
+    from benchmarks.e2e_peers.tensor_parallel import tp_plan
 
     mesh = init_device_mesh("cpu", (grid_world,))
     model = build(spec)
     materialize(model, spec, SEED, torch.device("cpu"))
-    seq = Shard(1) if sp else Replicate()
-    plan = {"tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-            "head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)}
-    if sp:
-        plan["norm"] = SequenceParallel()
-    for i in model.layers:
-        p = f"layers.{i}."
-        plan.update({p + "attn.wq": ColwiseParallel(), p + "attn.wk": ColwiseParallel(),
-                     p + "attn.wv": ColwiseParallel(), p + "attn.wo": RowwiseParallel(output_layouts=seq),
-                     p + "mlp.w_gate": ColwiseParallel(), p + "mlp.w_up": ColwiseParallel(),
-                     p + "mlp.w_down": RowwiseParallel(output_layouts=seq)})
-        if sp:
-            plan.update({p + "attn_norm": SequenceParallel(), p + "mlp_norm": SequenceParallel(),
-                         p + "attn": PrepareModuleInput(input_layouts=(Shard(1), None),
-                                                        desired_input_layouts=(Replicate(), None)),
-                         p + "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))})
-    parallelize_module(model, mesh, plan)
+    parallelize_module(model, mesh, tp_plan(model, sp))
 
     def step(tokens: torch.Tensor, n_tokens: int) -> None:
         from torch.distributed.tensor.parallel import loss_parallel
