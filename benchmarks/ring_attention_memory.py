@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402  torch'
 
 from benchmarks.cp_memory import LocalRing  # noqa: E402
 from kernels import flash_attention  # noqa: E402
-from parallel.recompute import tensors_in  # noqa: E402
+from parallel.recompute import new_storages  # noqa: E402
 from parallel.ring_attention import Ring, RingAttention  # noqa: E402
 
 MIB = 2 ** 20
@@ -61,11 +61,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tensors_in((args, kwargs))}
-        for t in tensors_in(out):
-            storage = t.untyped_storage()
+        for storage in new_storages(args, kwargs, out):
             key = id(storage)  # torch keeps one Python object per live storage
-            if key in inputs or key in self.seen:
+            if key in self.seen:
                 continue
             self.seen.add(key)
             self.live += storage.nbytes()

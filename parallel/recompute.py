@@ -71,20 +71,27 @@ class _Rematerialized(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tensors_in((args, kwargs))}
-        for t in tensors_in(out):
-            storage = t.untyped_storage()
+        for storage in new_storages(args, kwargs, out):
             key = id(storage)  # torch keeps one Python object per live storage
-            if key not in inputs:  # a new storage (the id of a freed one can be reused: replace it)
-                seen = self.created.get(key)
-                if seen is None or seen[0]() is None:
-                    self.created[key] = (weakref.ref(storage), storage.nbytes())
+            seen = self.created.get(key)  # the id of a freed one can be reused: replace it
+            if seen is None or seen[0]() is None:
+                self.created[key] = (weakref.ref(storage), storage.nbytes())
         return out
 
     def __exit__(self, *exc: Any) -> Any:
         self.sink(sum(n for ref, n in self.created.values() if ref() is not None))
         self.created.clear()
         return super().__exit__(*exc)
+
+
+def new_storages(args: Any, kwargs: Any, out: Any) -> Iterator[torch.UntypedStorage]:
+    """The storages of an op's result `out` that none of its inputs holds (views of the inputs
+    excluded): what the op allocated."""
+    inputs = {id(t.untyped_storage()) for t in tensors_in((args, kwargs))}
+    for t in tensors_in(out):
+        storage = t.untyped_storage()
+        if id(storage) not in inputs:
+            yield storage
 
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
