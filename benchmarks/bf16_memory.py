@@ -1,5 +1,6 @@
 """Measured activation bytes per rank under bf16 against fp32: one rank of ZeRO-3 dp=8 and of
-pp=4 1F1B (stage 0) over torch's fake process group, one trainer step each.
+pp=4 1F1B (stage 0) over torch's fake process group, one trainer step each; and the bf16 model
+states per parameter of dp=8 under ZeRO 0-3 against Megatron's, the ZeRO paper's and FSDP2's.
 
     .venv/bin/python benchmarks/bf16_memory.py
     .venv/bin/python benchmarks/bf16_memory.py --layers 8 --width 512 --seq 128
@@ -25,6 +26,14 @@ import torch.distributed as dist
 
 LAYOUTS = {"zero3 dp=8": (8, ["parallel.dp=8", "parallel.zero=3", "train.global_batch_size=32"]),
            "pp=4 1f1b stage 0": (4, ["parallel.pp=4", "parallel.schedule=1f1b", "train.global_batch_size=16"])}
+# model states per parameter under bf16 against the convention of the library a user would pick
+# for the same memory schedule (d = 8): Megatron's bf16 DDP (2 + 4 + 4 + 8) and distributed optimizer
+# (2 + 4 + 12/d), the ZeRO paper's stage 2 (2 + (2 + 12)/d: 16-bit gradients), FSDP2's fp32 sharded
+# parameters under a bf16 MixedPrecisionPolicy ((4 + 4 + 8)/d; the bf16 copy is gathered per use)
+STATES = {"dp=8": (["parallel.dp=8"], "Megatron DDP", 18.0),
+          "zero1 dp=8": (["parallel.dp=8", "parallel.zero=1"], "Megatron distributed optimizer", 2 + 4 + 12 / 8),
+          "zero2 dp=8": (["parallel.dp=8", "parallel.zero=2"], "ZeRO paper stage 2", 2 + 14 / 8),
+          "zero3 dp=8": (["parallel.dp=8", "parallel.zero=3"], "FSDP2", 16 / 8)}
 
 
 def _fake_world(world: int) -> None:
@@ -50,6 +59,7 @@ def measure(world: int, overrides: list[str], run_dir: Path) -> dict[str, int]:
         t.engine.state_dict()  # creates Adam states a skipped step left uncreated (fake data can overflow)
         out = {"activations": t.pipe.last_memory.peak_device_bytes,
                "gathered": getattr(t.engine.reset_stats(), "bytes_gathered", 0),  # ZeRO all-gathers of the step
+               "n_params": sum(p.numel() for c in t.pipe.chunks.values() for p in c.parameters()),  # this rank's
                **memory.model_state_bytes(t.engine.state_tensors())}
         t.engine.remove()
         return out
@@ -82,6 +92,16 @@ def main() -> None:
         print(f"| {name} | {f['activations'] / 2**20:.2f} | {b['activations'] / 2**20:.2f} | "
               f"{b['activations'] / f['activations']:.2f} | {states[0]:.2f} | {states[1]:.2f} | "
               f"{f['gathered'] / 2**20:.2f} / {b['gathered'] / 2**20:.2f} |")
+    print()
+    print("bf16 model states (params + grads + optimizer) per parameter, one rank of 8:")
+    print("| layout | measured bytes / param | peer | peer bytes / param | ours / peer |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (layout, peer, peer_bytes) in STATES.items():
+            got = measure(8, [*model, *layout, "train.global_batch_size=32", "train.dtype=bf16"], Path(tmp) / name)
+            per = sum(got.get(k, 0) for k in ("params", "grads", "optimizer")) / got["n_params"]
+            rows[(name, "bf16 states")] = got
+            print(f"| {name} | {per:.3f} | {peer} | {peer_bytes:.3f} | {per / peer_bytes:.3f} |")
     if a.json is not None:
         a.json.write_text(json.dumps({f"{n}|{d}": v for (n, d), v in rows.items()}, indent=1))
 

@@ -72,6 +72,10 @@ class HostAdamW:
         if self.cuda:
             torch.cuda.current_stream(self.params[0].device).wait_stream(self.stream)
 
+    def use_params(self, params: list[torch.Tensor]) -> None:
+        """Update `params` from now on (the same values: the engine moved its master shards)."""
+        self.params = params
+
     def reload_params(self) -> None:
         """Take the master weights from the device shards (at start and after a checkpoint load)."""
         for p, host in zip(self.params, self.master):

@@ -35,18 +35,20 @@ so under a split backward (B/W) it waits for the W action that completes the wei
 
 Gradients are SUMMED over the group (the trainer divides the loss by the global token count).
 
-Mixed precision (`compute_weights`, parallel/precision.py): the flat fp32 buffers stay the
-masters (updated, checkpointed; gradients accumulate in fp32 and are reduced in fp32, or in a bf16
-copy under `parallel.reduce_dtype=bf16`) and each unit gets a
-flat compute buffer `cfull` in the compute dtype, which the forward reads. Stages 0-2 refresh it
-from `full` after every update; stage 3 keeps a compute copy `cshard` of my shard (refreshed after
-every update) and gathers and frees `cfull` from it instead of `full` (half the bytes moved and
-held in bf16), so the fp32 `full` is never materialized. In fp32, `cfull` is `full` and `cshard`
-is `shard`.
+Mixed precision (`compute_weights`, parallel/precision.py), as Megatron's distributed optimizer
+and FSDP2 keep it: the fp32 masters live with the optimizer (gradients accumulate in fp32 and are
+reduced in fp32, or in a bf16 copy under `parallel.reduce_dtype=bf16`) and each unit gets a flat
+compute buffer `cfull` in the compute dtype, which the forward reads. Stage 0 keeps the whole fp32
+`full` and refreshes `cfull` from it after every update. Stages 1-2 keep only my fp32 shard (its own
+storage; `full` is freed): after the update it is cast into my slice of `cfull` (`cshard`) and
+`cfull` is all-gathered in place, so the gathers move bf16 and a rank holds 2 + 4/d bytes of
+weights per parameter (the totals per stage: perfmodel/memory.py `model_states`). Stage 3 keeps a
+compute copy `cshard` of my shard (refreshed after every update) and gathers and frees `cfull` from
+it. In fp32, `cfull` is `full` and `cshard` is `shard`.
 
 Checkpoints (`state_dict`): keyed by the layout-independent parameter names, optimizer
 state `<param>.<exp_avg|exp_avg_sq|step>` as the data-parallel engine keys it. Replicated tensors are
-plain; a sharded piece is a ShardedTensor of the parameter's full shape whose local shards are
+plain (the weights only where `full` is kept: stage 0, fp32 stages 1-2); a sharded piece is a ShardedTensor of the parameter's full shape whose local shards are
 row-aligned boxes viewing the flat buffers (see `parallel.zero_units`), so DCP reshards between
 any stages and group sizes and loads in place. Call `after_load()` after loading.
 """
@@ -101,6 +103,7 @@ class ZeroEngine:
         self.units: list[Unit] = []
         self._hooks: list[Any] = []
         self._res = Residency(lambda: self.stats)
+        self.sharded_master = stage == 3  # the fp32 weights exist only as my shard (and stages 1-2 mixed)
         self._dpc, self._tp = grid.group("dp", "cp"), grid.group("tp_col", "tp_row", "tp_depth")
         params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
         self.layouts = complete_layouts(layouts or {}, params)
@@ -141,22 +144,37 @@ class ZeroEngine:
                     raise RuntimeError("compute_weights: call before the first step")
                 u.cshard = u.shard.to(dtype)  # [shard]
                 u.cfull = torch.zeros(u.layout.padded, dtype=dtype, device=u.full.device)
-            else:
+            elif self.stage == 0:
                 u.cfull = u.full.to(dtype)  # [padded]
+            else:  # stages 1-2: the master becomes my shard alone
+                lo, hi = u.layout.owned()
+                u.shard = u.full[lo:hi].clone()  # [shard] fp32, own storage
+                u.cfull = u.full.to(dtype)  # [padded]
+                u.cshard = u.cfull[lo:hi]  # gathered in place
+                u.full.untyped_storage().resize_(0)  # the replicated fp32 weights are gone
             for s in u.layout.slots:
                 out[s.param] = compute_tensor(u.cfull[s.start:s.stop].view(s.shape))
             if self.stage == 3:
                 u.cfull.untyped_storage().resize_(0)  # free, as `full` is
+        self.optimizer.use_params([u.shard for u in self.units])
+        self.sharded_master = self.stage >= 1
         return out
 
-    def _refresh(self) -> None:
-        """The compute copies take the updated masters (nothing to do in fp32)."""
+    def _publish(self) -> None:
+        """After an update or a load: what the forward reads takes the masters. Stage 0: the
+        compute copy of `full` (nothing in fp32); 1-2: my shard (cast into `cfull` under mixed
+        precision) all-gathered in place into `cfull`; 3: the compute shard (gathered on use)."""
         with torch.no_grad():
             for u in self.units:
-                if self.stage == 3 and u.cshard is not u.shard:
+                if u.cshard is not u.shard:
                     u.cshard.copy_(u.shard)
-                elif self.stage < 3 and u.cfull is not u.full:
+                if self.stage == 0 and u.cfull is not u.full:
                     u.cfull.copy_(u.full)
+            if self.stage in (1, 2):
+                units = [u for u in self.units if u.group.size > 1]
+                for h in [gather(u.cfull, u.cshard, u.group) for u in units]:
+                    h.wait()
+                self.stats.bytes_gathered += sum(u.cfull.numel() * u.cfull.element_size() for u in units)
 
     # ---- gradients ----
     def zero_grad(self) -> None:
@@ -289,15 +307,9 @@ class ZeroEngine:
 
     # ---- optimizer ----
     def step(self, lr: float) -> None:
-        """Update my shard, then (stages 1-2) all-gather every unit in place."""
+        """Update my shard, then (stages 1-2) all-gather every unit's weights in place."""
         self.optimizer.step([u.grad_shard for u in self.units], lr)
-        if self.stage in (1, 2):
-            handles = [gather(u.full, u.shard, u.group) for u in self.units if u.group.size > 1]
-            for h in handles:
-                h.wait()
-            self.stats.bytes_gathered += sum(u.full.numel() * u.full.element_size() for u in self.units
-                                             if u.group.size > 1)
-        self._refresh()
+        self._publish()
 
     # ---- checkpoints ----
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -307,7 +319,7 @@ class ZeroEngine:
         optim_state: dict[str, Any] = {}
         for i, u in enumerate(self.units):
             for s in u.layout.slots:
-                if self.stage == 3:
+                if self.sharded_master:
                     model_state[s.name] = sharded_view(u.layout, s, u.shard)
                 elif len(s.place.pieces) == 1:  # the whole tensor, replicated over the group
                     model_state[s.name] = u.full[s.start:s.stop].view(s.shape)
@@ -324,7 +336,7 @@ class ZeroEngine:
     def after_load(self) -> None:
         """Refresh derived copies after DCP filled `state_dict()` in place."""
         self.optimizer.reload_params()
-        self._refresh()
+        self._publish()
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Model-state tensors by role, for `axon.memory` (device and host)."""

@@ -25,8 +25,8 @@ class Unit:
     group: Axis  # the ZeRO group: the ranks this unit's gradients are summed over
     root: bool  # a chunk's parameters outside its Blocks (stage 3: gathered until finish())
     layout: Layout
-    full: torch.Tensor  # flat parameters [padded]; stage 3: storage freed between uses
-    shard: torch.Tensor  # my parameters [shard]: a view of `full`, own storage under stage 3
+    full: torch.Tensor  # flat fp32 parameters [padded]; stage 3: freed between uses; mixed 1-2: freed
+    shard: torch.Tensor  # my parameters [shard]: a view of `full`; own storage under stage 3 and mixed 1-2
     grad_full: torch.Tensor | None  # stage 0/1: flat gradients [padded]; each .grad is a view
     grad_shard: torch.Tensor  # my reduced gradient [shard]
     norm: list[tuple[int, int, float]]  # [a, b) of my shard and the weight of its squares in the norm
@@ -36,7 +36,7 @@ class Unit:
     state: str = "ready"  # stage 3: free | gathering | ready
     gather: Any = None  # stage 3: in-flight all-gather
     cfull: torch.Tensor | None = None  # what the forward reads [padded]: `full`, or its compute-dtype copy
-    cshard: torch.Tensor | None = None  # stage 3: what is gathered into `cfull` [shard]: `shard` or its copy
+    cshard: torch.Tensor | None = None  # stages 1-3: what is gathered into `cfull` [shard]: `shard` or its copy
 
 
 def make_units(name: str, named: list[tuple[str, nn.Parameter]], root: bool, stage: int, grid: Grid,

@@ -40,6 +40,10 @@ class ShardAdamW:
         for p, g, m, v, d in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, self.decay):
             adamw_(p, g, m, v, step, lr, self.cfg, d)
 
+    def use_params(self, params: list[torch.Tensor]) -> None:
+        """Update `params` from now on (the same values: the engine moved its master shards)."""
+        self.params = params
+
     def reload_params(self) -> None:
         """After a checkpoint load: nothing to do, the update reads the parameters themselves."""
 

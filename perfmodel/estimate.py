@@ -305,9 +305,9 @@ def sync_traffic(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro:
     link = comm.link_for(plan, ("cp", "dp"), c)
     busy_f, busy_b = mb.busy(link.kind)
     fwd_window, bwd_window = max(mb.backward / 2 - busy_f, 0.0), max(mb.backward - busy_b, 0.0)
-    # gradients reduce in parallel.reduce_dtype; ZeRO-3 gathers the compute weights, stages 1-2 the fp32 weights
+    # gradients reduce in parallel.reduce_dtype; every stage gathers the compute weights (parallel/zero.py)
     grads = psi * reduce_bytes(plan)
-    weights = psi * (c.dtype_bytes if plan.zero >= 3 else max(c.dtype_bytes, MASTER_BYTES))
+    weights = psi * c.dtype_bytes
     # parallel/data.py's bucket layout: at most bucket_mb, at least MIN_BUCKETS buckets once the
     # gradients exceed EDGE_MB, and a last (exposed) bucket of at most EDGE_MB
     edge = DP_EDGE_MB * 2**20

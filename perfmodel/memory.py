@@ -4,11 +4,11 @@ schedule, recomputation, sequence/context parallelism, activation offload), buff
 Model states are what the runtime keeps (parallel/precision.py): bytes per parameter w (weights)
 + g (gradients) + K (optimizer). Gradients are accumulated and reduced in fp32 (g = 4) and Adam's
 m and v are fp32 (K = 8); in fp32 training w = 4, in mixed precision w = 2 + 4 (the bf16 compute
-weights and the fp32 master beside them, sharded together by ZeRO-3 only). So mixed precision is
-18 bytes per parameter at stage 0, 10 + 8/d at stage 1, 6 + 12/d at stage 2, 18/d at stage 3;
-the ZeRO paper's 4 + 12/d and 2 + 14/d at stages 1 and 2 would need the fp32 master sharded
-with the optimizer states (the runtime all-gathers fp32 weights after each step instead). With
-the optimizer offloaded the host holds 16 bytes per parameter of the shard (fp32 master, m, v
+weights and the fp32 master, which lives with the optimizer and is sharded with it at stages 1-3,
+as in Megatron's distributed optimizer). So mixed precision is 18 bytes per parameter at stage 0,
+6 + 12/d at stage 1, 2 + 16/d at stage 2, 18/d at stage 3 (the ZeRO paper's 4 + 12/d and 2 + 14/d
+keep 16-bit gradients). With the optimizer offloaded the host holds 16 bytes per parameter of the
+shard (fp32 master, m, v
 and the gradient's landing buffer) and the device keeps w + g. Activations follow Korthikanti
 et al. (docs/architecture.md, Formulas), generalised to grouped-query attention, SwiGLU and the
 3D tensor split, term by term as the runtime saves them (docs/activation_memory.md). All sizes
@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from perfmodel.comm import tensor_volumes
 from perfmodel.flops import layer_params
 from perfmodel.pipeline import ScheduleCost, schedule_cost
-from perfmodel.schedules import V_SHAPED
+from perfmodel.schedules import placement
 from perfmodel.specs import Cluster, ModelSpec, Plan
-from perfmodel.split import stage_layers
+from perfmodel.split import split_layers, stage_layers
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ def optimizer_bytes_per_param(dtype_bytes: int) -> int:
     return 8
 
 
-def weight_bytes_per_param(dtype_bytes: int) -> int:
-    """w: the compute weights, plus the fp32 master when they are narrower (mixed precision)."""
-    return dtype_bytes + (MASTER_BYTES if dtype_bytes < 4 else 0)
+def master_bytes_per_param(dtype_bytes: int) -> int:
+    """The fp32 master beside narrower compute weights (mixed precision); none in fp32."""
+    return MASTER_BYTES if dtype_bytes < MASTER_BYTES else 0
 
 
 def host_optimizer_bytes_per_param() -> int:
@@ -71,27 +71,35 @@ def host_optimizer_bytes_per_param() -> int:
     return MASTER_BYTES + 8 + GRAD_BYTES
 
 
-def stage_params(m: ModelSpec, pp: int, seq_len: int, v_shape: bool = False) -> int:
-    """Parameters of the largest pipeline stage (embedding on the first, head on the last; the
-    layers of the most loaded stage of the cost-balanced split, perfmodel/split.py). V-shaped
-    schedules (`v_shape`) put the first and the last chunk on rank 0: embedding and head both."""
+def stage_params(m: ModelSpec, pp: int, seq_len: int, schedule: str = "1f1b", virtual_stages: int = 1) -> int:
+    """Parameters of the most loaded pipeline rank, as the runtime places them: the cost-balanced
+    split of the layers into the schedule's chunks (perfmodel/split.py) and each rank's chunks
+    (`schedules.placement`: round robin, or V-shaped with the first and the last chunk on rank 0),
+    the embedding with the first chunk and the head and final norm with the last (a tied head is a
+    copy of the embedding, unless both are on one rank)."""
     emb = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.pos == "learned" else 0)
-    head = m.vocab_size * m.d_model  # a tied head is a copy of the embedding on the last stage
-    final_norm = (2 if m.norm == "layernorm" else 1) * m.d_model
-    blocks = stage_layers(m, pp, seq_len) * layer_params(m)
-    if pp == 1 or v_shape:
-        return blocks + emb + (0 if m.tied_embeddings else head) + final_norm
-    return blocks + max(emb, head + final_norm)
+    head = m.vocab_size * m.d_model + (2 if m.norm == "layernorm" else 1) * m.d_model
+    tied_head = head - (m.vocab_size * m.d_model if m.tied_embeddings else 0)
+    place = placement(schedule, pp, virtual_stages) if pp > 1 else [0]
+    layers = split_layers(m, len(place), seq_len) if pp > 1 else [range(m.n_layers)]
+    per_rank = [0] * max(pp, 1)
+    for c, r in enumerate(place):
+        per_rank[r] += len(layers[c]) * layer_params(m)
+    per_rank[place[0]] += emb
+    per_rank[place[-1]] += tied_head if place[0] == place[-1] else head
+    return max(per_rank)
 
 
 def model_states(psi: float, shards: int, zero: int, dtype_bytes: int, offload_optimizer: bool = False
                  ) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes for `psi` parameters on a rank, ZeRO over `shards` ranks.
-    Stage 0: (w+g+K)psi; 1: (w+g)psi + K psi/d; 2: w psi + (g+K)psi/d; 3: (w+g+K)psi/d."""
-    w, g = weight_bytes_per_param(dtype_bytes), GRAD_BYTES
+    Stage 0: (w+g+K)psi; 1: (e+g)psi + (m+K)psi/d; 2: e psi + (m+g+K)psi/d; 3: (w+g+K)psi/d, with
+    w = e (compute weights) + m (the fp32 master of mixed precision, sharded from stage 1: parallel/zero.py).
+    An offloaded optimizer's device keeps its master shard too (the host update writes into it)."""
+    e, m, g = dtype_bytes, master_bytes_per_param(dtype_bytes), GRAD_BYTES
     k = optimizer_bytes_per_param(dtype_bytes)
     d = shards
-    params = w * psi / (d if zero >= 3 else 1)
+    params = e * psi / (d if zero >= 3 else 1) + m * psi / (d if zero >= 1 else 1)
     grads = g * psi / (d if zero >= 2 else 1)
     optimizer = k * psi / (d if zero >= 1 else 1)
     return params, grads, (0.0 if offload_optimizer else optimizer)
@@ -262,7 +270,7 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, 
     """(params, grads, optimizer, buffers, host) bytes: model states on the largest stage, sharded
     over the tensor group and, by ZeRO, over dp x cp; gathered-weight buffers; offloaded states."""
     e = c.dtype_bytes
-    psi = stage_params(m, plan.pp, seq, plan.schedule in V_SHAPED) / plan.tp
+    psi = stage_params(m, plan.pp, seq, plan.schedule, plan.virtual_stages) / plan.tp
     shards = plan.dp * plan.cp
     params, grads, optimizer = model_states(psi, shards, plan.zero, e, plan.offload.optimizer)
     buffers = 0.0

@@ -31,7 +31,7 @@ from perfmodel import pipeline, rules
 from perfmodel.candidates import (ACT_OFFLOAD, MICRO_BATCH_SIZES, allowed, base_plan, constraint_key, divisors,
                                   layouts, micro_choices, schedule_choices)
 from perfmodel.memory import ActivationParts, activation_parts, combine_activations, state_bytes
-from perfmodel.schedules import V_SHAPED
+from perfmodel.schedules import V_SHAPED, chunks_per_rank
 from perfmodel.specs import AXES, Cluster, ModelSpec, Offload, Plan, PlanError
 
 
@@ -191,7 +191,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     units = est.zero_units(m, layout, seq)
     zeros = allowed(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
-    states_of: dict[bool, list] = {}  # by V shape (rank 0 holds embedding and head): (zero, optimizer
+    states_of: dict[tuple, list] = {}  # by chunk placement (`_chunking`): (zero, optimizer
     # offloaded, device bytes besides activations, host bytes, optimizer s) per ZeRO and offload choice
     facts = allowed(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
     recomputes = allowed(cons, "recompute", rules.RECOMPUTE)  # cheapest first
@@ -199,7 +199,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     scheds_of: dict[int, list[tuple[str, int]]] = {}
     for (mbs, micro, cp_mode), mb in first.items():
         syncs = None  # the gradient sync by ZeRO stage
-        options_of: dict[bool, list] = {}  # the state choices, fastest first, by V shape
+        options_of: dict[tuple, list] = {}  # the state choices, fastest first, by chunk placement
         for k, recompute in enumerate(recomputes):
             if k:
                 mb = est.microbatch_costs(m, layout.replace(recompute=recompute), c, seq, micro,
@@ -207,8 +207,9 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
             if micro * mb.total > limit or (best is not None and micro * mb.total >= best[0]):
                 break  # below every schedule's floor; more recomputation only adds time
             plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-            if not states_of:  # (the optimizer seconds do not depend on the V shape)
-                states_of[layout.schedule in V_SHAPED] = _states(m, c, seq, by_zero, psi, cons)
+            if not states_of:  # one chunk per rank (the optimizer seconds do not depend on the placement)
+                states_of[_chunking("1f1b", 1)] = _states(
+                    m, c, seq, {z: p.replace(schedule="1f1b", virtual_stages=1) for z, p in by_zero.items()}, psi, cons)
             if syncs is None:  # the gradient sync hides behind backward, which recompute does not change
                 syncs = {zero: est.gradient_sync(plan, c, psi, mb, micro, units) for zero, plan in by_zero.items()}
                 any_states = next(iter(states_of.values()))
@@ -225,14 +226,14 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                                       *fastest, c.ranks_per_unit)[1]
                 if floor > limit or (best is not None and floor >= best[0]):
                     continue
-                v_shape = sched in V_SHAPED
-                if v_shape not in states_of:
-                    states_of[v_shape] = _states(m, c, seq, {z: p.replace(schedule=sched) for z, p in by_zero.items()},
-                                                 psi, cons)
-                options = options_of.get(v_shape)
+                key = _chunking(sched, v)
+                if key not in states_of:
+                    states_of[key] = _states(m, c, seq, {z: p.replace(schedule=sched, virtual_stages=v)
+                                                         for z, p in by_zero.items()}, psi, cons)
+                options = options_of.get(key)
                 if options is None:
-                    options = options_of[v_shape] = sorted(
-                        ((syncs[zero], opt_s, state, host, zero, opt) for zero, opt, state, host, opt_s in states_of[v_shape]),
+                    options = options_of[key] = sorted(
+                        ((syncs[zero], opt_s, state, host, zero, opt) for zero, opt, state, host, opt_s in states_of[key]),
                         key=lambda o: o[0] + o[1])
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
@@ -268,6 +269,12 @@ def _fitting(c: Cluster, parts: ActivationParts, schedule: tuple[str, int, int, 
         if i == 0:
             break
     return timed, found
+
+
+def _chunking(schedule: str, virtual_stages: int) -> tuple[bool, int]:
+    """What the model states of the most loaded rank depend on besides the layout (perfmodel/memory.py
+    `stage_params`): V-shaped or round-robin placement, and chunks per rank."""
+    return schedule in V_SHAPED, chunks_per_rank(schedule, virtual_stages)
 
 
 def _states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: float, cons: dict[str, Any]

@@ -74,10 +74,11 @@ def test_bf16_halves_activations(name, tmp_path, dist_pools):
     assert bf16 <= 0.55 * fp32, (bf16, fp32)
 
 
-@pytest.mark.parametrize("name", ["dp2", "zero3"])
+@pytest.mark.parametrize("name", ["dp2", "zero2", "zero3"])
 def test_bf16_resume_equals_straight_run(name, tmp_path, dist_pools):
-    """A checkpoint holds the fp32 masters; on load the engine refreshes the bf16 compute weights,
-    so a resumed run continues exactly as the uninterrupted one."""
+    """A checkpoint holds the fp32 masters (ZeRO: each rank's shard, the only fp32 copy from stage 1);
+    on load the engine refreshes (stages 1-2: gathers) the bf16 compute weights, so a resumed run
+    continues exactly as the uninterrupted one."""
     layout, world = LAYOUTS[name]
     common = ["train.dtype=bf16", *layout, "train.steps=4"]
     straight = dist_pools.run(world, train, make_cfg(tmp_path, "straight", *common))[0][1]
