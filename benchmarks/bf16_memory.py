@@ -98,7 +98,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (layout, peer, peer_bytes) in STATES.items():
-            got = measure(8, [*model, *layout, "train.global_batch_size=32", "train.dtype=bf16"], Path(tmp) / name)
+            run = Path(tmp) / f"states{len(rows)}"
+            got = measure(8, [*model, *layout, "train.global_batch_size=32", "train.dtype=bf16"], run)
             per = sum(got.get(k, 0) for k in ("params", "grads", "optimizer")) / got["n_params"]
             rows[(name, "bf16 states")] = got
             print(f"| {name} | {per:.3f} | {peer} | {peer_bytes:.3f} | {per / peer_bytes:.3f} |")
