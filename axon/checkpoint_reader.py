@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from axon.errors import CheckpointError  # noqa: F401 - raised here, re-exported for the readers' callers
+
 DCP_METADATA = ".metadata"
 _DCP_META_MODULE = "torch.distributed.checkpoint.metadata"
 ALLOWED: frozenset[tuple[str, str]] = frozenset(
@@ -37,10 +39,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset(
        ("torch.serialization", "_get_layout"),  # looks a name up among torch's layouts
        ("pathlib", "PosixPath")]  # StorageMeta.checkpoint_id
     + [("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)])
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and what to do."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):

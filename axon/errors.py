@@ -23,6 +23,10 @@ BAD_INPUT = (ValueError, HydraException, OmegaConfBaseException, FileNotFoundErr
              IsADirectoryError, PermissionError)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (exit code 3); the message says which and what to do."""
+
+
 class UsageError(ValueError):
     """A command-line option a command does not take, or a missing argument."""
 

@@ -23,11 +23,9 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from axon import preflight, trainer
-from axon.checkpoint import CheckpointError
+from axon import preflight
 from axon.config import RunConfig, freeze, load
-from axon.errors import BAD_INPUT, DEBUG_FLAG, guarded, report
-from axon.nonfinite import NONFINITE_EXIT, NonFiniteError
+from axon.errors import BAD_INPUT, DEBUG_FLAG, CheckpointError, guarded, report
 from launch import dist as launch_dist
 from launch.env import detect
 from launch.grid import Grid
@@ -108,6 +106,8 @@ def _run_rank(cfg: RunConfig, env: Any, plan_info: dict[str, Any], debug: bool =
     rendezvous or inside a collective, ends the rank with a report (launch/watchdog.py)."""
     import signal
 
+    from axon import trainer  # here: the local launcher's own process never needs it (seconds of imports)
+    from axon.nonfinite import NONFINITE_EXIT, NonFiniteError
     from axon.preempt import PreemptionHandler
     from launch.watchdog import Watchdog
 

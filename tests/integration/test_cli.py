@@ -1,20 +1,17 @@
 """`axon train` end to end: a local multi-process run writes the run directory, bad layouts fail
-before anything starts, every documented override key is accepted, and a killed rank ends the
-job non-zero instead of hanging."""
+before anything starts, every documented override key is accepted, and the same entry runs under
+torchrun and mpiexec. (A killed or stopped rank of a training job: tests/integration/test_reliability.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from axon.config import freeze, load
-from tests.integration.local_workers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model.n_layers=2", "train.seq_len=32", "train.global_batch_size=8", "logger.wandb.mode=disabled",
@@ -82,30 +79,6 @@ def test_documented_override_keys():
     assert cfg.logging.wandb_mode == "offline"
     for preset in ("tiny", "gpt2-124m", "llama3-8b", "llama3.1-70b", "llama3.1-405b"):
         freeze(load([f"model={preset}"])).model.check()
-
-
-def test_killed_rank_fails_the_job_in_time(tmp_path):
-    run = tmp_path / "run"
-    job = subprocess.Popen([sys.executable, "-m", "axon.cli", "train", "launch.nproc_per_node=2", "parallel.dp=2",
-                            "train.steps=100000", "launch.timeout_s=30", f"run.dir={run}", *FAST],
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
-            assert job.poll() is None, job.stderr.read()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.5)
-        ranks = worker_pids(job.pid)
-        assert set(ranks) == {0, 1}
-        os.kill(ranks[1], signal.SIGKILL)
-        code = job.wait(timeout=120)  # bounded: a hang fails the test here
-        assert code != 0
-        for pid in ranks.values():  # no worker left behind
-            assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])

@@ -154,12 +154,14 @@ def test_stops_and_a_kill_9_resume_exactly(tmp_path: Path, uninterrupted: list) 
     job = _start(run)
     _wait_for_step(job, run, step)
     time.sleep(delay)
+    workers = _workers(job)
     try:
-        os.kill(_workers(job)[victim], signal.SIGKILL)
+        os.kill(workers[victim], signal.SIGKILL)
     except ProcessLookupError:
         pass  # it had finished already
     code, err = _finish(job)
     assert code in (0, 128 + signal.SIGKILL), err[-3000:]
+    assert all(_gone(pid) for pid in workers.values())  # no worker left behind
 
     code, err = _finish(_start(run))
     assert code == 0, err[-3000:]

@@ -1,6 +1,7 @@
-"""`axon submit` against a real one-node Slurm: a 4-task CPU job, submitted under a run name that
+"""`axon submit` against a real one-node Slurm: a 2-task CPU job, submitted under a run name that
 tries shell injection, is preempted, requeues itself, resumes with every step run exactly once,
-completes and learns (one job for all of it: each costs 4 processes importing torch)."""
+completes and learns (one job for all of it: each start costs its tasks' torch imports, so 2 tasks:
+the multi-task paths, srun's rendezvous and every rank's stop and requeue, are the same at 4)."""
 from __future__ import annotations
 
 import json
@@ -13,13 +14,13 @@ import pytest
 
 from tests.integration.slurm_fixture import local_slurm  # noqa: F401 - the fixture
 
-# Most of a job's time is 4 processes importing torch; on a busy 2-core machine that alone can
-# take minutes, hence the generous limit (the tests take ~2 minutes together on an idle one).
+# Most of a job's time is its processes importing torch, twice (the requeue); on a busy 2-core
+# machine that alone can take minutes, hence the generous limit.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-# 4 ranks of a 2-layer tiny model on short sequences: ~0.2 s a step on 2 cores.
-SMALL = ["model=tiny", "model.n_layers=2", "slurm.tasks_per_node=4", "parallel.dp=4", "train.global_batch_size=8",
+# 2 ranks of a 2-layer tiny model on short sequences: ~0.1 s a step on 2 cores.
+SMALL = ["model=tiny", "model.n_layers=2", "slurm.tasks_per_node=2", "parallel.dp=2", "train.global_batch_size=8",
          "train.seq_len=64", "train.lr=1e-2", "optim.warmup_steps=2", "train.progress=false", "logger.wandb.mode=disabled", "slurm.time=00:10:00",
          "slurm.signal_s=60"]
 JOB_TIMEOUT_S = 400.0
