@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.trainer_driver import STEPS, make_cfg, train, train_all, variants
+from tests.distributed.trainer_driver import STEPS as BASE
+from tests.distributed.trainer_driver import make_cfg, train, train_all, variants
+
+# 2 sequences per microbatch: 2 microbatches per data-parallel rank (ZeRO-1's accumulation before its
+# reduction still runs), half the collectives of tensor parallelism on gloo
+STEPS = [*BASE, "parallel.micro_batch_size=2"]
 
 
 @pytest.mark.parametrize("layout,world,extras", [
@@ -19,7 +24,7 @@ from tests.distributed.trainer_driver import STEPS, make_cfg, train, train_all, 
      [[], ["parallel.zero=1"], ["parallel.zero=3"]]),
 ], ids=["tp2-dp2", "tp2-sp-dp2", "tp2-depth2-dp2"])
 def test_zero_with_tp_matches_plain(layout, world, extras, tmp_path, dist_pools):
-    ref, *got = dist_pools.run(world, train_all, variants(tmp_path, layout, extras))[0]
+    ref, *got = dist_pools.run(world, train_all, variants(tmp_path, [*layout, "parallel.micro_batch_size=2"], extras))[0]
     assert ref[-1] < ref[0]
     for losses in got:
         assert losses == pytest.approx(ref, rel=1e-5)

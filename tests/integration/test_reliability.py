@@ -28,7 +28,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 STEPS = 16
 TRAIN = ["model=tiny", "model.n_layers=2", "train.seq_len=32", "train.global_batch_size=8",
          "parallel.micro_batch_size=2", "logger.wandb.mode=disabled", "train.progress=false",
-         "launch.nproc_per_node=2", "parallel.dp=2", f"train.steps={STEPS}", "checkpoint.every=2"]
+         "launch.nproc_per_node=2", "parallel.dp=2", f"train.steps={STEPS}", "checkpoint.every=4"]
 TIMEOUT_S = 10.0  # launch.timeout_s of the jobs below
 
 pytestmark = pytest.mark.timeout(240)
