@@ -2,8 +2,9 @@
 
 SIGTERM (Slurm preemption, `scancel`, the local launcher passing one on), SIGINT (Ctrl-C) and
 SIGUSR1 (Slurm's warning `slurm.signal_s` seconds before the time limit, `#SBATCH --signal`) all
-mean "stop": the handler only records the signal; the trainer asks `requested()` at each step
-boundary (all ranks agree through one MAX all-reduce of the signal number), writes a checkpoint
+mean "stop": the handler only records the signal; at each step boundary all ranks agree on it (`requested()`:
+one MAX all-reduce of the signal number; the trainer instead adds `vote()` to its step's one
+agreement all-reduce and calls `settle`), the trainer writes a checkpoint
 there, calls `requeue(os.environ)` (rank 0 of a Slurm job) and exits with `exit_code()`, 128 +
 the signal number (143 TERM, 130 INT, 138 USR1), so a scheduler or script sees the job did not
 finish; it exits 0 only when training had completed anyway. The requeued or resubmitted job
@@ -56,6 +57,18 @@ class PreemptionHandler:
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self.signum = signum  # nothing else: the trainer acts at the next step boundary
+
+    def vote(self) -> list[float]:
+        """This rank's stop signal as one count per STOP_SIGNALS entry; the trainer sums every
+        rank's in its step's one all-reduce and hands the sums to `settle`."""
+        return [1.0 if self.signum == s else 0.0 for s in STOP_SIGNALS]
+
+    def settle(self, counts: list[float]) -> bool:
+        """Take the world's summed `vote()`s: the agreed signal is the largest number any rank
+        received (as `requested`); whether there is one."""
+        received = [int(s) for s, n in zip(STOP_SIGNALS, counts) if n > 0]
+        self.agreed = max(received) if received else None
+        return self.agreed is not None
 
     def requested(self, group: Any = None) -> bool:
         """Whether any rank of `group` (default: the whole job) received a stop signal; every

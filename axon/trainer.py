@@ -121,7 +121,9 @@ class Trainer:
             part.weights_changed()
 
     # ---- one optimizer step ----
-    def step(self, step: int) -> dict[str, float]:
+    def step(self, step: int, preempt: Any = None) -> dict[str, float]:
+        """One optimizer step; `preempt` (axon/preempt.py), when given, has every rank's stop
+        signal settled by the step's agreement (`_agreed`)."""
         cfg, plan = self.cfg, self.cfg.plan
         seq = cfg.train.seq_len
         global_tokens = cfg.train.global_batch_size * seq
@@ -147,10 +149,7 @@ class Trainer:
         self.mark(step + 1, "grad-sync")
         self.engine.finish()
         norm = self.engine.grad_norm(_group_or_none(self.grid.axis("pp")))
-        for group in (self.grid.axis("pp"), self.data_group):  # the last stage holds the loss
-            if group.size > 1:
-                dist.all_reduce(loss_sum, group=group.group)
-        loss, grad_norm, finite = self._agreed(loss_sum / global_tokens, norm)
+        loss, grad_norm, finite = self._agreed(loss_sum, global_tokens, norm, preempt)
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
         if not finite and not self.guard.allows(step + 1, loss, grad_norm, self.engine):  # NaN/Inf: stop or skip
             return {**out, "skipped_steps": self.guard.skipped}
@@ -192,14 +191,24 @@ class Trainer:
         loss, tokens = both.tolist()
         return loss / max(tokens, 1.0)
 
-    def _agreed(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float, bool]:
-        """(loss, norm, finite everywhere): a NaN/Inf on any rank counts for all (a flipped bit
-        after the reductions must not split the ranks' decisions); one host sync."""
-        bad = (~(loss.isfinite() & norm.isfinite())).float()  # 0-dim
+    def _agreed(self, loss_sum: torch.Tensor, global_tokens: int, norm: torch.Tensor,
+                preempt: Any) -> tuple[float, float, bool]:
+        """(mean loss, norm, finite everywhere), with `preempt`'s stop signal settled: one world
+        all-reduce and one host sync per step. A NaN/Inf on any rank counts for all (a flipped bit
+        after the reductions must not split the ranks' decisions). The world's sum of loss_sum /
+        copies is the global loss sum: the ranks of a data shard's tensor group hold copies of the
+        same loss, pipeline ranks without the loss chunk hold 0, the data group's ranks disjoint
+        tokens."""
+        copies = dist.get_world_size() // (self.data_group.size * self.grid.axis("pp").size)
+        bad = (~(loss_sum.isfinite() & norm.isfinite())).double()  # 0-dim
+        votes = torch.tensor(preempt.vote() if preempt is not None else [], dtype=torch.float64, device=self.device)
+        agree = torch.cat([torch.stack([loss_sum.double() / copies, bad]), votes])  # [2 + stop signals]
         if dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        loss_f, norm_f, bad_f = torch.stack([loss.float(), norm.float(), bad]).tolist()
-        return loss_f, norm_f, bad_f == 0.0
+            dist.all_reduce(agree)
+        total, bad_f, *counts, norm_f = torch.cat([agree, norm.double().reshape(1)]).tolist()
+        if preempt is not None:
+            preempt.settle(counts)
+        return total / global_tokens, norm_f, bad_f == 0.0
 
     def _mask_loss(self, local: torch.Tensor, batches: list) -> tuple[list, int]:
         """The Goldfish mask of the full samples local [B, S+1], applied to each microbatch's
@@ -290,7 +299,7 @@ def _train(cfg: RunConfig, trainer: Trainer, start: int, rank0: bool, preempt: A
         while step < cfg.train.steps:
             profiler.before(step + 1)
             t0 = time.perf_counter()
-            out = trainer.step(step)
+            out = trainer.step(step, preempt)
             step += 1
             dt = time.perf_counter() - t0
             profiler.after(step)
@@ -310,7 +319,7 @@ def _train(cfg: RunConfig, trainer: Trainer, start: int, rank0: bool, preempt: A
                 reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt,
                               "mfu": mfu(cfg.model, cfg.train.seq_len, tps, world, peak),
                               "peak_mem_bytes": peak_memory_bytes(trainer.device), **meter.figures(world)})
-            if preempt is not None and preempt.requested():
+            if preempt is not None and preempt.agreed is not None:  # settled by the step
                 mark(step, "checkpoint")
                 result.final_checkpoint = trainer.save(step)
                 result.preempted = True
