@@ -90,17 +90,23 @@ def anchors():
          "Megatron-LM README strong scaling (47% -> 42%); batch 1536 assumed"),
         ("Megatron GPT-175B, 4608 H100", 0.42, "MFU", GPT175B, dgx4608, 4608, 1536, 2048, None,
          "same strong-scaling series"),
-        ("torchtitan Llama 3.1 8B, 8 H100 FSDP", 5762, "tok/s/GPU", l8, tt8, 8, 8, 8192,
-         Plan(dp=8, micro_batch_size=1, recompute="selective", **fsdp), "bf16, no compile; local batch 1 (llama3_8b.toml) assumed"),
-        ("torchtitan Llama 3.1 70B, 256 H100 FSDP32 TP8", 829, "tok/s/GPU", l70, tt256, 256, 64, 8192,
+        # torchtitan benchmarks/llama3_h100_202412_torchtitan.md (Grand Teton, H100 96 GB HBM2e at a 500 W cap,
+        # 400 Gb/s per GPU); throughput read at iteration 90
+        ("torchtitan Llama 3.1 8B, 8 H100 FSDP", 5762, "tok/s/GPU", l8, tt8, 8, 16, 8192,
+         Plan(dp=8, micro_batch_size=2, recompute="selective", **fsdp),
+         "Table 1, eager bf16 FSDP row: local batch 2, gbs 16, selective AC; the 500 W cap (peak between SXM and "
+         "NVL, their footnote) is not modelled"),
+        ("torchtitan Llama 3.1 70B, 256 H100 FSDP32 TP8 (Float8)", 829, "tok/s/GPU", l70, tt256, 256, 512, 8192,
          Plan(dp=32, tp_col=8, sequence_parallel=True, micro_batch_size=2, recompute="full", **fsdp),
-         "local batch 16 per TP group assumed -> gbs 64 at 8192"),
-        ("torchtitan Llama 3.1 405B, 512 H100 3D 1F1B", 100, "tok/s/GPU", l405_128, tt512, 512, 64, 8192,
+         "Table 4: torch.compile + Float8, local batch 16, gbs 512, full AC; not comparable (the model prices bf16)"),
+        ("torchtitan Llama 3.1 405B, 512 H100 3D 1F1B (Float8)", 100, "tok/s/GPU", l405_128, tt512, 512, 256, 8192,
          Plan(dp=8, tp_col=8, pp=8, sequence_parallel=True, micro_batch_size=1, recompute="full",
-              schedule="1f1b", **fsdp), "FSDP8 TP8 PP8; 128 layers modelled (126 in reality); gbs assumed"),
-        ("torchtitan Llama 3.1 405B, 512 H100 3D interleaved", 128, "tok/s/GPU", l405_128, tt512, 512, 64, 8192,
-         Plan(dp=8, tp_col=8, pp=8, sequence_parallel=True, micro_batch_size=1, recompute="full",
-              schedule="interleaved", virtual_stages=2, **fsdp), "as above, interleaved 1F1B (v=2 assumed)"),
+              schedule="1f1b", **fsdp),
+         "Table 5: FSDP8 TP8 PP8, compile + Float8 + AsyncTP, local batch 32, gbs 256, full AC; 128 layers "
+         "modelled (126 in reality); not comparable (bf16 priced)"),
+        ("torchtitan Llama 3.1 405B, 512 H100 3D interleaved (Float8)", 128, "tok/s/GPU", l405_128, tt512, 512, 256,
+         8192, Plan(dp=8, tp_col=8, pp=8, sequence_parallel=True, micro_batch_size=1, recompute="full",
+                    schedule="interleaved", virtual_stages=2, **fsdp), "as above, interleaved 1F1B (v=2 assumed)"),
     ]
 
 

@@ -48,8 +48,9 @@ it. In fp32, `cfull` is `full` and `cshard` is `shard`.
 
 Checkpoints (`state_dict`): keyed by the layout-independent parameter names, optimizer
 state `<param>.<exp_avg|exp_avg_sq|step>` as the data-parallel engine keys it. Replicated tensors are
-plain (the weights only where `full` is kept: stage 0, fp32 stages 1-2); a sharded piece is a ShardedTensor of the parameter's full shape whose local shards are
-row-aligned boxes viewing the flat buffers (see `parallel.zero_units`), so DCP reshards between
+plain (weights only where `full` is kept: stage 0, fp32 stages 1-2); a sharded piece is a
+ShardedTensor of the parameter's full shape whose local shards are row-aligned boxes viewing the
+flat buffers (see `parallel.zero_units`), so DCP reshards between
 any stages and group sizes and loads in place. Call `after_load()` after loading.
 """
 from __future__ import annotations

@@ -233,7 +233,8 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                 options = options_of.get(key)
                 if options is None:
                     options = options_of[key] = sorted(
-                        ((syncs[zero], opt_s, state, host, zero, opt) for zero, opt, state, host, opt_s in states_of[key]),
+                        ((syncs[zero], opt_s, state, host, zero, opt)
+                         for zero, opt, state, host, opt_s in states_of[key]),
                         key=lambda o: o[0] + o[1])
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)

@@ -24,7 +24,8 @@ STEPS = [*BASE, "parallel.micro_batch_size=2"]
      [[], ["parallel.zero=1"], ["parallel.zero=3"]]),
 ], ids=["tp2-dp2", "tp2-sp-dp2", "tp2-depth2-dp2"])
 def test_zero_with_tp_matches_plain(layout, world, extras, tmp_path, dist_pools):
-    ref, *got = dist_pools.run(world, train_all, variants(tmp_path, [*layout, "parallel.micro_batch_size=2"], extras))[0]
+    cfgs = variants(tmp_path, [*layout, "parallel.micro_batch_size=2"], extras)
+    ref, *got = dist_pools.run(world, train_all, cfgs)[0]
     assert ref[-1] < ref[0]
     for losses in got:
         assert losses == pytest.approx(ref, rel=1e-5)
