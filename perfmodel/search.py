@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from perfmodel import estimate as est
 from perfmodel import pipeline, rules
@@ -191,8 +191,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     units = est.zero_units(m, layout, seq)
     zeros = allowed(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
-    states_of: dict[tuple, list] = {}  # by chunk placement (`_chunking`): (zero, optimizer
-    # offloaded, device bytes besides activations, host bytes, optimizer s) per ZeRO and offload choice
+    states = _placement_states(m, c, seq, by_zero, psi, cons)
     facts = allowed(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
     recomputes = allowed(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
@@ -207,13 +206,10 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
             if micro * mb.total > limit or (best is not None and micro * mb.total >= best[0]):
                 break  # below every schedule's floor; more recomputation only adds time
             plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-            if not states_of:  # one chunk per rank (the optimizer seconds do not depend on the placement)
-                states_of[_chunking("1f1b", 1)] = _states(
-                    m, c, seq, {z: p.replace(schedule="1f1b", virtual_stages=1) for z, p in by_zero.items()}, psi, cons)
             if syncs is None:  # the gradient sync hides behind backward, which recompute does not change
                 syncs = {zero: est.gradient_sync(plan, c, psi, mb, micro, units) for zero, plan in by_zero.items()}
-                any_states = next(iter(states_of.values()))
-                fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in any_states), key=sum)
+                # (the optimizer seconds do not depend on the chunk placement)
+                fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in states("1f1b", 1)), key=sum)
             scheds = scheds_of.get(mbs)
             if scheds is None:
                 scheds = scheds_of[mbs] = schedule_choices(m, layout, micro, cons)
@@ -227,15 +223,11 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                 if floor > limit or (best is not None and floor >= best[0]):
                     continue
                 key = _chunking(sched, v)
-                if key not in states_of:
-                    states_of[key] = _states(m, c, seq, {z: p.replace(schedule=sched, virtual_stages=v)
-                                                         for z, p in by_zero.items()}, psi, cons)
-                options = options_of.get(key)
-                if options is None:
-                    options = options_of[key] = sorted(
-                        ((syncs[zero], opt_s, state, host, zero, opt)
-                         for zero, opt, state, host, opt_s in states_of[key]),
-                        key=lambda o: o[0] + o[1])
+                if key not in options_of:  # (sync, optimizer s, state bytes, host, zero, opt), fastest first
+                    options_of[key] = sorted(((syncs[zero], opt_s, state, host, zero, opt)
+                                              for zero, opt, state, host, opt_s in states(sched, v)),
+                                             key=lambda o: o[0] + o[1])
+                options = options_of[key]
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 n, found = _fitting(c, parts, (sched, pp, micro, v), micro * (mb.total + p2p), mb.compute,
@@ -270,6 +262,22 @@ def _fitting(c: Cluster, parts: ActivationParts, schedule: tuple[str, int, int, 
         if i == 0:
             break
     return timed, found
+
+
+def _placement_states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: float,
+                      cons: dict[str, Any]) -> Callable[[str, int], list]:
+    """`states(schedule, v)`: a layout's state choices (`_states`: zero, optimizer offloaded, device
+    bytes besides activations, host bytes, optimizer s) under that schedule's chunk placement
+    (`_chunking`), computed once per placement."""
+    memo: dict[tuple, list] = {}
+
+    def states(schedule: str, v: int) -> list:
+        key = _chunking(schedule, v)
+        if key not in memo:
+            plans = {z: p.replace(schedule=schedule, virtual_stages=v) for z, p in by_zero.items()}
+            memo[key] = _states(m, c, seq, plans, psi, cons)
+        return memo[key]
+    return states
 
 
 def _chunking(schedule: str, virtual_stages: int) -> tuple[bool, int]:
