@@ -2,10 +2,10 @@
 
 SIGTERM (Slurm preemption, `scancel`, the local launcher passing one on), SIGINT (Ctrl-C) and
 SIGUSR1 (Slurm's warning `slurm.signal_s` seconds before the time limit, `#SBATCH --signal`) all
-mean "stop": the handler only records the signal; at each step boundary all ranks agree on it (`requested()`:
-one MAX all-reduce of the signal number; the trainer instead adds `vote()` to its step's one
-agreement all-reduce and calls `settle`), the trainer writes a checkpoint
-there, calls `requeue(os.environ)` (rank 0 of a Slurm job) and exits with `exit_code()`, 128 +
+mean "stop": the handler only records the signal; at each step boundary all ranks agree on it
+(each rank's `vote()` summed over the ranks and read by `settle`: `requested()` does it in one
+all-reduce of its own, the trainer inside its step's one agreement all-reduce), the trainer
+writes a checkpoint there, calls `requeue(os.environ)` (rank 0 of a Slurm job) and exits with `exit_code()`, 128 +
 the signal number (143 TERM, 130 INT, 138 USR1), so a scheduler or script sees the job did not
 finish; it exits 0 only when training had completed anyway. The requeued or resubmitted job
 resumes from that checkpoint (`checkpoint.resume=auto`), so no step is lost or repeated.
@@ -40,12 +40,14 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self.signum: Optional[int] = None  # the last signal this rank received, None if none
         self.agreed: Optional[int] = None  # the signal all ranks stop for (the largest number received)
+        self.signals: tuple[int, ...] = STOP_SIGNALS  # what a vote counts: the signals install() caught
         self._previous: dict[int, Any] = {}  # the handlers install() replaced
 
     @classmethod
     def install(cls, signals: tuple[int, ...] = STOP_SIGNALS) -> "PreemptionHandler":
         """Install the handler for `signals` (main thread only, as Python requires)."""
         handler = cls()
+        handler.signals = tuple(signals)
         handler._previous = {sig: signal.signal(sig, handler._on_signal) for sig in signals}
         return handler
 
@@ -59,14 +61,14 @@ class PreemptionHandler:
         self.signum = signum  # nothing else: the trainer acts at the next step boundary
 
     def vote(self) -> list[float]:
-        """This rank's stop signal as one count per STOP_SIGNALS entry; the trainer sums every
-        rank's in its step's one all-reduce and hands the sums to `settle`."""
-        return [1.0 if self.signum == s else 0.0 for s in STOP_SIGNALS]
+        """This rank's stop signal as one count per caught signal (`signals`, the same on every
+        rank); summed over the ranks, the counts go to `settle`."""
+        return [1.0 if self.signum == s else 0.0 for s in self.signals]
 
     def settle(self, counts: list[float]) -> bool:
-        """Take the world's summed `vote()`s: the agreed signal is the largest number any rank
-        received (as `requested`); whether there is one."""
-        received = [int(s) for s, n in zip(STOP_SIGNALS, counts) if n > 0]
+        """Take the ranks' summed `vote()`s: the agreed signal is the largest number any rank
+        received; whether there is one."""
+        received = [int(s) for s, n in zip(self.signals, counts) if n > 0]
         self.agreed = max(received) if received else None
         return self.agreed is not None
 
@@ -75,16 +77,15 @@ class PreemptionHandler:
         rank then knows which (`agreed`, for `exit_code`).
 
         A collective: every rank of the group must call it at the same step boundary."""
-        local = self.signum or 0
+        counts = self.vote()
         if dist.is_available() and dist.is_initialized():
             device = torch.device("cpu")
             if dist.get_backend(group) == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            flag = torch.tensor([local], dtype=torch.int32, device=device)  # [1]
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            local = int(flag.item())
-        self.agreed = local or None
-        return self.agreed is not None
+            summed = torch.tensor(counts, dtype=torch.float32, device=device)  # [signals]
+            dist.all_reduce(summed, group=group)
+            counts = summed.tolist()
+        return self.settle(counts)
 
     def exit_code(self) -> int:
         """128 + the agreed stop signal (143 TERM, 130 INT, 138 USR1); 0 when none was agreed."""
