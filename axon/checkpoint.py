@@ -8,7 +8,7 @@ writes axon.json and renames the directory into place, so a crash mid-save leave
 checkpoint intact. A same-step checkpoint is first moved aside (`.old_step_*`), then replaced,
 then deleted; `recover` puts an aside copy back if a crash stranded it. State is keyed by
 layout-independent parameter names, as the gradient engine presents it (`GradEngine.state_dict`:
-sharded tensors as DTensors or ShardedTensors of the full tensor), so DCP reshards on load and a
+sharded tensors as DTensors of the full tensor), so DCP reshards on load and a
 checkpoint written under one layout resumes under another.
 
 Loading never runs code from the checkpoint: the manifest is checked first (axon/checkpoint_manifest.py),

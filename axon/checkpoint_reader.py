@@ -7,7 +7,7 @@
 torch's FileSystemReader reads `.metadata` with a plain `pickle.load`, and DCP's default planner
 reads non-tensor entries with `torch.load(weights_only=False)`: either runs whatever a crafted
 file names. Here `.metadata` may name only the classes DCP metadata is made of (ALLOWED, what
-torch 2.13 writes for Axon's state: plain tensors, DTensors and ShardedTensors), every shard it
+torch 2.13 writes for Axon's state: plain tensors and DTensors), every shard it
 points at is a plain file name inside the checkpoint, non-tensor (pickled) entries are refused
 (Axon's state holds tensors only), and tensors are read by DCP with `torch.load(weights_only=True)`.
 The manifest check (axon/checkpoint_manifest.py) runs before any of this.

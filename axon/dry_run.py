@@ -142,7 +142,7 @@ def measure(cfg: RunConfig, rank: int) -> dict[str, float]:
         t = trainer.Trainer(cfg, Grid.build(cfg.plan, rank, world), torch.device("cpu"))
         try:
             t.step(0)
-            t.engine.state_dict()  # creates Adam states a skipped step left uncreated (fake data can overflow)
+            t.engine.create_states()  # creates Adam states a skipped step left uncreated (fake data can overflow)
             got = {"params": 0, "grads": 0, "optimizer": 0, "host": 0,
                    **memory.model_state_bytes(t.engine.state_tensors())}
             got["host"] += t.pipe.last_memory.peak_host_bytes  # + offloaded activations

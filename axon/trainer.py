@@ -249,7 +249,7 @@ class Trainer:
             self.sampler.load_state_dict(meta["sampler"])
         model_state, optim_state = self.engine.state_dict()
         ckpt.load(path, model_state, optim_state)
-        self.engine.after_load()
+        self.engine.after_load(model_state, optim_state)
         self.weights_changed()
         return int(meta["step"])
 

@@ -56,7 +56,7 @@ def measure(world: int, overrides: list[str], run_dir: Path) -> dict[str, int]:
     try:
         t = trainer.Trainer(cfg, Grid.build(cfg.plan, 0, world), torch.device("cpu"))
         t.step(0)
-        t.engine.state_dict()  # creates Adam states a skipped step left uncreated (fake data can overflow)
+        t.engine.create_states()  # creates Adam states a skipped step left uncreated (fake data can overflow)
         out = {"activations": t.pipe.last_memory.peak_device_bytes,
                "gathered": getattr(t.engine.reset_stats(), "bytes_gathered", 0),  # ZeRO all-gathers of the step
                "n_params": sum(p.numel() for c in t.pipe.chunks.values() for p in c.parameters()),  # this rank's

@@ -147,7 +147,7 @@ def measure_roles(overrides: list[str], run_dir: Path) -> tuple[dict[str, int], 
     try:
         cfg, t = _trainer(8, overrides, run_dir)
         t.step(0)
-        t.engine.state_dict()  # creates Adam states a skipped step left uncreated (fake data can overflow)
+        t.engine.create_states()  # creates Adam states a skipped step left uncreated (fake data can overflow)
         got = memory.model_state_bytes(t.engine.state_tensors())
         got["host"] = got.get("host", 0) + t.pipe.last_memory.peak_host_bytes  # + offloaded activations
         got["activations"] = t.pipe.last_memory.peak_device_bytes

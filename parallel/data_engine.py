@@ -127,17 +127,23 @@ class DataParallelEngine:
         present = self.mesh.to_dtensor  # a tensor-parallel piece as a DTensor; others as they are
         model_state = {name: present(self.layouts[name], p.data) for name, p in self.named.items()}
         optim_state: dict[str, Any] = {}
+        self.create_states()
         for name, p in self.named.items():
+            for key, value in self.optimizer.state[p].items():
+                optim_state[f"{name}.{key}"] = present(self.layouts[name], value) if value.dim() > 0 else value
+        return model_state, optim_state
+
+    def create_states(self) -> None:
+        """Create the Adam states torch AdamW has not yet (it does so at a parameter's first
+        update; a skipped step leaves them uncreated), as zeros."""
+        for p in self.named.values():
             st = self.optimizer.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            for key, value in st.items():
-                optim_state[f"{name}.{key}"] = present(self.layouts[name], value) if value.dim() > 0 else value
-        return model_state, optim_state
 
-    def after_load(self) -> None:
+    def after_load(self, model_state: Mapping[str, Any], optim_state: Mapping[str, Any]) -> None:
         """The loaded tensors are the parameters and states themselves; refresh the compute copies."""
         self._refresh()
 

@@ -66,11 +66,17 @@ class GradEngine(Protocol):
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(model_state, optim_state) for torch.distributed.checkpoint: tensors keyed by parameter
-        name and `<param>.<exp_avg|exp_avg_sq|step>`, viewing the engine's own memory (a load
-        fills them in place; then call `after_load`)."""
+        name and `<param>.<exp_avg|exp_avg_sq|step>`, viewing the engine's own memory or (ZeRO
+        shards) a per-parameter copy of it; a load fills them in place, then call `after_load`
+        with them."""
 
-    def after_load(self) -> None:
-        """Refresh what derives from the loaded tensors (e.g. offloaded master weights)."""
+    def create_states(self) -> None:
+        """Create every optimizer state now (one an update has not created yet), so that memory
+        and checkpoints see them all."""
+
+    def after_load(self, model_state: Mapping[str, Any], optim_state: Mapping[str, Any]) -> None:
+        """Take the loaded values back from `state_dict()`'s dicts (filled by the load) and
+        refresh what derives from them (e.g. offloaded master weights, compute copies)."""
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Model-state tensors by role (params, grads, optimizer, host) for `axon.memory`."""

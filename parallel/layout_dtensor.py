@@ -11,19 +11,23 @@ The piece's rows are sharded (dim 0) over `split[0]`, its columns (dim 1) over `
 depth slice (`depth_flat`) is a row block of the piece (the model divides so), so it is viewed
 as [rows / tp_depth, cols] and sharded again along dim 0 over tp_depth. A layout that is not
 sharded is presented as the plain local tensor.
+
+ZeRO shards the piece once more (parallel/zero_dtensor.py): `to_zero_dtensor` presents a chunk of
+the piece's rows on the mesh (the tensor axes the parameter is not reduced over, then its
+reduction group `grad_axes` as one "zero" dimension, sharded along dim 0 in torch.chunk order).
 """
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor import Shard as DShard
 
-from launch.grid import Grid, rank_of
+from launch.grid import Grid, group_ranks, rank_of
 from parallel.layout import TP_AXES, ParamLayout
 
 
@@ -48,26 +52,52 @@ class TensorMesh:
                                                               mesh_dim_names=TP_AXES)
         return self._meshes[device_type]
 
+    def zero_mesh(self, device_type: str, grad_axes: tuple[str, ...]) -> DeviceMesh:
+        """DeviceMesh (the tensor axes not in `grad_axes`, in TP_AXES order, then "zero": the
+        group over `grad_axes`, ranks ascending as the group orders them) over existing groups."""
+        key = f"{device_type}/{'x'.join(grad_axes)}"
+        if key not in self._meshes:
+            plan, axes = self.grid.plan, [a for a in TP_AXES if a not in grad_axes]
+            zero = self.grid.group(*grad_axes)
+            ranks = torch.empty([getattr(plan, a) for a in axes] + [zero.size], dtype=torch.int)
+            for combo in itertools.product(*(range(getattr(plan, a)) for a in axes)):
+                base = rank_of(plan, dict(self.grid.coords(), **dict(zip(axes, combo))))
+                ranks[combo] = torch.tensor(group_ranks(plan, base, grad_axes), dtype=torch.int)
+            groups = [self.grid.axis(a).group for a in axes] + [zero.group]
+            self._meshes[key] = DeviceMesh.from_group(groups, device_type, mesh=ranks,
+                                                      mesh_dim_names=tuple(axes) + ("zero",))
+        return self._meshes[key]
+
     def to_dtensor(self, layout: ParamLayout, local: torch.Tensor) -> torch.Tensor:
         """`local` (this rank's piece of a parameter laid out by `layout`, or a same-shaped
         optimizer state) as a DTensor of the full tensor sharing its memory; `local` itself when
         the layout is not sharded."""
         if not layout.sharded:
             return local
-        full = layout.full_shape
-        row_axis, col_axis = layout.split
-        placements: list[Any] = [Replicate()] * len(TP_AXES)
-        if row_axis is not None:
-            placements[TP_AXES.index(row_axis)] = DShard(0)
-        if col_axis is not None:
-            placements[TP_AXES.index(col_axis)] = DShard(1)
         view = local
         if layout.depth_flat:  # [rows * cols / tp_depth] -> [rows / tp_depth, cols]
-            placements[TP_AXES.index("tp_depth")] = DShard(0)
-            view = local.view(-1, math.prod(full[1:]) // _size(self.grid, col_axis))
+            view = local.view(-1, math.prod(layout.full_shape[1:]) // _size(self.grid, layout.split[1]))
+        return self._from_local(layout, view, self.mesh(local.device.type), TP_AXES)
+
+    def to_zero_dtensor(self, layout: ParamLayout, chunk: torch.Tensor) -> torch.Tensor:
+        """`chunk` (this rank's ZeRO chunk of the rows of its piece: [rows_k, cols] of the 2-D
+        piece as `to_dtensor` views it, or [n_k] of a 1-D one) as a DTensor of the full tensor
+        sharing its memory."""
+        mesh = self.zero_mesh(chunk.device.type, tuple(layout.grad_axes))
+        return self._from_local(layout, chunk, mesh, mesh.mesh_dim_names or ())
+
+    @staticmethod
+    def _from_local(layout: ParamLayout, view: torch.Tensor, mesh: DeviceMesh, dims: tuple[str, ...]) -> DTensor:
+        """`view` on `mesh` (dimension names `dims`): rows over `split[0]` (then tp_depth when
+        depth-flattened, then "zero"), columns over `split[1]`, replicated over the rest."""
+        row_axis, col_axis = layout.split
+        shards = {row_axis: DShard(0), col_axis: DShard(1), "zero": DShard(0)}
+        if layout.depth_flat:
+            shards["tp_depth"] = DShard(0)
+        placements = [shards.get(d, Replicate()) for d in dims]
+        full = layout.full_shape
         stride = torch.empty(full, device="meta").stride()
-        return DTensor.from_local(view, self.mesh(local.device.type), placements, run_check=False,
-                                  shape=torch.Size(full), stride=stride)
+        return DTensor.from_local(view, mesh, placements, run_check=False, shape=torch.Size(full), stride=stride)
 
     @staticmethod
     def from_dtensor(layout: ParamLayout, loaded: torch.Tensor) -> torch.Tensor:

@@ -47,11 +47,12 @@ compute copy `cshard` of my shard (refreshed after every update) and gathers and
 it. In fp32, `cfull` is `full` and `cshard` is `shard`.
 
 Checkpoints (`state_dict`): keyed by the layout-independent parameter names, optimizer
-state `<param>.<exp_avg|exp_avg_sq|step>` as the data-parallel engine keys it. Replicated tensors are
-plain (weights only where `full` is kept: stage 0, fp32 stages 1-2); a sharded piece is a
-ShardedTensor of the parameter's full shape whose local shards are row-aligned boxes viewing the
-flat buffers (see `parallel.zero_units`), so DCP reshards between
-any stages and group sizes and loads in place. Call `after_load()` after loading.
+state `<param>.<exp_avg|exp_avg_sq|step>` as the data-parallel engine keys it. Whole pieces
+(weights where `full` is kept: stage 0, fp32 stages 1-2; stage-0 Adam states) are the plain
+tensor or, tensor-parallel, a DTensor (parallel/layout_dtensor.py); a ZeRO-sharded tensor is
+exchanged into this rank's chunk of rows of each parameter's piece and presented as a DTensor
+sharded once more over the ZeRO group (parallel/zero_dtensor.py), so DCP reshards between any
+stages, group sizes and tensor layouts. Pass the loaded dicts to `after_load`.
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ from parallel.zero_comm import gather
 from parallel.zero_stage3 import Residency
 from parallel.zero_optim import ShardAdamW
 from parallel.zero_build import Unit, make_units
-from parallel.zero_units import Slot, sharded_view, split_blocks
+from parallel.layout_dtensor import TensorMesh
+from parallel.zero_dtensor import ZeroView, local
+from parallel.zero_units import Slot, split_blocks
 from perfmodel.specs import Optim, Plan
 
 MAX_INFLIGHT = 2  # stage 2/3: reduce-scatters pending before the oldest is waited on (bounds memory)
@@ -106,6 +109,7 @@ class ZeroEngine:
         self._res = Residency(lambda: self.stats)
         self.sharded_master = stage == 3  # the fp32 weights exist only as my shard (and stages 1-2 mixed)
         self._dpc, self._tp = grid.group("dp", "cp"), grid.group("tp_col", "tp_row", "tp_depth")
+        self._mesh, self._zero_views = TensorMesh(grid), None  # checkpoints' DTensor meshes, built on first use
         params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
         self.layouts = complete_layouts(layouts or {}, params)
         for c, chunk in enumerate(chunks):
@@ -314,30 +318,52 @@ class ZeroEngine:
 
     # ---- checkpoints ----
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(model_state, optim_state) keyed by parameter name; see the module docstring."""
-        opt = self.optimizer
+        """(model_state, optim_state) keyed by parameter name; see the module docstring. Sharded
+        tensors are exchanged into per-parameter row chunks (new memory, `parallel.zero_dtensor`):
+        pass the loaded dicts to `after_load`."""
+        opt, present = self.optimizer, self._mesh.to_dtensor
         model_state: dict[str, Any] = {}
         optim_state: dict[str, Any] = {}
-        for i, u in enumerate(self.units):
+        for i, (u, view) in enumerate(zip(self.units, self._views())):
+            for s, chunk in zip(u.layout.slots, view.to_chunks(u.shard) if self.sharded_master else []):
+                model_state[s.name] = view.present(s, chunk)
+            if not self.sharded_master:  # `full` is kept: every piece whole on this rank
+                for s in u.layout.slots:
+                    model_state[s.name] = present(self.layouts[s.name], u.full[s.start:s.stop].view(s.shape))
+            for key, flat in (("exp_avg", opt.exp_avg[i]), ("exp_avg_sq", opt.exp_avg_sq[i])):
+                if self.stage == 0:  # whole on this rank
+                    for s in u.layout.slots:
+                        optim_state[f"{s.name}.{key}"] = present(self.layouts[s.name], flat[s.start:s.stop].view(s.shape))
+                else:
+                    for s, chunk in zip(u.layout.slots, view.to_chunks(flat)):
+                        optim_state[f"{s.name}.{key}"] = view.present(s, chunk)
             for s in u.layout.slots:
-                if self.sharded_master:
-                    model_state[s.name] = sharded_view(u.layout, s, u.shard)
-                elif len(s.place.pieces) == 1:  # the whole tensor, replicated over the group
-                    model_state[s.name] = u.full[s.start:s.stop].view(s.shape)
-                else:  # a tensor-parallel piece, whole on this rank
-                    model_state[s.name] = sharded_view(u.layout, s, u.full, whole=True)
-                for key, flat in (("exp_avg", opt.exp_avg[i]), ("exp_avg_sq", opt.exp_avg_sq[i])):
-                    if self.stage == 0 and len(s.place.pieces) == 1:
-                        optim_state[f"{s.name}.{key}"] = flat[s.start:s.stop].view(s.shape)
-                    else:
-                        optim_state[f"{s.name}.{key}"] = sharded_view(u.layout, s, flat)
                 optim_state[f"{s.name}.step"] = opt.step_count
         return model_state, optim_state
 
-    def after_load(self) -> None:
-        """Refresh derived copies after DCP filled `state_dict()` in place."""
+    def create_states(self) -> None:
+        """Nothing to do: the shard optimizers create their states with the engine."""
+
+    def after_load(self, model_state: Mapping[str, Any], optim_state: Mapping[str, Any]) -> None:
+        """After DCP filled `state_dict()`'s dicts in place: exchange the loaded row chunks back
+        into the flat shards, then refresh derived copies."""
+        opt = self.optimizer
+        for i, (u, view) in enumerate(zip(self.units, self._views())):
+            names = [s.name for s in u.layout.slots]
+            if self.sharded_master:
+                view.restore([local(model_state[n]) for n in names], u.shard)
+            if self.stage >= 1:
+                for key, flat in (("exp_avg", opt.exp_avg[i]), ("exp_avg_sq", opt.exp_avg_sq[i])):
+                    view.restore([local(optim_state[f"{n}.{key}"]) for n in names], flat)
         self.optimizer.reload_params()
         self._publish()
+
+    def _views(self) -> list[ZeroView]:
+        """Each unit's exchange with checkpoints (built on first use)."""
+        if self._zero_views is None:
+            self._zero_views = [ZeroView(u.layout, u.group, self._mesh, self.layouts, u.grad_shard.device)
+                                for u in self.units]
+        return self._zero_views
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Model-state tensors by role, for `axon.memory` (device and host)."""

@@ -50,7 +50,7 @@ def make_units(name: str, named: list[tuple[str, nn.Parameter]], root: bool, sta
         if layout.sharded:
             place = tp_place(layout, grid)
         else:
-            place = whole_place(layout.full_shape, grid.group(*axes).ranks)
+            place = whole_place(layout.full_shape)
         by_axes.setdefault(axes, []).append((pname, p, place))
     for axes, entries in by_axes.items():  # made one at a time: the caller may free each before the next
         yield _make_unit(f"{name}/{'x'.join(axes)}", grid.group(*axes), entries, root, stage, grid, layouts)

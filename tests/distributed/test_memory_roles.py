@@ -37,7 +37,7 @@ def measure(overrides: list[str], run_dir) -> tuple[dict[str, float], dict[str, 
     try:
         t = trainer.Trainer(cfg, Grid.build(cfg.plan, 0, 8), torch.device("cpu"))
         t.step(0)
-        t.engine.state_dict()  # Adam states a skipped step left uncreated
+        t.engine.create_states()  # Adam states a skipped step left uncreated
         got = {"params": 0, "grads": 0, "optimizer": 0, "host": 0,
                **memory.model_state_bytes(t.engine.state_tensors())}
         got["host"] += t.pipe.last_memory.peak_host_bytes

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from axon import checkpoint as ckpt
@@ -15,11 +15,11 @@ from tests.distributed import zero_driver as drv
 
 
 def _local(state: dict) -> dict:
-    """{key: full tensor, or [(offsets, tensor)] of the local boxes of a ShardedTensor}."""
+    """{key: full tensor, or [(offsets, tensor)] of the local chunk of a DTensor}."""
     out = {}
     for key, value in state.items():
-        if isinstance(value, ShardedTensor):
-            out[key] = [(list(s.metadata.shard_offsets), s.tensor.clone()) for s in value.local_shards()]
+        if isinstance(value, DTensor):
+            out[key] = [(list(c.offsets), value.to_local().clone()) for c in value.__create_chunk_list__()]
         else:
             out[key] = value.clone()
     return out
@@ -37,7 +37,7 @@ def load_into_engine_and_resave(plan: Plan, src: str, dst: str) -> tuple[dict, d
     model, engine, grid = drv.make(plan)
     model_state, optim_state = engine.state_dict()
     ckpt.load(Path(src), model_state, optim_state)
-    engine.after_load()
+    engine.after_load(model_state, optim_state)
     ckpt.save(Path(dst), 1, model_state, optim_state, {}, keep=0, run_id="zero-test")
     engine.remove()
     return _local(model_state), _local(optim_state)
@@ -47,7 +47,7 @@ def load_plain(plan: Plan, src: str) -> tuple[dict, dict]:
     model, plain, grid = drv.make(plan)  # zero=0, no offload: the data-parallel engine
     model_state, optim_state = plain.state_dict()
     ckpt.load(Path(src), model_state, optim_state)
-    plain.after_load()
+    plain.after_load(model_state, optim_state)
     plain.remove()
     return _local(model_state), _local(optim_state)
 

@@ -1,7 +1,7 @@
 """ZeRO 1-3 and optimizer offload composed with tensor parallelism (1D, with sequence parallelism,
 and 3D with tp_depth) train exactly like the plain data-parallel trainer on the same layout
 (same losses over several AdamW steps with global-norm clipping active), and a ZeRO-3 x TP
-checkpoint resumes under another layout (no TP, ZeRO-1). Weight decay is on: both paths decay
+checkpoint (tp_col, or tp_depth) resumes under another layout (no TP, ZeRO-1). Weight decay is on: both paths decay
 by the full tensor's shape (a flat tp_depth slice of a matrix decays)."""
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ def test_zero_with_tp_matches_plain(layout, world, extras, tmp_path, dist_pools)
         assert losses == pytest.approx(ref, rel=1e-5)
 
 
-def test_zero3_tp_checkpoint_resumes_as_zero1_without_tp(tmp_path, dist_pools):
+@pytest.mark.parametrize("tp", ["parallel.tp_col=2", "parallel.tp_depth=2"])
+def test_zero3_tp_checkpoint_resumes_as_zero1_without_tp(tp, tmp_path, dist_pools):
+    # tp_depth: flat depth slices of the weights, norms replicated over depth (a ZeRO group of 4)
     ref = dist_pools.run(2, train_all, [make_cfg(tmp_path, "ref", "parallel.dp=2", *STEPS)])[0][0]
-    dist_pools.run(4, train, make_cfg(tmp_path, "x", "parallel.tp_col=2", "parallel.dp=2", "parallel.zero=3",
+    dist_pools.run(4, train, make_cfg(tmp_path, "x", tp, "parallel.dp=2", "parallel.zero=3",
                                       *STEPS, "train.steps=2", "checkpoint.at_end=true"))
     start, rest = dist_pools.run(2, train, make_cfg(tmp_path, "x", "parallel.dp=2", "parallel.zero=1", *STEPS))[0]
     assert start == 2
