@@ -27,6 +27,7 @@ PRELOAD = ["torch", "torch.distributed.checkpoint", "axon.trainer", "tests.distr
 
 
 def _worker(rank: int, world: int, port: int, tasks: Any, results: Any, timeout_s: float) -> None:
+    gc.freeze()  # the preloaded modules' objects: the collection after each task skips them (0.3 s -> 0)
     store = local_store(rank, world, port, timeout_s)
     for generation, (fn, args, kwargs) in enumerate(iter(tasks.get, None)):
         join_generation(store, rank, world, generation, timeout_s)  # a fresh world per task
