@@ -169,7 +169,8 @@ def report(header: dict[str, Any], estimates: list[Estimate], cluster: Cluster) 
     """The ranked table (memory against the device's HBM), the winner's time and memory breakdown,
     what limits it, and why it beats the runner-up (with the tie-break when they are close)."""
     lines = [f"{header['model']} on {header['world']} devices of {header['cluster']}: global batch "
-             f"{header['global_batch_size']} x {header['seq_len']} tokens"]
+             f"{header['global_batch_size']} x {header['seq_len']} tokens; {cluster.stack} stack, a Block at "
+             f"{cluster.efficiency:.0%} of peak (cluster.stack)"]
     if header.get("batch_note"):
         lines.append(header["batch_note"])
     if "layouts" in header:

@@ -1,11 +1,16 @@
 """Predict one training step of a plan: compute, exposed communication, pipeline bubble,
 optimizer, memory per rank, step time, tokens/s and MFU, with a breakdown.
 
-The step is m microbatches through the bottleneck pipeline stage (the last: it also runs the
-head), stretched by the schedule's bubble, then the data-parallel / ZeRO gradient exchange that
-the backward did not hide, then the optimizer step. Per microbatch the stage computes
-forward + backward (+ recomputation) of its blocks and waits for whatever tensor, context and
-pipeline communication is not overlapped (docs/architecture.md, Formulas for every volume).
+The step is m microbatches through the bottleneck pipeline rank, stretched by the schedule's
+bubble, then the data-parallel / ZeRO gradient exchange that the backward did not hide, then the
+optimizer step. The ranks are loaded as the runtime places the chunks (perfmodel/split.py
+`rank_loads`: several chunks per rank under interleaved and V schedules, the embedding with the
+first chunk, the head with the last); the bottleneck is the one with the most work, and the
+gradient exchange and optimizer price the rank with the most parameters. Per microbatch the rank
+computes forward + backward (+ recomputation) of its Blocks (and the head, when it holds it) and
+waits for whatever tensor, context and pipeline communication is not overlapped
+(docs/architecture.md, Formulas for every volume). GEMMs run at the cluster's efficiency for its
+software stack (`Cluster.efficiency`, perfmodel/specs.py).
 Overlap is earned: a collective hides only behind the compute it overlaps, and the collectives
 overlapped with one pass on one link share its bandwidth (`share_link`); `Estimate.overlap` says
 what is hidden on which link.
@@ -14,14 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from perfmodel import comm, flops, pipeline
 from perfmodel.flops import mfu, n_params
-from perfmodel.memory import (GRAD_BYTES, MASTER_BYTES, Memory, memory, optimizer_bytes_per_param, reduce_bytes,
-                              stage_activation_bytes, stage_params)
+from perfmodel.memory import (GRAD_BYTES, MASTER_BYTES, Memory, memory, optimizer_bytes_per_param, rank_params,
+                              reduce_bytes, stage_activation_bytes, stage_params)
 from perfmodel.specs import Cluster, ModelSpec, Plan
-from perfmodel.split import stage_layers
+from perfmodel.split import RankLoad, rank_loads
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,16 @@ def _exposed(cost: float, window: float, overlap: bool, c: Cluster) -> float:
 
 @dataclass(frozen=True)
 class MicrobatchCosts:
-    """Seconds one microbatch spends on the bottleneck stage, by component."""
+    """Seconds one microbatch spends on the bottleneck pipeline rank, by component."""
 
     compute: float
     recompute: float
     tensor: float
     context: float
     backward: float  # backward compute, the window that hides the gradient reduction
-    layers: int = 0  # the stage's Blocks
+    layers: int = 0  # the rank's Blocks (over all its chunks)
     block: BlockCosts | None = None  # one Block's costs (with the collectives hidden per link); None: no Blocks
+    head: bool = True  # the rank holds the head (the last chunk)
 
     @property
     def total(self) -> float:
@@ -100,14 +107,16 @@ class BlockCompute:
 
 
 def block_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockCompute:
-    """A GEMM runs at peak_flops x compute_efficiency, slowed when its smallest dimension is
+    """A GEMM runs at peak_flops x the stack's efficiency (`Cluster.efficiency`: compute_efficiency
+    on the fused stack, eager_efficiency on the eager one), slowed when its smallest dimension is
     near gemm_half_dim; the whole Block (norms, RoPE, softmax, elementwise work, autograd) is
-    priced at that rate: compute_efficiency is the fraction of peak a real Block reaches
-    (calibrated on a Block for local-cpu, axon/calibrate.py)."""
+    priced at that rate: the efficiency is the fraction of peak a real Block reaches (calibrated
+    on a Block for local-cpu, axon/calibrate.py; on published runs for the GPU presets,
+    configs/cluster/*.yaml)."""
     x, y = plan.tp_col, plan.tp_row
     tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
     smallest = min(tokens, m.d_model / max(x, y))
-    rate = c.peak_flops * c.compute_efficiency * smallest / (smallest + c.gemm_half_dim)
+    rate = c.peak_flops * c.efficiency * smallest / (smallest + c.gemm_half_dim)
     gemm = tokens * flops.layer_gemm_flops(m) / (x * y) / rate
     attn = tokens * flops.attention_flops(m, seq) / x / rate  # causal attention core (heads split over tp_col only)
     head = tokens * flops.head_flops(m) / (x * y) / rate
@@ -235,36 +244,73 @@ def _add(hidden: dict[tuple[str, str], float], key: tuple[str, str], seconds: fl
         hidden[key] = hidden.get(key, 0.0) + seconds
 
 
+@lru_cache(maxsize=4096)
+def busiest_loads(m: ModelSpec, pp: int, seq: int, schedule: str = "1f1b", virtual_stages: int = 1
+                  ) -> tuple[RankLoad, ...]:
+    """The pipeline ranks that can be the slowest per microbatch, as the runtime places the chunks
+    (perfmodel/split.py `rank_loads`): the rank with the most Blocks and, unless that one holds
+    the head, the head's rank with the most Blocks (a rank's time grows with both)."""
+    loads = rank_loads(m, pp, seq, schedule, virtual_stages)
+    most = max(loads, key=lambda load: (load.layers, load.head))
+    head = max((load for load in loads if load.head), key=lambda load: load.layers)
+    return (most,) if most.head else (most, head)
+
+
+def least_loads(m: ModelSpec, pp: int) -> tuple[RankLoad, ...]:
+    """Loads no chunk placement can undercut, for the search's lower bounds: some rank holds at
+    least ceil(L / pp) Blocks, and the head's rank at least one Block and the head."""
+    if pp <= 1:
+        return (RankLoad(m.n_layers, True, True),)
+    return RankLoad(-(-m.n_layers // pp), False, False), RankLoad(1, False, True)
+
+
 def microbatch_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int, micro: int,
-                     blk: BlockCosts | None = None) -> MicrobatchCosts:
-    """The bottleneck stage's costs of one microbatch. `blk`: the plan's `block_costs` when known
-    (then the plan's micro-batch size and cp_mode, which only they depend on, are not read)."""
-    layers = stage_layers(m, plan.pp, seq)
+                     blk: BlockCosts | None = None, loads: tuple[RankLoad, ...] | None = None) -> MicrobatchCosts:
+    """The bottleneck pipeline rank's costs of one microbatch: of the ranks that can be the slowest
+    under the plan's schedule and chunk placement (`busiest_loads`; `loads` to price others), the
+    one with the most work. `blk`: the plan's `block_costs` when known (then the plan's micro-batch
+    size and cp_mode, which only they depend on, are not read)."""
     blk = blk or block_costs(m, plan, c, seq)
-    gemm, attn, head = blk.compute.gemm, blk.compute.attn, blk.compute.head
+    loads = loads or busiest_loads(m, plan.pp, seq, plan.schedule, plan.virtual_stages)
+    out = rank_costs(loads[0], plan, c, micro, blk)
+    for load in loads[1:]:
+        other = rank_costs(load, plan, c, micro, blk)
+        if other.total > out.total:
+            out = other
+    return out
+
+
+def rank_costs(load: RankLoad, plan: Plan, c: Cluster, micro: int, blk: BlockCosts) -> MicrobatchCosts:
+    """One microbatch's costs on a pipeline rank holding `load`: its Blocks over all its chunks,
+    and the head when it holds the last chunk."""
+    layers = load.layers
+    gemm, attn = blk.compute.gemm, blk.compute.attn
+    head = blk.compute.head if load.head else 0.0
     fwd = gemm + attn
     redo = {"none": 0.0, "selective": attn, "full": fwd + c.block_overhead_s / 3}[plan.recompute]
     redo_layers = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
     tensor = blk.tensor + blk.depth + blk.shared  # sharing a link exposes collectives of several axes: counted here
-    if plan.recompute == "full":
+    if plan.recompute == "full" and layers:
         tensor += blk.forward_ar * redo_layers / layers
     if plan.cache_tp_weights:  # depth gathers once per step, kept for backward and later microbatches
         tensor += blk.gather / micro
     compute = _stage_compute(layers, fwd, head, c)
     return MicrobatchCosts(compute=compute, recompute=redo_layers * redo, tensor=layers * tensor,
-                           context=layers * blk.context, backward=2 * (layers * fwd + head), layers=layers, block=blk)
+                           context=layers * blk.context, backward=2 * (layers * fwd + head), layers=layers, block=blk,
+                           head=load.head)
 
 
 def _stage_compute(layers: int, fwd: float, head: float, c: Cluster) -> float:
-    """Forward + backward compute of the stage's Blocks and its head for one microbatch."""
+    """Forward + backward compute of a rank's Blocks and (when it holds it) the head for one microbatch."""
     return layers * (3 * fwd + c.block_overhead_s) + 3 * head
 
 
 def microbatch_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
-    """`microbatch_costs(...).compute` alone, without the communication (a cheap lower bound of the
-    microbatch's time)."""
+    """A cheap lower bound of `microbatch_costs(...).compute` under any schedule and chunk
+    placement (`least_loads`), without the communication."""
     bc = block_compute(m, plan, c, seq)
-    return _stage_compute(stage_layers(m, plan.pp, seq), bc.gemm + bc.attn, bc.head, c)
+    return max(_stage_compute(load.layers, bc.gemm + bc.attn, bc.head if load.head else 0.0, c)
+               for load in least_loads(m, plan.pp))
 
 
 def p2p_send(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> float:
@@ -335,8 +381,15 @@ def sync_traffic(plan: Plan, c: Cluster, psi: float, mb: MicrobatchCosts, micro:
 
 
 def zero_units(m: ModelSpec, plan: Plan, seq: int) -> int:
-    """Flat buffers the ZeRO engine keeps per rank: one per Block of the stage and one root unit."""
-    return stage_layers(m, plan.pp, seq) + 1
+    """Flat buffers the ZeRO engine keeps per rank: one per Block of the rank with the most
+    parameters (the one `stage_params` prices) and one root unit."""
+    return rank_units(m, plan.pp, seq, plan.schedule, plan.virtual_stages)
+
+
+@lru_cache(maxsize=4096)
+def rank_units(m: ModelSpec, pp: int, seq: int, schedule: str, virtual_stages: int) -> int:
+    loads = rank_loads(m, pp, seq, schedule, virtual_stages)
+    return max(loads, key=lambda load: rank_params(m, load)).layers + 1
 
 
 def optimizer_time(plan: Plan, c: Cluster, psi: float) -> float:
@@ -371,7 +424,7 @@ def evaluate(m: ModelSpec, plan: Plan, c: Cluster, global_batch_size: int, seq_l
     unit = stage_activation_bytes(m, plan, seq_len, c.dtype_bytes)
     offload = offload_time(plan.offload.activations if plan.pp > 1 else 0.0, unit, c, mb.compute)
     sched = pipeline.schedule_cost(plan.schedule, plan.pp, micro, plan.virtual_stages)
-    psi = stage_params(m, plan.pp, seq_len) / plan.tp
+    psi = stage_params(m, plan.pp, seq_len, plan.schedule, plan.virtual_stages) / plan.tp
     sync, sync_traffic_s, sync_link = sync_traffic(plan, c, psi, mb, micro, zero_units(m, plan, seq_len))
     opt = optimizer_time(plan, c, psi)
     bubble, step = step_time(micro * (mb.total + p2p + offload), sched.bubble_fraction, sync, opt, c.ranks_per_unit)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from perfmodel.comm import tensor_volumes
 from perfmodel.flops import layer_params
 from perfmodel.pipeline import ScheduleCost, schedule_cost
-from perfmodel.schedules import placement
 from perfmodel.specs import Cluster, ModelSpec, Plan
-from perfmodel.split import split_layers, stage_layers
+from perfmodel.split import RankLoad, rank_loads, stage_layers
 
 
 @dataclass(frozen=True)
@@ -71,23 +71,24 @@ def host_optimizer_bytes_per_param() -> int:
     return MASTER_BYTES + 8 + GRAD_BYTES
 
 
-def stage_params(m: ModelSpec, pp: int, seq_len: int, schedule: str = "1f1b", virtual_stages: int = 1) -> int:
-    """Parameters of the most loaded pipeline rank, as the runtime places them: the cost-balanced
-    split of the layers into the schedule's chunks (perfmodel/split.py) and each rank's chunks
-    (`schedules.placement`: round robin, or V-shaped with the first and the last chunk on rank 0),
-    the embedding with the first chunk and the head and final norm with the last (a tied head is a
+def rank_params(m: ModelSpec, load: RankLoad) -> int:
+    """Parameters of a pipeline rank holding `load` (perfmodel/split.py `rank_loads`): its Blocks,
+    the embedding with the first chunk, the head and final norm with the last (a tied head is a
     copy of the embedding, unless both are on one rank)."""
     emb = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.pos == "learned" else 0)
     head = m.vocab_size * m.d_model + (2 if m.norm == "layernorm" else 1) * m.d_model
-    tied_head = head - (m.vocab_size * m.d_model if m.tied_embeddings else 0)
-    place = placement(schedule, pp, virtual_stages) if pp > 1 else [0]
-    layers = split_layers(m, len(place), seq_len) if pp > 1 else [range(m.n_layers)]
-    per_rank = [0] * max(pp, 1)
-    for c, r in enumerate(place):
-        per_rank[r] += len(layers[c]) * layer_params(m)
-    per_rank[place[0]] += emb
-    per_rank[place[-1]] += tied_head if place[0] == place[-1] else head
-    return max(per_rank)
+    if m.tied_embeddings and load.embedding and load.head:
+        head -= m.vocab_size * m.d_model
+    return load.layers * layer_params(m) + (emb if load.embedding else 0) + (head if load.head else 0)
+
+
+@lru_cache(maxsize=4096)
+def stage_params(m: ModelSpec, pp: int, seq_len: int, schedule: str = "1f1b", virtual_stages: int = 1) -> int:
+    """Parameters of the most loaded pipeline rank, as the runtime places them (perfmodel/split.py
+    `rank_loads`: the cost-balanced split of the layers into the schedule's chunks, and each
+    rank's chunks by `schedules.placement`: round robin, or V-shaped with the first and the last
+    chunk on rank 0)."""
+    return max(rank_params(m, load) for load in rank_loads(m, pp, seq_len, schedule, virtual_stages))
 
 
 def model_states(psi: float, shards: int, zero: int, dtype_bytes: int, offload_optimizer: bool = False

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import sub
 
 F, B, W = "F", "B", "W"
 SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
@@ -280,27 +282,29 @@ def _offload_choice(pairs: dict[tuple[int, int], tuple[int, int, int]], n: int, 
     left = {key for key, (f, b, _) in pairs.items() if b - f > RELOAD_LEAD + 1}
     if count >= len(left):
         return sorted(left)  # every eligible pair: the greedy order would not change the plan
-    occupancy = [0] * n
+    change = [0] * (n + 1)  # pairs on the device at each action index: from F to freed, inclusive
     for f, _, free in pairs.values():
-        for t in range(f, free + 1):
-            occupancy[t] += 1
+        change[f] += 1
+        change[free + 1] -= 1
+    occupancy = list(accumulate(change[:n]))
+    # per eligible pair, in parallel lists: its off-device span [start, end) (from after its F to its
+    # RELOAD), its life and its tie-break; the pick is unique (the tie-break names the pair), so the
+    # lists' order does not matter. Gains are counted by C-level maps over `before`.
+    keys = sorted(left)
+    starts = [pairs[k][0] + 1 for k in keys]
+    ends = [pairs[k][1] - RELOAD_LEAD for k in keys]
+    lives = [pairs[k][1] - pairs[k][0] for k in keys]
+    ties = [(-k[1], -k[0]) for k in keys]
     chosen: list[tuple[int, int]] = []
-    while left and len(chosen) < count:
+    while keys and len(chosen) < count:
         peak = max(occupancy)
-        before = [0]  # before[t]: instants at the peak among 0..t-1
-        for occ in occupancy:
-            before.append(before[-1] + (occ == peak))
-
-        def gain(key: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
-            f, b, _ = pairs[key]
-            return before[max(b - RELOAD_LEAD, f + 1)] - before[f + 1], b - f, (-key[1], -key[0])
-
-        pick = max(left, key=gain)
-        left.discard(pick)
-        chosen.append(pick)
-        f, b, _ = pairs[pick]
-        for t in range(f + 1, b - RELOAD_LEAD):
-            occupancy[t] -= 1
+        before = [0, *accumulate(map(peak.__eq__, occupancy))]  # before[t]: instants at the peak among 0..t-1
+        gains = map(sub, map(before.__getitem__, ends), map(before.__getitem__, starts))
+        j = max(zip(gains, lives, ties, range(len(keys))))[3]
+        start, end = starts.pop(j), ends.pop(j)
+        del lives[j], ties[j]
+        chosen.append(keys.pop(j))
+        occupancy[start:end] = [occ - 1 for occ in occupancy[start:end]]
     return chosen
 
 

@@ -48,7 +48,8 @@ def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
-    for cached in (pipeline.simulated, pipeline.run_orders, split.stage_layers, split._balanced, comm._inside_node, divisors):
+    for cached in (pipeline.simulated, pipeline.run_orders, split.stage_layers, split._balanced, split.rank_loads,
+                   est.busiest_loads, est.stage_params, est.rank_units, comm._inside_node, divisors):
         cached.cache_clear()
 
 
@@ -130,14 +131,16 @@ def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], g
                  first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, est.BlockCosts]
                  ) -> float:
     """A lower bound of the step time of every plan of `layout`: the microbatches' work at the
-    cheapest recomputation (recomputation, pipeline messages, offload, the bubble, the gradient
-    sync and the optimizer only add to it); inf when no micro-batch size is valid. Fills `first`
-    with each (micro-batch size, microbatches, cp_mode) choice's costs at that recomputation, for
+    cheapest recomputation on the least load any chunk placement can give the busiest rank
+    (`est.least_loads`; recomputation, pipeline messages, offload, the bubble, the gradient sync
+    and the optimizer only add to it); inf when no micro-batch size is valid. Fills `first` with
+    each (micro-batch size, microbatches, cp_mode) choice's bound costs at that recomputation, for
     `_best_for_layout`; `blocks`: the search's Block costs (`_block`)."""
     plan = layout.replace(recompute=allowed(cons, "recompute", rules.RECOMPUTE)[0])  # cheapest first
+    least = est.least_loads(m, layout.pp)
     bound = float("inf")
     for mbs, micro, cp_mode in micro_choices(m, layout, cons, gbs):
-        mb = est.microbatch_costs(m, plan, c, seq, micro, _block(m, c, plan, seq, blocks, mbs, cp_mode))
+        mb = est.microbatch_costs(m, plan, c, seq, micro, _block(m, c, plan, seq, blocks, mbs, cp_mode), least)
         first[(mbs, micro, cp_mode)] = mb
         bound = min(bound, micro * mb.total)
     return bound
@@ -181,57 +184,57 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                      limit: float = float("inf")
                      ) -> tuple[int, tuple[float, tuple] | None]:
     """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None); `first`:
-    the micro-batch choices with their costs at the cheapest recomputation
+    the micro-batch choices with their bound costs at the cheapest recomputation
     (`_lower_bound`). Plans slower than `limit` (the search's `top`-th best key) are not looked
     for; a schedule is only costed (simulated) when the step's floor (no offload, the least
     gradient sync and optimizer time, the bubble's lower bound) could beat both that and the
-    layout's best so far."""
+    layout's best so far. The microbatch costs, gradient sync and states are those of each
+    schedule's chunk placement (`_chunking`), computed once per placement."""
     pp = layout.pp
-    psi = est.stage_params(m, pp, seq) / layout.tp
-    units = est.zero_units(m, layout, seq)
     zeros = allowed(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
-    by_zero = {zero: layout.replace(zero=zero) for zero in zeros}
-    states = _placement_states(m, c, seq, by_zero, psi, cons)
+    states = _placement_states(m, c, seq, {zero: layout.replace(zero=zero) for zero in zeros}, cons)
     facts = allowed(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
     recomputes = allowed(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
     scheds_of: dict[int, list[tuple[str, int]]] = {}
-    for (mbs, micro, cp_mode), mb in first.items():
-        syncs = None  # the gradient sync by ZeRO stage
-        options_of: dict[tuple, list] = {}  # the state choices, fastest first, by chunk placement
+    for (mbs, micro, cp_mode), bound in first.items():
+        blk = _block(m, c, layout, seq, blocks, mbs, cp_mode)
+        syncs: dict[tuple, list] = {}  # by chunk placement: the state choices with their sync, fastest first
+        by_sync: dict[tuple, dict[int, float]] = {}  # (psi, units, busiest loads) -> {zero: sync seconds}
         for k, recompute in enumerate(recomputes):
-            if k:
-                mb = est.microbatch_costs(m, layout.replace(recompute=recompute), c, seq, micro,
-                                          _block(m, c, layout, seq, blocks, mbs, cp_mode))
-            if micro * mb.total > limit or (best is not None and micro * mb.total >= best[0]):
-                break  # below every schedule's floor; more recomputation only adds time
             plan_r = layout.replace(micro_batch_size=mbs, cp_mode=cp_mode, recompute=recompute)
-            if syncs is None:  # the gradient sync hides behind backward, which recompute does not change
-                syncs = {zero: est.gradient_sync(plan, c, psi, mb, micro, units) for zero, plan in by_zero.items()}
-                # (the optimizer seconds do not depend on the chunk placement)
-                fastest = min(((syncs[zero], opt_s) for zero, _, _, _, opt_s in states("1f1b", 1)), key=sum)
+            if k:
+                bound = est.microbatch_costs(m, plan_r, c, seq, micro, blk, est.least_loads(m, pp))
+            if _hopeless(micro * bound.total, limit, best):
+                break  # below every schedule's floor; more recomputation only adds time
             scheds = scheds_of.get(mbs)
             if scheds is None:
                 scheds = scheds_of[mbs] = schedule_choices(m, layout, micro, cons)
             send = est.p2p_send(m, plan_r, c, seq)
+            costs: dict[tuple, est.MicrobatchCosts] = {}  # by the loads of the ranks that can be the busiest
             parts = None
             for sched, v in scheds:
+                key, loads = _chunking(sched, v), est.busiest_loads(m, pp, seq, sched, v)
+                mb = costs.get(loads)
+                if mb is None:
+                    mb = costs[loads] = est.microbatch_costs(m, plan_r, c, seq, micro, blk, loads)
                 p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
-                # no offload, the least sync and optimizer time, the bubble's lower bound
-                floor = est.step_time(micro * (mb.total + p2p), pipeline.bubble_floor(sched, pp, micro, v),
-                                      *fastest, c.ranks_per_unit)[1]
-                if floor > limit or (best is not None and floor >= best[0]):
+                # no offload, the least sync and optimizer time, the bubble's lower bound: first with no sync
+                placed = states(sched, v)
+                busy, bubble = micro * (mb.total + p2p), pipeline.bubble_floor(sched, pp, micro, v)
+                if _hopeless(est.step_time(busy, bubble, 0.0, placed[3], c.ranks_per_unit)[1], limit, best):
                     continue
-                key = _chunking(sched, v)
-                if key not in options_of:  # (sync, optimizer s, state bytes, host, zero, opt), fastest first
-                    options_of[key] = sorted(((syncs[zero], opt_s, state, host, zero, opt)
-                                              for zero, opt, state, host, opt_s in states(sched, v)),
-                                             key=lambda o: o[0] + o[1])
-                options = options_of[key]
+                options = syncs.get(key)
+                if options is None:  # the sync hides behind backward, which recompute does not change
+                    options = syncs[key] = _with_sync(placed, c, mb, micro, by_sync, loads)
+                if _hopeless(est.step_time(busy, bubble, *options[0][:2], c.ranks_per_unit)[1], limit, best):
+                    continue
                 if parts is None:
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
+                if len(options[0]) < 6:  # the state bytes, once the placement passes a floor
+                    options = syncs[key] = _with_bytes(m, c, seq, options)
                 n, found = _fitting(c, parts, (sched, pp, micro, v), micro * (mb.total + p2p), mb.compute,
-                                    options, facts)
+                                    options, facts, (bubble, limit, best[0] if best is not None else float("inf")))
                 timed += n
                 for step, (zero, opt, frac) in found:
                     if best is None or step < best[0]:
@@ -239,18 +242,67 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     return timed, best
 
 
+def _hopeless(floor: float, limit: float, best: tuple[float, tuple] | None) -> bool:
+    """Whether a plan whose step is at least `floor` can neither enter the top (`limit`) nor beat
+    the layout's best so far."""
+    return floor > limit or (best is not None and floor >= best[0])
+
+
+def _with_sync(placed: tuple, c: Cluster, mb: est.MicrobatchCosts, micro: int, memo: dict, loads: tuple
+               ) -> list[tuple]:
+    """A chunk placement's state choices (`_placement_states`) as (sync s, optimizer s, plan), the
+    gradient sync priced against that placement's bottleneck microbatch `mb` (computed once per
+    ZeRO stage, parameters, units and busiest loads: `memo`), fastest first."""
+    psi, units, plans, _ = placed
+    by_zero = memo.setdefault((psi, units, loads), {})
+    out = []
+    for plan, opt_s in plans:
+        sync = by_zero.get(plan.zero)
+        if sync is None:
+            sync = by_zero[plan.zero] = est.gradient_sync(plan, c, psi, mb, micro, units)
+        out.append((sync, opt_s, plan))
+    return sorted(out, key=lambda o: o[0] + o[1])
+
+
+def _with_bytes(m: ModelSpec, c: Cluster, seq: int, options: list[tuple]) -> list[tuple]:
+    """`_with_sync`'s choices with their memory, for `_fitting`: (sync s, optimizer s, device bytes
+    besides activations, host bytes, zero, optimizer offloaded)."""
+    out = []
+    for sync, opt_s, plan in options:
+        params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
+        out.append((sync, opt_s, params + grads + optimizer + buffers + c.overhead_bytes, host, plan.zero,
+                    plan.offload.optimizer))
+    return out
+
+
 def _fitting(c: Cluster, parts: ActivationParts, schedule: tuple[str, int, int, int], busy: float, compute: float,
-             options: list[tuple], facts: tuple[float, ...]) -> tuple[int, list[tuple[float, tuple]]]:
+             options: list[tuple], facts: tuple[float, ...],
+             floor: tuple[float, float, float] = (0.0, float("inf"), float("inf"))
+             ) -> tuple[int, list[tuple[float, tuple]]]:
     """One schedule (name, pp, microbatches, v) of `_best_for_layout`: (plans timed, [(step time,
     (zero, optimizer offload, activation offload))]), the fastest fitting state choice (`options`,
     fastest first) at each offload fraction tried; the fractions stop once the fastest states fit
-    (more offload only adds time). `busy`: the step's busy seconds before offload."""
+    (more offload only adds time), or once the step's floor at that fraction cannot win (`floor`:
+    the bubble's lower bound, the search's limit and the layout's best step so far; a plan found
+    here at a lower fraction counts as best). Past no offload only the states that fit the device
+    with the most offload are tried (a fraction offloads a superset of a smaller one's pairs:
+    perfmodel/schedules.py `_offload_plan`, so less offload leaves more on the device), and the
+    offload plan is simulated only for fractions that could win. `busy`: the step's busy seconds
+    before offload."""
     timed, found = 0, []
     name, pp, micro, v = schedule
+    bubble, limit, best = floor
     for frac in facts:
+        busy_f = busy + micro * est.offload_time(frac, parts.unit, c, compute)
+        if frac:
+            options = _fit_with_most_offload(c, parts, schedule, facts[-1], options)
+            if not options:
+                break
+            least = est.step_time(busy_f, bubble, *options[0][:2], c.ranks_per_unit)[1]
+            if least > limit or least >= min([best] + [step for step, _ in found]):
+                break  # more offload only adds time
         cost = pipeline.schedule_cost(name, pp, micro, v, frac)
         acts, host_acts = combine_activations(parts, pp, cost)
-        busy_f = busy + micro * est.offload_time(frac, parts.unit, c, compute)
         for i, (sync, opt_s, state, host, zero, opt) in enumerate(options):
             if state + acts > c.hbm_bytes or (host + host_acts) * c.gpus_per_node > c.host_bytes:
                 continue
@@ -264,40 +316,39 @@ def _fitting(c: Cluster, parts: ActivationParts, schedule: tuple[str, int, int, 
     return timed, found
 
 
-def _placement_states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: float,
-                      cons: dict[str, Any]) -> Callable[[str, int], list]:
-    """`states(schedule, v)`: a layout's state choices (`_states`: zero, optimizer offloaded, device
-    bytes besides activations, host bytes, optimizer s) under that schedule's chunk placement
-    (`_chunking`), computed once per placement."""
-    memo: dict[tuple, list] = {}
+def _fit_with_most_offload(c: Cluster, parts: ActivationParts, schedule: tuple[str, int, int, int], frac: float,
+                           options: list[tuple]) -> list[tuple]:
+    """The state choices that fit the device with `frac` of the activations offloaded (its plan
+    offloads every eligible pair: cheap to build)."""
+    acts = combine_activations(parts, schedule[1], pipeline.schedule_cost(*schedule, frac))[0]
+    return [o for o in options if o[2] + acts <= c.hbm_bytes]
 
-    def states(schedule: str, v: int) -> list:
+
+def _placement_states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], cons: dict[str, Any]
+                      ) -> Callable[[str, int], list]:
+    """`states(schedule, v)`: a layout's state choices under that schedule's chunk placement
+    (`_chunking`), computed once per placement: (parameters of the rank with the most
+    (`stage_params`, per tensor rank), its ZeRO units, [(plan with the ZeRO stage and optimizer
+    offload, optimizer seconds)], the least of those seconds)."""
+    memo: dict[tuple, tuple] = {}
+
+    def states(schedule: str, v: int) -> tuple:
         key = _chunking(schedule, v)
         if key not in memo:
-            plans = {z: p.replace(schedule=schedule, virtual_stages=v) for z, p in by_zero.items()}
-            memo[key] = _states(m, c, seq, plans, psi, cons)
+            any_zero = next(iter(by_zero.values())).replace(schedule=schedule, virtual_stages=v)
+            psi = est.stage_params(m, any_zero.pp, seq, schedule, v) / any_zero.tp
+            plans = [p.replace(schedule=schedule, virtual_stages=v, offload=Offload(opt, 0.0))
+                     for p in by_zero.values() for opt in allowed(cons, "offload.optimizer", (False, True))]
+            timed = [(plan, est.optimizer_time(plan, c, psi)) for plan in plans]
+            memo[key] = (psi, est.zero_units(m, any_zero, seq), timed, min(opt_s for _, opt_s in timed))
         return memo[key]
     return states
 
 
 def _chunking(schedule: str, virtual_stages: int) -> tuple[bool, int]:
-    """What the model states of the most loaded rank depend on besides the layout (perfmodel/memory.py
-    `stage_params`): V-shaped or round-robin placement, and chunks per rank."""
+    """What a rank's load depends on besides the layout (perfmodel/split.py `rank_loads`): V-shaped
+    or round-robin placement, and chunks per rank."""
     return schedule in V_SHAPED, chunks_per_rank(schedule, virtual_stages)
-
-
-def _states(m: ModelSpec, c: Cluster, seq: int, by_zero: dict[int, Plan], psi: float, cons: dict[str, Any]
-            ) -> list[tuple[int, bool, float, float, float]]:
-    """Each ZeRO stage and optimizer-offload choice of a layout: (zero, optimizer offloaded, device
-    bytes besides activations, host bytes, optimizer seconds)."""
-    states = []
-    for zero, layout in by_zero.items():
-        for opt in allowed(cons, "offload.optimizer", (False, True)):
-            plan = layout.replace(offload=Offload(opt, 0.0))
-            params, grads, optimizer, buffers, host = state_bytes(m, plan, c, seq)
-            states.append((zero, opt, params + grads + optimizer + buffers + c.overhead_bytes, host,
-                           est.optimizer_time(plan, c, psi)))
-    return states
 
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional
 
 AXES = ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")  # outermost first; tp_col innermost
+STACKS = ("fused", "eager")  # Cluster.stack: the software stacks a compute efficiency is given for
 
 
 class PlanError(ValueError):
@@ -252,7 +253,15 @@ class Cluster:
     inter_lat: float = 1e-5
     host_bw: float = 1e10  # device <-> host copy bandwidth (bytes/s)
     mem_bw: float = 1e11  # device memory bandwidth (bytes/s); prices the optimizer step
-    compute_efficiency: float = 0.6  # fraction of peak_flops a whole transformer Block reaches at large sizes
+    # the software stack the Blocks run on, which sets the fraction of peak they reach (`efficiency`):
+    # fused (fused kernels: Axon's Triton kernels, model.kernels=auto on GPUs; Megatron-LM; Meta's Llama 3
+    # stack) | eager (PyTorch eager ops: model.kernels=torch; torchtitan without torch.compile)
+    stack: str = "fused"
+    # fraction of peak_flops a whole transformer Block reaches at large sizes on the fused stack (each GPU
+    # preset's is fitted on published runs, cited beside it in configs/cluster/*.yaml)
+    compute_efficiency: float = 0.6
+    # the same on the eager stack; None: compute_efficiency (a preset measured on its own stack: local-cpu)
+    eager_efficiency: Optional[float] = None
     gemm_half_dim: float = 64.0  # a GEMM whose smallest dim is this reaches half that rate
     # fixed seconds per Block forward + backward of a microbatch, whatever its size: operator dispatch
     # and kernel launches (calibrated for local-cpu; ~0 on GPUs, whose launches queue ahead)
@@ -267,6 +276,7 @@ class Cluster:
     RANGES: ClassVar[dict[str, Range]] = {
         "nodes": at_least(1), "gpus_per_node": at_least(1), "compute_units": at_least(0),
         "dtype_bytes": one_of(1, 2, 4, 8), "compute_efficiency": within(0, 1, low_open=True),
+        "stack": one_of(*STACKS), "eager_efficiency": Range(low=0, high=1, low_open=True, none_ok=True),
         **{n: above(0) for n in ("peak_flops", "hbm_bytes", "host_bytes", "intra_bw", "inter_bw", "host_bw",
                                  "mem_bw")},
         **{n: at_least(0) for n in ("intra_lat", "inter_lat", "gemm_half_dim", "block_overhead_s",
@@ -278,6 +288,13 @@ class Cluster:
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of peak_flops a whole Block reaches on this cluster's software stack (`stack`)."""
+        if self.stack == "eager" and self.eager_efficiency is not None:
+            return self.eager_efficiency
+        return self.compute_efficiency
 
     @property
     def ranks_per_unit(self) -> float:

@@ -4,6 +4,7 @@ parameters of the most loaded stage). Standard library only.
 
     split_layers(spec, n_chunks, seq_len, micro_batch_size)  -> [range(0, 2), range(2, 4), ...]
     stage_layers(spec, pp, seq_len)                          -> layers of the most loaded stage
+    rank_loads(spec, pp, seq_len, schedule, virtual_stages)  -> what each pipeline rank holds
 
 Chunks hold consecutive layers, at least one each (so any n_layers >= chunks splits, 126 over 16
 included); the split minimizes the most expensive chunk, counting forward FLOPs per token of each
@@ -12,10 +13,12 @@ V h per microbatch spread over the microbatch's tokens, on the first chunk).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 from perfmodel import flops
+from perfmodel.schedules import placement
 from perfmodel.specs import ModelSpec, PlanError
 
 
@@ -57,11 +60,14 @@ def _balanced(spec: ModelSpec, n_chunks: int, seq_len: int, micro_batch_size: in
     best[0][0] = 0.0
     for c in range(1, n_chunks + 1):
         extra = (embedding if c == 1 else 0.0) + (head if c == n_chunks else 0.0)
+        prev, here, cuts = best[c - 1], best[c], cut[c]
         for i in range(c, L - (n_chunks - c) + 1):
-            for j in range(c - 1, i):
-                cost = max(best[c - 1][j], (i - j) * layer + extra)
-                if cost < best[c][i] - 1e-9 * layer:  # ties: keep the earliest cut (more layers later)
-                    best[c][i], cut[c][i] = cost, j
+            for j in range(_first_cut(prev, c - 1, i, layer, extra), i):
+                if prev[j] >= here[i] - 1e-9 * layer:
+                    break  # prev never decreases with j: no later cut can do better
+                cost = max(prev[j], (i - j) * layer + extra)
+                if cost < here[i] - 1e-9 * layer:  # ties: keep the earliest cut (more layers later)
+                    here[i], cuts[i] = cost, j
     bounds, i = [], L
     for c in range(n_chunks, 0, -1):
         bounds.append(range(cut[c][i], i))
@@ -69,10 +75,51 @@ def _balanced(spec: ModelSpec, n_chunks: int, seq_len: int, micro_batch_size: in
     return tuple(bounds[::-1])
 
 
+def _first_cut(prev: list[float], lo: int, i: int, layer: float, extra: float) -> int:
+    """Where `_balanced`'s scan of the last chunk's start j in [lo, i) may begin: one before the
+    first j at which the chunks before it (prev[j], never decreasing in j) cost at least the last
+    chunk ((i - j) layers + extra, falling by a layer per step). Every earlier j costs the last
+    chunk's alone, each a layer more than the next, so the scan from there keeps the same cut."""
+    first, hi = lo, i - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if prev[mid] >= (i - mid) * layer + extra:
+            hi = mid
+        else:
+            lo = mid + 1
+    return max(lo - 1, first)
+
+
 @lru_cache(maxsize=4096)
 def stage_layers(spec: ModelSpec, pp: int, seq_len: int) -> int:
-    """Layers of the most loaded of `pp` pipeline stages, one chunk each (the performance model's
-    stage; virtual chunks of interleaved and V schedules are not modelled separately)."""
+    """Layers of the most loaded of `pp` pipeline stages, one chunk each: the unit of a stage's
+    activations (perfmodel/memory.py `stage_activation_bytes`, pipeline.py); what a rank holds
+    under a schedule's chunk placement, for its parameters and its time, is `rank_loads`."""
     if pp <= 1:
         return spec.n_layers
     return max(len(r) for r in _balanced(spec, pp, seq_len, 1))
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What one pipeline rank holds over all its chunks."""
+
+    layers: int  # Blocks
+    embedding: bool  # the first chunk's embedding (and learned positions)
+    head: bool  # the last chunk's final norm and output head (and the loss)
+
+
+@lru_cache(maxsize=4096)
+def rank_loads(spec: ModelSpec, pp: int, seq_len: int, schedule: str = "1f1b", virtual_stages: int = 1
+               ) -> tuple[RankLoad, ...]:
+    """Each pipeline rank's load, as the runtime places it (parallel/pipeline.py): the schedule's
+    chunks split by cost (`split_layers`, at one sequence per microbatch) and placed on ranks by
+    `schedules.placement` (round robin, or V-shaped with the first and the last chunk on rank 0),
+    the embedding with the first chunk and the head with the last. Memory (perfmodel/memory.py
+    `stage_params`) and time (perfmodel/estimate.py `microbatch_costs`) both read it."""
+    if pp <= 1:
+        return (RankLoad(spec.n_layers, True, True),)
+    place = placement(schedule, pp, virtual_stages)
+    chunks = _balanced(spec, len(place), seq_len, 1)
+    return tuple(RankLoad(sum(len(chunks[c]) for c, r in enumerate(place) if r == rank),
+                          place[0] == rank, place[-1] == rank) for rank in range(pp))

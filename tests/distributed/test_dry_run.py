@@ -17,9 +17,8 @@ LAYOUTS = {
     "dgx-h100": ["parallel=llama3.1-405b-dgx-h100", "cluster=dgx-h100", "parallel.dp=1", "parallel.cp=2",
                  "parallel.pp=2", "parallel.virtual_stages=2", "model.n_layers=8", "train.global_batch_size=16"],
     # the Frontier pick's family: zbv, 3D tp 8x1x32 + SP (depth 2 here), optimizer offload and half the
-    # activations offloaded. The model prices a V's rank as one pp-way stage plus the embedding and the
-    # head: with 22 layers the runtime's 2pp chunks put 12 on rank 1, measured 8% above the prediction
-    # (at 405B's 126 layers the two differ by 0.5%)
+    # activations offloaded. 22 layers: the runtime's 2pp chunks put 12 Blocks on rank 1, and the model
+    # prices each rank's own chunks as the runtime places them (perfmodel/split.py `rank_loads`)
     "frontier": ["parallel=llama3.1-405b-frontier", "cluster=frontier", "parallel.tp_depth=2",
                  "model.n_layers=22", "train.global_batch_size=8"],
 }
