@@ -8,7 +8,11 @@ the head (which also keeps the logits).
 
 Within `SIMULATED_PP` stages and `SIMULATED_MICROBATCHES` microbatches the numbers come from
 simulating the very action lists the runtime executes (perfmodel/schedules.py built,
-perfmodel/schedule_sim.py simulated, memoized); beyond, from the closed forms.
+perfmodel/schedule_sim.py simulated, memoized); beyond, from the closed forms, except the bubble
+of the schedules whose closed form is an idealisation the runtime's lists do not reach (the
+zero-bubble and V families: zbv's closed form says no bubble once m >= 2p, its simulated lists keep
+0.17-0.21 microbatch slots idle per stage boundary), which is carried over from the simulation at
+the range's edge (`extrapolated_bubble`), so a layout does not win by leaving the simulated range.
 
 Activation offload (PipeOffload, `parallel.offload.activations`): the device and host units come
 from the runtime's own offload plan (perfmodel/schedules.py `_offload_plan`: by chunk and
@@ -18,7 +22,8 @@ chunk and RELOAD_LEAD reloaded ones and offloads the fraction of the rest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from perfmodel.schedules import RELOAD_LEAD, V_SHAPED, W, Action, chunks_per_rank, compute_orders, with_offloads
@@ -32,7 +37,7 @@ SIMULATED_MICROBATCHES = 64  # ... and this many microbatches per step
 class ScheduleCost:
     bubble_fraction: float
     peak_activations: float  # stage-microbatch units on the device, max over ranks
-    source: str  # "simulated" or "closed-form"
+    source: str  # "simulated", "closed-form", or "extrapolated" (closed form, bubble from the simulation's edge)
     head_activations: float = 1.0  # device units on the rank holding the last chunk (the head; rank 0 in a V)
     offloaded: float = 0.0  # units in host memory (activation offload), max over ranks
     head_logits: float = 1.0  # microbatches whose logits the head's rank holds at once (gpipe: every one)
@@ -123,10 +128,26 @@ def schedule_cost(schedule: str, pp: int, m: int, v: int = 1, offload: float = 0
     if pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES:
         return simulated(schedule, pp, m, v, offload)
     cost = closed_form(schedule, pp, m, v)
+    if pp > 1 and schedule not in EXACT_BUBBLE:
+        cost = replace(cost, bubble_fraction=extrapolated_bubble(schedule, pp, m, v), source="extrapolated")
     return offloaded_closed_form(cost, schedule, v, offload) if offload > 0 else cost
 
 
 EXACT_BUBBLE = ("gpipe", "1f1b", "interleaved")  # closed-form bubble == simulated, within the simulated range
+
+
+@lru_cache(maxsize=65536)
+def extrapolated_bubble(schedule: str, pp: int, m: int, v: int = 1) -> float:
+    """The bubble of `schedule` on pp stages and m microbatches beyond the simulated range: the
+    idle microbatch slots per stage boundary simulated at the range's edge (min(pp,
+    SIMULATED_PP) stages, about the same microbatches per stage: the nearest power of two, at most
+    SIMULATED_MICROBATCHES, so the search simulates a handful of edge points), carried to pp - 1
+    boundaries."""
+    p_e = min(pp, SIMULATED_PP)
+    m_e = min(2 ** max(0, round(math.log2(m * p_e / pp))), SIMULATED_MICROBATCHES)
+    f = simulated(schedule, p_e, m_e, v).bubble_fraction
+    idle = f * m_e / (1 - f) * (pp - 1) / (p_e - 1)  # slots: f = idle / (m + idle)
+    return _fraction(idle, m)
 
 
 def bubble_floor(schedule: str, pp: int, m: int, v: int = 1) -> float:
@@ -139,7 +160,7 @@ def bubble_floor(schedule: str, pp: int, m: int, v: int = 1) -> float:
     1/chunks each, so the step takes at least 3m + (pp - 1)/chunks. Shaded by 1e-9 so that
     rounding never lifts it above the simulated value."""
     if pp > SIMULATED_PP or m > SIMULATED_MICROBATCHES or schedule in EXACT_BUBBLE:
-        return closed_form(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
+        return schedule_cost(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
     delay = (pp - 1) / chunks_per_rank(schedule, v)
     return delay / (3 * m + delay) * (1 - 1e-9)
 

@@ -48,7 +48,7 @@ def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
-    for cached in (pipeline.simulated, pipeline.run_orders, split.stage_layers, split._balanced, split.rank_loads,
+    for cached in (pipeline.simulated, pipeline.extrapolated_bubble, pipeline.run_orders, split.stage_layers, split._balanced, split.rank_loads,
                    est.busiest_loads, est.stage_params, est.rank_units, comm._inside_node, divisors):
         cached.cache_clear()
 

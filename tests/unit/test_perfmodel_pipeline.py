@@ -60,3 +60,20 @@ def test_bubble_floor_bounds_the_simulation_and_is_exact_where_the_closed_form_i
         assert floor <= entry.bubble_fraction, (sched, p, m, v)
         if sched in pipeline.EXACT_BUBBLE:
             assert floor == pytest.approx(entry.bubble_fraction, rel=1e-8, abs=1e-12), (sched, p, m, v)
+
+
+@pytest.mark.parametrize("sched,v", [("zbv", 2), ("vhalf", 2), ("vmin", 2), ("zbh1", 1)])
+def test_bubbles_beyond_the_simulated_range_continue_the_simulation(sched, v):
+    """The zero-bubble and V closed forms are idealisations the runtime's lists do not reach (zbv:
+    no bubble once m >= 2p); beyond the simulated range their bubble carries the simulated idle
+    slots per stage boundary over, so one more stage costs about what the simulation says and a
+    layout cannot win by leaving the simulated range."""
+    p = pipeline.SIMULATED_PP
+    edge = pipeline.simulated(sched, p, 2 * p, v).bubble_fraction
+    beyond = schedule_cost(sched, p + 1, 2 * (p + 1), v)
+    assert beyond.source == "extrapolated"
+    assert edge <= beyond.bubble_fraction < edge * 1.05  # one more boundary, the same slots per boundary
+    assert schedule_cost(sched, 2 * p, 4 * p, v).bubble_fraction > 0.5 * edge
+    if sched == "zbv":
+        assert closed_form(sched, 2 * p, 4 * p, v).bubble_fraction == 0.0  # what it replaces
+    assert pipeline.bubble_floor(sched, 2 * p, 4 * p, v) <= schedule_cost(sched, 2 * p, 4 * p, v).bubble_fraction
