@@ -1,8 +1,9 @@
 """ZeRO 1-3 and optimizer offload composed with tensor parallelism (1D, with sequence parallelism,
 and 3D with tp_depth) train exactly like the plain data-parallel trainer on the same layout
-(same losses over several AdamW steps with global-norm clipping active), and a ZeRO-3 x TP
-checkpoint (tp_col, or tp_depth) resumes under another layout (no TP, ZeRO-1). Weight decay is on: both paths decay
-by the full tensor's shape (a flat tp_depth slice of a matrix decays)."""
+(same losses over several AdamW steps with global-norm clipping active), and a ZeRO-3 checkpoint
+under tp_col, tp_depth or pipeline chunks resumes under another layout (no TP, ZeRO-1). Weight
+decay is on: both paths decay by the full tensor's shape (a flat tp_depth slice of a matrix
+decays)."""
 from __future__ import annotations
 
 import pytest
@@ -31,12 +32,18 @@ def test_zero_with_tp_matches_plain(layout, world, extras, tmp_path, dist_pools)
         assert losses == pytest.approx(ref, rel=1e-5)
 
 
-@pytest.mark.parametrize("tp", ["parallel.tp_col=2", "parallel.tp_depth=2"])
-def test_zero3_tp_checkpoint_resumes_as_zero1_without_tp(tp, tmp_path, dist_pools):
-    # tp_depth: flat depth slices of the weights, norms replicated over depth (a ZeRO group of 4)
-    ref = dist_pools.run(2, train_all, [make_cfg(tmp_path, "ref", "parallel.dp=2", *STEPS)])[0][0]
-    dist_pools.run(4, train, make_cfg(tmp_path, "x", tp, "parallel.dp=2", "parallel.zero=3",
-                                      *STEPS, "train.steps=2", "checkpoint.at_end=true"))
-    start, rest = dist_pools.run(2, train, make_cfg(tmp_path, "x", "parallel.dp=2", "parallel.zero=1", *STEPS))[0]
+@pytest.mark.parametrize("saved,model", [
+    (["parallel.tp_col=2"], []),
+    # flat depth slices of the weights, norms replicated over depth (a ZeRO group of 4)
+    (["parallel.tp_depth=2"], []),
+    # pipeline chunks: a V's two chunks per rank, the embedding and head on rank 0
+    (["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2"], ["model.n_layers=4"]),
+], ids=["tp_col2", "tp_depth2", "pp2-zbv"])
+def test_zero3_tp_checkpoint_resumes_as_zero1_without_tp(saved, model, tmp_path, dist_pools):
+    ref = dist_pools.run(2, train_all, [make_cfg(tmp_path, "ref", "parallel.dp=2", *STEPS, *model)])[0][0]
+    dist_pools.run(4, train, make_cfg(tmp_path, "x", *saved, "parallel.dp=2", "parallel.zero=3",
+                                      *STEPS, *model, "train.steps=2", "checkpoint.at_end=true"))
+    start, rest = dist_pools.run(2, train, make_cfg(tmp_path, "x", "parallel.dp=2", "parallel.zero=1", *STEPS,
+                                                    *model))[0]
     assert start == 2
     assert rest == pytest.approx(ref[2:], rel=1e-4)  # TP vs no TP: fp32 reduction-order noise (test_trainer_4d)
