@@ -275,9 +275,10 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, 
     shards = plan.dp * plan.cp
     params, grads, optimizer = model_states(psi, shards, plan.zero, e, plan.offload.optimizer)
     buffers = 0.0
-    if plan.tp_depth > 1:  # gathered block weights: current + prefetched, or every block when cached
+    if plan.tp_depth > 1:  # gathered block weights: current + prefetched, or every block of the rank when cached
         block = tensor_volumes(m, plan, 0, e).weights
-        buffers += block * (stage_layers(m, plan.pp, seq) if plan.cache_tp_weights else 2)
+        cached = max(r.layers for r in rank_loads(m, plan.pp, seq, plan.schedule, plan.virtual_stages))
+        buffers += block * (cached if plan.cache_tp_weights else 2)
     if plan.zero >= 3:  # ZeRO-3 gathers a block's parameters (current + prefetched)
         buffers += 2 * layer_params(m) / plan.tp * e
     host = 0.0

@@ -143,3 +143,20 @@ def test_virtual_chunks_are_placed_as_the_runtime_places_them():
     assert stage_params(eight, 2, 1024, "interleaved", 2) == 4 * block + vocab + 2 * H
     # zbv: chunks 0 and 3 on rank 0 (embedding and head), 1 and 2 on rank 1
     assert stage_params(eight, 2, 1024, "zbv", 2) == 4 * block + 2 * vocab + 2 * H
+
+
+def test_cached_depth_weights_count_every_block_the_rank_holds():
+    """cache_tp_weights keeps every gathered Block of the rank: under a V the busiest rank's
+    Blocks as the runtime places them, not one pp-way stage's."""
+    from perfmodel.comm import tensor_volumes
+    from perfmodel.memory import state_bytes
+    from perfmodel.specs import Cluster
+
+    six = ModelSpec(n_layers=6, d_model=256, n_heads=8, n_kv_heads=8, d_ff=1024, vocab_size=32000, max_seq_len=512)
+    c = Cluster()
+    plan = Plan(pp=2, tp_depth=2, cache_tp_weights=True)
+    block = tensor_volumes(six, plan, 0, c.dtype_bytes).weights
+    one_chunk = state_bytes(six, plan, c, 512)[3]  # 1F1B: the split puts 5 Blocks on one stage
+    v = state_bytes(six, replace(plan, schedule="zbv", virtual_stages=2), c, 512)[3]
+    assert one_chunk == pytest.approx(5 * block)
+    assert v == pytest.approx(4 * block)  # zbv: rank 1 holds chunks 1 and 2, 4 Blocks; rank 0 2 and the ends
