@@ -37,35 +37,31 @@ class TensorMesh:
 
     def __init__(self, grid: Grid):
         self.grid = grid
-        self._meshes: dict[str, DeviceMesh] = {}
+        self._meshes: dict[tuple, DeviceMesh] = {}
 
     def mesh(self, device_type: str) -> DeviceMesh:
         """DeviceMesh (tp_col, tp_row, tp_depth) over the grid's existing groups."""
-        if device_type not in self._meshes:
-            plan = self.grid.plan
-            sizes = [getattr(plan, axis) for axis in TP_AXES]
-            ranks = torch.empty(sizes, dtype=torch.int)  # [tp_col, tp_row, tp_depth] global ranks
-            for c, r, z in itertools.product(*map(range, sizes)):
-                ranks[c, r, z] = rank_of(plan, dict(self.grid.coords(), tp_col=c, tp_row=r, tp_depth=z))
-            groups = [self.grid.axis(axis).group for axis in TP_AXES]
-            self._meshes[device_type] = DeviceMesh.from_group(groups, device_type, mesh=ranks,
-                                                              mesh_dim_names=TP_AXES)
-        return self._meshes[device_type]
+        return self._mesh(device_type, TP_AXES, ())
 
     def zero_mesh(self, device_type: str, grad_axes: tuple[str, ...]) -> DeviceMesh:
         """DeviceMesh (the tensor axes not in `grad_axes`, in TP_AXES order, then "zero": the
         group over `grad_axes`, ranks ascending as the group orders them) over existing groups."""
-        key = f"{device_type}/{'x'.join(grad_axes)}"
+        return self._mesh(device_type, tuple(a for a in TP_AXES if a not in grad_axes), grad_axes)
+
+    def _mesh(self, device_type: str, axes: tuple[str, ...], grad_axes: tuple[str, ...]) -> DeviceMesh:
+        """The mesh over `axes` (one dimension each), then, with `grad_axes`, a "zero" dimension
+        over the group of those axes; built once per device type and dimensions."""
+        key = (device_type, axes, grad_axes)
         if key not in self._meshes:
-            plan, axes = self.grid.plan, [a for a in TP_AXES if a not in grad_axes]
-            zero = self.grid.group(*grad_axes)
-            ranks = torch.empty([getattr(plan, a) for a in axes] + [zero.size], dtype=torch.int)
-            for combo in itertools.product(*(range(getattr(plan, a)) for a in axes)):
+            plan = self.grid.plan
+            zero = [self.grid.group(*grad_axes)] if grad_axes else []
+            ranks = torch.empty([getattr(plan, a) for a in axes] + [z.size for z in zero], dtype=torch.int)
+            for combo in itertools.product(*(range(getattr(plan, a)) for a in axes)):  # global ranks
                 base = rank_of(plan, dict(self.grid.coords(), **dict(zip(axes, combo))))
-                ranks[combo] = torch.tensor(group_ranks(plan, base, grad_axes), dtype=torch.int)
-            groups = [self.grid.axis(a).group for a in axes] + [zero.group]
+                ranks[combo] = torch.tensor(group_ranks(plan, base, grad_axes) if zero else base, dtype=torch.int)
+            groups = [self.grid.axis(a).group for a in axes] + [z.group for z in zero]
             self._meshes[key] = DeviceMesh.from_group(groups, device_type, mesh=ranks,
-                                                      mesh_dim_names=tuple(axes) + ("zero",))
+                                                      mesh_dim_names=axes + (("zero",) if zero else ()))
         return self._meshes[key]
 
     def to_dtensor(self, layout: ParamLayout, local: torch.Tensor) -> torch.Tensor:

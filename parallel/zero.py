@@ -321,25 +321,28 @@ class ZeroEngine:
         """(model_state, optim_state) keyed by parameter name; see the module docstring. Sharded
         tensors are exchanged into per-parameter row chunks (new memory, `parallel.zero_dtensor`):
         pass the loaded dicts to `after_load`."""
-        opt, present = self.optimizer, self._mesh.to_dtensor
+        opt = self.optimizer
         model_state: dict[str, Any] = {}
         optim_state: dict[str, Any] = {}
         for i, (u, view) in enumerate(zip(self.units, self._views())):
-            for s, chunk in zip(u.layout.slots, view.to_chunks(u.shard) if self.sharded_master else []):
-                model_state[s.name] = view.present(s, chunk)
-            if not self.sharded_master:  # `full` is kept: every piece whole on this rank
-                for s in u.layout.slots:
-                    model_state[s.name] = present(self.layouts[s.name], u.full[s.start:s.stop].view(s.shape))
+            # the fp32 weights: my shard (sharded master), else `full`, every piece whole on this rank
+            model_state.update(self._present(u, view, u.shard if self.sharded_master else u.full,
+                                             whole=not self.sharded_master))
             for key, flat in (("exp_avg", opt.exp_avg[i]), ("exp_avg_sq", opt.exp_avg_sq[i])):
-                if self.stage == 0:  # whole on this rank
-                    for s in u.layout.slots:
-                        optim_state[f"{s.name}.{key}"] = present(self.layouts[s.name], flat[s.start:s.stop].view(s.shape))
-                else:
-                    for s, chunk in zip(u.layout.slots, view.to_chunks(flat)):
-                        optim_state[f"{s.name}.{key}"] = view.present(s, chunk)
+                states = self._present(u, view, flat, whole=self.stage == 0)
+                optim_state.update({f"{name}.{key}": t for name, t in states.items()})
             for s in u.layout.slots:
                 optim_state[f"{s.name}.step"] = opt.step_count
         return model_state, optim_state
+
+    def _present(self, u: Unit, view: ZeroView, flat: torch.Tensor, whole: bool) -> dict[str, Any]:
+        """{parameter name: its part of `flat`} for DCP: with `whole` (`flat` holds the unit's
+        every element) views of it, as the plain tensor or a tensor-parallel DTensor; else (`flat`
+        is my shard) the row chunks `view` exchanges it into (new memory), as DTensors."""
+        if whole:
+            return {s.name: self._mesh.to_dtensor(self.layouts[s.name], flat[s.start:s.stop].view(s.shape))
+                    for s in u.layout.slots}
+        return {s.name: view.present(s, chunk) for s, chunk in zip(u.layout.slots, view.to_chunks(flat))}
 
     def create_states(self) -> None:
         """Nothing to do: the shard optimizers create their states with the engine."""

@@ -73,7 +73,8 @@ class ZeroView:
 
     def to_chunks(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """My row chunk of every slot ([rows_k * cols] each, new memory) from my flat shard."""
-        base = [s.start - self.layout.owned()[0] for s in self.layout.slots]  # slot element 0 in `flat`
+        lo = self.layout.owned()[0]
+        base = [s.start - lo for s in self.layout.slots]  # slot element 0 in `flat`
         parts = [flat[o + a:o + b] for row in self.send for o, (a, b) in zip(base, row)]
         got = self._exchange(torch.cat(parts), self.send, self.recv)
         chunks = [torch.empty(b - a, dtype=flat.dtype, device=flat.device) for a, b in self.chunks]

@@ -276,9 +276,10 @@ def state_bytes(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> tuple[float, 
     params, grads, optimizer = model_states(psi, shards, plan.zero, e, plan.offload.optimizer)
     buffers = 0.0
     if plan.tp_depth > 1:  # gathered block weights: current + prefetched, or every block of the rank when cached
-        block = tensor_volumes(m, plan, 0, e).weights
-        cached = max(r.layers for r in rank_loads(m, plan.pp, seq, plan.schedule, plan.virtual_stages))
-        buffers += block * (cached if plan.cache_tp_weights else 2)
+        blocks = 2
+        if plan.cache_tp_weights:
+            blocks = max(r.layers for r in rank_loads(m, plan.pp, seq, plan.schedule, plan.virtual_stages))
+        buffers += tensor_volumes(m, plan, 0, e).weights * blocks
     if plan.zero >= 3:  # ZeRO-3 gathers a block's parameters (current + prefetched)
         buffers += 2 * layer_params(m) / plan.tp * e
     host = 0.0
