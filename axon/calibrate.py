@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from axon.model import Block, rope_tables
 from launch.local import spawn
-from perfmodel.estimate import block_compute
+from perfmodel.block_cost import block_compute
 from perfmodel.specs import Cluster, ModelSpec, Plan
 
 OUT = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "local-cpu.yaml"
@@ -96,7 +96,7 @@ def block_fit(spec: ModelSpec, seq: int, block_s: dict[int, float], peak: float,
     """(compute_efficiency, block_overhead_s) from Block times at two batch sizes: the time is
     t(b) = overhead + ideal(b) / efficiency, where ideal(b) is the forward + backward the model
     predicts at efficiency 1 (3x the forward GEMMs and attention core,
-    perfmodel.estimate.block_compute)."""
+    perfmodel.block_cost.block_compute)."""
     ideal = Cluster(peak_flops=peak, gemm_half_dim=half, compute_efficiency=1.0)
     (b1, t1), (b2, t2) = sorted(block_s.items())
     i1, i2 = (3 * (bc.gemm + bc.attn) for bc in

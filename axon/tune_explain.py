@@ -144,7 +144,7 @@ def limits(e: Estimate, c: Cluster) -> str:
 
 def overlap(e: Estimate) -> list[str]:
     """Per link, the collectives hidden behind compute (those overlapped with one pass share the
-    link: perfmodel/estimate.py `share_link`) and what of the communication stays exposed."""
+    link: perfmodel/block_cost.py `share_link`) and what of the communication stays exposed."""
     exposed = ", ".join(f"{STEP_PARTS[k]} {e.breakdown[k]:.3f}s" for k in ("tensor_comm_s", "context_comm_s",
                                                                          "pipeline_p2p_s", "grad_sync_s")
                         if e.breakdown.get(k, 0) > 0)

@@ -22,7 +22,7 @@ _sizes = attrgetter(*INNER_FIRST)  # a plan's degrees in rank order, innermost f
 class Link:
     """Latency (s per hop) and bandwidth (bytes/s per device) a group's ring runs at; `kind`: which
     of the device's links carries it ("intra-node": NVLink / the node's fabric, "inter-node": the
-    NIC). Collectives on one kind of link share its bandwidth (perfmodel/estimate.py `share_link`)."""
+    NIC). Collectives on one kind of link share its bandwidth (perfmodel/block_cost.py `share_link`)."""
 
     alpha: float
     beta: float

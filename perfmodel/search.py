@@ -8,7 +8,7 @@ Pruning keeps it fast without losing the optimum:
   (simulated) when the step's floor (its bubble at `pipeline.bubble_floor`, no offload, the least
   gradient sync and optimizer time) beats the best so far, and a micro-batch choice is dropped
   as soon as its microbatches' work alone cannot;
-- a Block's costs (`estimate.block_costs`) are computed once per search for each tensor / context
+- a Block's costs (`block_cost.block_costs`) are computed once per search for each tensor / context
   layout and micro-batch, shared by every pp and dp; the per-microbatch costs once per (layout,
   micro-batch, cp_mode, recompute) and reused across schedules, offload and ZeRO choices;
 - recompute (none < selective < full), activation offload (0 < 0.5 < 1) and optimizer offload
@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from perfmodel import estimate as est
 from perfmodel import pipeline, rules
+from perfmodel.block_cost import BlockCosts, block_costs
 from perfmodel.candidates import (ACT_OFFLOAD, MICRO_BATCH_SIZES, allowed, base_plan, constraint_key, divisors,
                                   layouts, micro_choices, schedule_choices)
 from perfmodel.memory import ActivationParts, activation_parts, combine_activations, state_bytes
@@ -48,8 +49,9 @@ def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
-    for cached in (pipeline.simulated, pipeline.extrapolated_bubble, pipeline.run_orders, split.stage_layers, split._balanced, split.rank_loads,
-                   est.busiest_loads, est.stage_params, est.rank_units, comm._inside_node, divisors):
+    for cached in (pipeline.simulated, pipeline.extrapolated_bubble, pipeline.run_orders, split.stage_layers,
+                   split._balanced, split.rank_loads, est.busiest_loads, est.stage_params, est.rank_units,
+                   comm._inside_node, divisors):
         cached.cache_clear()
 
 
@@ -73,7 +75,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
         cheap.append((_compute_bound(m, c, layout, cons, global_batch_size, seq_len, computes), n_layouts, layout))
     cheap.sort(key=lambda b: b[:2])
     bounded: list[tuple[float, int, Plan, dict]] = []
-    blocks: dict[tuple, est.BlockCosts] = {}
+    blocks: dict[tuple, BlockCosts] = {}
     keys: list[float] = []  # ranking keys of the layouts found, ascending, at most `top`
     ahead = 0  # cheap[ahead:] have no bound yet
     while True:
@@ -128,7 +130,7 @@ def _compute_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any],
 
 
 def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
-                 first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, est.BlockCosts]
+                 first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, BlockCosts]
                  ) -> float:
     """A lower bound of the step time of every plan of `layout`: the microbatches' work at the
     cheapest recomputation on the least load any chunk placement can give the busiest rank
@@ -146,15 +148,15 @@ def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], g
     return bound
 
 
-def _block(m: ModelSpec, c: Cluster, plan: Plan, seq: int, blocks: dict[tuple, est.BlockCosts], mbs: int,
-           cp_mode: str) -> est.BlockCosts:
-    """`est.block_costs` of `plan` at micro-batch size `mbs` and `cp_mode`, computed once per search
+def _block(m: ModelSpec, c: Cluster, plan: Plan, seq: int, blocks: dict[tuple, BlockCosts], mbs: int,
+           cp_mode: str) -> BlockCosts:
+    """`block_cost.block_costs` of `plan` at micro-batch size `mbs` and `cp_mode`, computed once per search
     for each value of what it depends on that the search varies (the overlap switches are held by
     the constraints)."""
     key = (plan.tp_col, plan.tp_row, plan.tp_depth, plan.cp, plan.sequence_parallel, cp_mode, mbs)
     found = blocks.get(key)
     if found is None:
-        found = blocks[key] = est.block_costs(m, plan.replace(micro_batch_size=mbs, cp_mode=cp_mode), c, seq)
+        found = blocks[key] = block_costs(m, plan.replace(micro_batch_size=mbs, cp_mode=cp_mode), c, seq)
     return found
 
 
@@ -180,7 +182,7 @@ def complexity(plan: Plan) -> float:
 
 
 def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
-                     first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, est.BlockCosts],
+                     first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, BlockCosts],
                      limit: float = float("inf")
                      ) -> tuple[int, tuple[float, tuple] | None]:
     """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None); `first`:

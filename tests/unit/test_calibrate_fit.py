@@ -2,7 +2,7 @@
 import pytest
 
 from axon.calibrate import block_fit
-from perfmodel.estimate import block_compute
+from perfmodel.block_cost import block_compute
 from perfmodel.specs import Cluster, ModelSpec, Plan
 
 SPEC = ModelSpec()

@@ -5,7 +5,8 @@ import pytest
 
 from axon import tune_explain
 from perfmodel import comm
-from perfmodel.estimate import BlockCompute, BlockCosts, MicrobatchCosts, estimate, gradient_sync, share_link
+from perfmodel.block_cost import BlockCompute, BlockCosts, share_link
+from perfmodel.estimate import MicrobatchCosts, estimate, gradient_sync
 from perfmodel.specs import Cluster, ModelSpec, Plan
 
 C = Cluster(gpus_per_node=8, intra_bw=100e9, inter_bw=10e9, intra_lat=0.0, inter_lat=0.0)

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from axon.config import freeze, load
-from perfmodel.estimate import block_compute, estimate, microbatch_costs, optimizer_time
+from perfmodel.block_cost import block_compute
+from perfmodel.estimate import estimate, microbatch_costs, optimizer_time
 from perfmodel.flops import layer_params
 from perfmodel.memory import rank_params, stage_params
 from perfmodel.specs import Cluster, ModelSpec, Plan, RangeError
