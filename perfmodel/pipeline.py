@@ -8,7 +8,8 @@ the head (which also keeps the logits).
 
 Within `SIMULATED_PP` stages and `SIMULATED_MICROBATCHES` microbatches the numbers come from
 simulating the very action lists the runtime executes (perfmodel/schedules.py built,
-perfmodel/schedule_sim.py simulated, memoized); beyond, from the closed forms, except the bubble
+perfmodel/schedule_sim.py simulated, memoized), except for GPipe, 1F1B and interleaved (`EXACT`),
+whose closed forms equal that simulation; beyond, from the closed forms, except the bubble
 of the schedules whose closed form is an idealisation the runtime's lists do not reach (the
 zero-bubble and V families: zbv's closed form says no bubble once m >= 2p, its simulated lists keep
 0.17-0.21 microbatch slots idle per stage boundary), which is carried over from the simulation at
@@ -121,19 +122,24 @@ def offloaded_closed_form(cost: ScheduleCost, schedule: str, v: int, offload: fl
     return ScheduleCost(cost.bubble_fraction, peak, cost.source, head, host, cost.head_logits)
 
 
+@lru_cache(maxsize=65536)
 def schedule_cost(schedule: str, pp: int, m: int, v: int = 1, offload: float = 0.0) -> ScheduleCost:
     """The simulated cost within the simulated range, else the closed form; `offload`: the
-    fraction of activations offloaded (parallel.offload.activations; ignored at pp = 1)."""
+    fraction of activations offloaded (parallel.offload.activations; ignored at pp = 1). EXACT
+    schedules without offload take their closed form everywhere (it is their simulated cost)."""
     offload = offload if pp > 1 else 0.0
-    if pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES:
+    if pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES and (offload > 0 or schedule not in EXACT):
         return simulated(schedule, pp, m, v, offload)
     cost = closed_form(schedule, pp, m, v)
-    if pp > 1 and schedule not in EXACT_BUBBLE:
+    if pp > 1 and schedule not in EXACT:
         cost = replace(cost, bubble_fraction=extrapolated_bubble(schedule, pp, m, v), source="extrapolated")
     return offloaded_closed_form(cost, schedule, v, offload) if offload > 0 else cost
 
 
-EXACT_BUBBLE = ("gpipe", "1f1b", "interleaved")  # closed-form bubble == simulated, within the simulated range
+# schedules whose closed form equals the simulation of their lists (bubble, peak and head activations)
+# wherever the rules allow them within the simulated range (checked over all of it when written:
+# 2,361 (schedule, pp, m, v); tests/unit/test_perfmodel_pipeline.py samples it)
+EXACT = ("gpipe", "1f1b", "interleaved")
 
 
 @lru_cache(maxsize=65536)
@@ -150,16 +156,19 @@ def extrapolated_bubble(schedule: str, pp: int, m: int, v: int = 1) -> float:
     return _fraction(idle, m)
 
 
+@lru_cache(maxsize=65536)
 def bubble_floor(schedule: str, pp: int, m: int, v: int = 1) -> float:
     """A lower bound of `schedule_cost(...).bubble_fraction` without simulating. The closed form
-    where it is the simulated value: beyond the simulated range, and for EXACT_BUBBLE, whose unit-cost
+    where it is the simulated value: beyond the simulated range, and for EXACT, whose unit-cost
     simulation equals it at every pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES the rules allow
     (checked over the whole range when written; tests/unit/test_perfmodel_pipeline.py samples it).
     Otherwise every rank has 3m units of work (F + B, or F + B + W, of a full stage per
     microbatch) and the last rank's first input arrives only after pp - 1 chunk forwards of
     1/chunks each, so the step takes at least 3m + (pp - 1)/chunks. Shaded by 1e-9 so that
     rounding never lifts it above the simulated value."""
-    if pp > SIMULATED_PP or m > SIMULATED_MICROBATCHES or schedule in EXACT_BUBBLE:
+    if schedule in EXACT:
+        return closed_form(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
+    if pp > SIMULATED_PP or m > SIMULATED_MICROBATCHES:
         return schedule_cost(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
     delay = (pp - 1) / chunks_per_rank(schedule, v)
     return delay / (3 * m + delay) * (1 - 1e-9)

@@ -49,8 +49,8 @@ def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
-    for cached in (pipeline.simulated, pipeline.extrapolated_bubble, pipeline.run_orders, split.stage_layers,
-                   split._balanced, split.rank_loads, est.busiest_loads, est.stage_params, est.rank_units,
+    for cached in (pipeline.simulated, pipeline.schedule_cost, pipeline.bubble_floor, pipeline.extrapolated_bubble,
+                   pipeline.run_orders, split.stage_layers, split._balanced, split.rank_loads, est.busiest_loads, est.stage_params, est.rank_units,
                    comm._inside_node, divisors):
         cached.cache_clear()
 
@@ -198,7 +198,7 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     facts = allowed(cons, "offload.activations", ACT_OFFLOAD if pp > 1 else (0.0,))
     recomputes = allowed(cons, "recompute", rules.RECOMPUTE)  # cheapest first
     best, timed = None, 0
-    scheds_of: dict[int, list[tuple[str, int]]] = {}
+    tables: dict[int, list[tuple]] = {}  # by micro-batch size: its schedules with what they fix
     for (mbs, micro, cp_mode), bound in first.items():
         blk = _block(m, c, layout, seq, blocks, mbs, cp_mode)
         syncs: dict[tuple, list] = {}  # by chunk placement: the state choices with their sync, fastest first
@@ -209,21 +209,18 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                 bound = est.microbatch_costs(m, plan_r, c, seq, micro, blk, est.least_loads(m, pp))
             if _hopeless(micro * bound.total, limit, best):
                 break  # below every schedule's floor; more recomputation only adds time
-            scheds = scheds_of.get(mbs)
-            if scheds is None:
-                scheds = scheds_of[mbs] = schedule_choices(m, layout, micro, cons)
+            table = tables.get(mbs)
+            if table is None:
+                table = tables[mbs] = _schedule_table(m, layout, seq, micro, cons, states)
             send = est.p2p_send(m, plan_r, c, seq)
             costs: dict[tuple, est.MicrobatchCosts] = {}  # by the loads of the ranks that can be the busiest
             parts = None
-            for sched, v in scheds:
-                key, loads = _chunking(sched, v), est.busiest_loads(m, pp, seq, sched, v)
+            for sched, v, key, loads, sends, placed, bubble in table:
                 mb = costs.get(loads)
                 if mb is None:
                     mb = costs[loads] = est.microbatch_costs(m, plan_r, c, seq, micro, blk, loads)
-                p2p = 2 * pipeline.p2p_per_microbatch(sched, v) * send
+                busy = micro * (mb.total + sends * send)
                 # no offload, the least sync and optimizer time, the bubble's lower bound: first with no sync
-                placed = states(sched, v)
-                busy, bubble = micro * (mb.total + p2p), pipeline.bubble_floor(sched, pp, micro, v)
                 if _hopeless(est.step_time(busy, bubble, 0.0, placed[3], c.ranks_per_unit)[1], limit, best):
                     continue
                 options = syncs.get(key)
@@ -235,13 +232,25 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                     parts = activation_parts(m, plan_r, seq, c.dtype_bytes)
                 if len(options[0]) < 6:  # the state bytes, once the placement passes a floor
                     options = syncs[key] = _with_bytes(m, c, seq, options)
-                n, found = _fitting(c, parts, (sched, pp, micro, v), micro * (mb.total + p2p), mb.compute,
+                n, found = _fitting(c, parts, (sched, pp, micro, v), busy, mb.compute,
                                     options, facts, (bubble, limit, best[0] if best is not None else float("inf")))
                 timed += n
                 for step, (zero, opt, frac) in found:
                     if best is None or step < best[0]:
                         best = (step, (plan_r, sched, v, zero, opt, frac))
     return timed, best
+
+
+def _schedule_table(m: ModelSpec, layout: Plan, seq: int, micro: int, cons: dict[str, Any],
+                    states: Callable[[str, int], tuple]) -> list[tuple]:
+    """A layout's schedule choices at `micro` microbatches with what each fixes whatever the
+    recomputation: (schedule, v, chunk placement (`_chunking`), the loads of the ranks that can be
+    the busiest, activation sends per microbatch (both directions), the placement's states
+    (`_placement_states`), the bubble's lower bound)."""
+    pp = layout.pp
+    return [(sched, v, _chunking(sched, v), est.busiest_loads(m, pp, seq, sched, v),
+             2 * pipeline.p2p_per_microbatch(sched, v), states(sched, v), pipeline.bubble_floor(sched, pp, micro, v))
+            for sched, v in schedule_choices(m, layout, micro, cons)]
 
 
 def _hopeless(floor: float, limit: float, best: tuple[float, tuple] | None) -> bool:

@@ -27,10 +27,12 @@ def test_no_pipeline_no_bubble():
 
 
 def test_costs_are_simulated_within_range_and_closed_form_beyond():
-    assert schedule_cost("1f1b", 4, 8).source == "simulated"
-    assert schedule_cost("1f1b", 4, 8) == pipeline.simulated("1f1b", 4, 8, 1)
+    assert schedule_cost("zbh1", 4, 8).source == "simulated"
+    assert schedule_cost("zbh1", 4, 8) == pipeline.simulated("zbh1", 4, 8, 1)
+    assert schedule_cost("1f1b", 4, 8, 1, 0.5) == pipeline.simulated("1f1b", 4, 8, 1, 0.5)  # offload: simulated
+    assert schedule_cost("1f1b", 4, 8).source == "closed-form"  # exact: the closed form is the simulation
     assert schedule_cost("1f1b", 4, pipeline.SIMULATED_MICROBATCHES + 4).source == "closed-form"
-    assert schedule_cost("1f1b", pipeline.SIMULATED_PP * 2, 8).source == "closed-form"
+    assert schedule_cost("zbh1", pipeline.SIMULATED_PP * 2, 8).source == "extrapolated"
 
 
 def test_p2p_per_microbatch():
@@ -38,16 +40,19 @@ def test_p2p_per_microbatch():
 
 
 def test_closed_forms_agree_with_the_simulator():
-    """Where the closed forms are exact (GPipe, 1F1B, interleaved with m a multiple of p) and for
-    every schedule's peak memory, they match the simulation of the runtime's action lists."""
+    """For the EXACT schedules (GPipe, 1F1B, interleaved) the closed form is the simulation of the
+    runtime's action lists in every field (what lets `schedule_cost` skip simulating them); for
+    every schedule the peak memory matches."""
     checked = 0
     for sched, p, m, v in grid():
-        if m < p:
-            continue
         entry, ours = pipeline.simulated(sched, p, m, v), closed_form(sched, p, m, v)
-        if sched in ("gpipe", "1f1b") or (sched == "interleaved" and m % p == 0):
-            assert entry.bubble_fraction == pytest.approx(ours.bubble_fraction, abs=1e-3), (sched, p, m, v)
-        assert entry.peak_activations == pytest.approx(ours.peak_activations, abs=1e-6), (sched, p, m, v)
+        if sched in pipeline.EXACT:
+            assert (entry.bubble_fraction, entry.peak_activations, entry.head_activations, entry.offloaded,
+                    entry.head_logits) == pytest.approx((ours.bubble_fraction, ours.peak_activations,
+                                                         ours.head_activations, ours.offloaded, ours.head_logits),
+                                                        rel=1e-12, abs=1e-12), (sched, p, m, v)
+        elif m >= p:
+            assert entry.peak_activations == pytest.approx(ours.peak_activations, abs=1e-6), (sched, p, m, v)
         checked += 1
     assert checked > 50
 
@@ -58,7 +63,7 @@ def test_bubble_floor_bounds_the_simulation_and_is_exact_where_the_closed_form_i
     for sched, p, m, v in grid():
         floor, entry = pipeline.bubble_floor(sched, p, m, v), pipeline.simulated(sched, p, m, v)
         assert floor <= entry.bubble_fraction, (sched, p, m, v)
-        if sched in pipeline.EXACT_BUBBLE:
+        if sched in pipeline.EXACT:
             assert floor == pytest.approx(entry.bubble_fraction, rel=1e-8, abs=1e-12), (sched, p, m, v)
 
 
