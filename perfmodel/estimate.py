@@ -133,10 +133,11 @@ def rank_costs(load: RankLoad, plan: Plan, c: Cluster, micro: int, blk: BlockCos
     gemm, attn = blk.compute.gemm, blk.compute.attn
     head = blk.compute.head if load.head else 0.0
     fwd = gemm + attn
-    redo = {"none": 0.0, "selective": attn, "full": fwd + c.block_overhead_s / 3}[plan.recompute]
+    recompute = plan.recompute
+    redo = 0.0 if recompute == "none" else attn if recompute == "selective" else fwd + c.block_overhead_s / 3
     redo_layers = layers if plan.recompute_layers < 0 else min(plan.recompute_layers, layers)
     tensor = blk.tensor + blk.depth + blk.shared  # sharing a link exposes collectives of several axes: counted here
-    if plan.recompute == "full" and layers:
+    if recompute == "full" and layers:
         tensor += blk.forward_ar * redo_layers / layers
     if plan.cache_tp_weights:  # depth gathers once per step, kept for backward and later microbatches
         tensor += blk.gather / micro

@@ -91,7 +91,7 @@ def simulated(schedule: str, pp: int, m: int, v: int = 1, offload: float = 0.0) 
         split = any(a.kind == W for a in orders[0])
         held = [held_peaks(acts, split, 1 / chunks_per_rank(schedule, v)) for acts in orders]
         peaks, host = [h[0] for h in held], max(h[1] for h in held)
-        bubble = simulated(schedule, pp, m, v).bubble_fraction  # offload time is priced apart
+        bubble = schedule_cost(schedule, pp, m, v).bubble_fraction  # offload time is priced apart
     else:
         result = simulate(run_orders(schedule, pp, m, v))
         peaks, host, bubble = list(result.peak_activations), 0.0, result.bubble_fraction

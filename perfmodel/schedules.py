@@ -27,6 +27,7 @@ grouping of pp microbatches per chunk round); V schedules need virtual_stages ==
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate
 from operator import sub
@@ -145,33 +146,14 @@ def _memory_cap(schedule: str, pp: int) -> float:
     return {"zbh1": pp, "zbv": pp, "vhalf": (pp + 2) // 2, "vmin": (pp + 4) // 3}[schedule]
 
 
-def _pick(t: float, b_cands: list[tuple], f_cands: list[tuple], w_queue: list[tuple[int, int]]) -> Action | None:
-    """The greedy's choice at time t: the ready B of the oldest microbatch (the later chunk first),
-    else a ready F, of a microbatch already on the rank before one entering it, the oldest first,
-    else the oldest pending W; None when nothing can run. Candidates: B (ready time, microbatch,
-    -chunk), F (ready time, entering, microbatch, chunk)."""
-    now_b = [x for x in b_cands if x[0] <= t]
-    if now_b:
-        _, i, neg_c = min(now_b, key=lambda x: x[1:])
-        return Action(B, i, -neg_c)
-    now_f = [x for x in f_cands if x[0] <= t]
-    if now_f:
-        _, _, i, c = min(now_f, key=lambda x: x[1:])
-        return Action(F, i, c)
-    if w_queue:
-        c, i = w_queue[0]
-        return Action(W, i, c)
-    return None
-
-
-def _idle(r: int, t: float, cands: list[tuple], turns: list[tuple[float, bool, int]]) -> tuple[float, bool]:
+def _idle(r: int, t: float, waits: list[float], turns: list[tuple[float, bool, int]]) -> tuple[float, bool]:
     """Rank r found nothing to run at t: (when it looks again, stalled). The other ranks with work
     left are the heap `turns`, the next to act on top: when one acts at t too, r stays at t,
     stalled (that rank may make something ready sooner); else r waits for its earliest candidate
-    or the next rank's turn."""
+    (`waits`: their ready times) or the next rank's turn."""
     if turns and turns[0][0] == t and not turns[0][1]:
         return t, True
-    later = [x[0] for x in cands if x[0] < float("inf")] + [q[0] for q in turns if q[0] > t]
+    later = [w for w in waits if w < float("inf")] + [q[0] for q in turns if q[0] > t]
     if not later:
         raise ScheduleError(f"greedy schedule stuck on rank {r} (internal error)")
     return min(later), False
@@ -179,59 +161,71 @@ def _idle(r: int, t: float, cands: list[tuple], turns: list[tuple[float, bool, i
 
 def _greedy_split(place: list[int], pp: int, m: int, cap: float) -> list[list[Action]]:
     """List-schedule F/B/W with unit costs (per full stage F=B=W=1) under a per-rank activation
-    cap, the zero-bubble recipe: whenever a rank is free it runs a ready B, else a ready F the cap
-    allows, else a pending W (which fills what would be a bubble and frees memory).
+    cap, the zero-bubble recipe: whenever a rank is free it runs a ready B (of the oldest
+    microbatch, the later chunk first), else a ready F the cap allows (of a microbatch already on
+    the rank before one entering it, the oldest first), else its oldest pending W (which fills what
+    would be a bubble and frees memory).
 
     A microbatch enters a rank (F of its first chunk there) only if room for its later chunks
     there stays free afterwards; later chunks run in microbatch order, so the oldest admitted
     microbatch can always go on and the greedy cannot deadlock."""
-    n, eps = len(place), 1e-9
+    n, eps, inf = len(place), 1e-9, float("inf")
     unit = pp / n  # one chunk's share of a full stage
     owned = [[c for c in range(n) if place[c] == r] for r in range(pp)]
     enters = [c == min(owned[place[c]]) for c in range(n)]  # a microbatch's first chunk on its rank
-    end: dict[tuple[str, int, int], float] = {}
+    need = [unit * (len(owned[place[c]]) if enters[c] else 1) for c in range(n)]  # room an F must find
+    f_end = [[inf] * m for _ in range(n)]  # [chunk][microbatch]: when its F ends
+    b_end = [[inf] * m for _ in range(n)]
+    f_ready = [[0.0] * m] + f_end[:-1]  # an F waits for the previous chunk's F (views: filled as they end)
+    b_ready = [b_end[c + 1] for c in range(n - 1)] + [f_end[n - 1]]  # a B for the next chunk's B, the last for its F
     next_f, next_b = [0] * n, [0] * n
-    w_queue: list[list[tuple[int, int]]] = [[] for _ in range(pp)]
+    w_queue: list[deque[tuple[int, int]]] = [deque() for _ in range(pp)]
     held = [0.0] * pp  # activations on the rank now (F start to W end)
     free = [0.0] * pp
-    stalled = [False] * pp  # found nothing to run at free[r]; others at the same time go first
     orders: list[list[Action]] = [[] for _ in range(pp)]
     remaining = [3 * m * len(owned[r]) for r in range(pp)]
-    inf = float("inf")
-
-    def ready(kind: str, c: int, i: int) -> float:
-        if kind == F:
-            return 0.0 if c == 0 else end.get((F, c - 1, i), inf)
-        return end.get((F, c, i), inf) if c == n - 1 else end.get((B, c + 1, i), inf)
 
     # the rank to act next: the earliest free, one that found nothing to run last, the lowest; only
     # the acting rank's entry changes, so a heap with one entry per rank with work left holds the order
     turns = [(0.0, False, r) for r in range(pp) if remaining[r]]
     while turns:
         _, _, r = heapq.heappop(turns)
-        t = free[r]
-        b_cands = [(ready(B, c, next_b[c]), next_b[c], -c) for c in owned[r] if next_b[c] < m]
-        room = cap + eps - held[r]
-        f_cands = [(ready(F, c, next_f[c]), enters[c], next_f[c], c) for c in owned[r]
-                   if next_f[c] < m and unit * (len(owned[r]) if enters[c] else 1) <= room]
-        act = _pick(t, b_cands, f_cands, w_queue[r])
-        if act is not None and act.kind == B:
-            next_b[act.chunk] += 1
-            w_queue[r].append((act.chunk, act.microbatch))
-        elif act is not None and act.kind == F:
-            next_f[act.chunk] += 1
-            held[r] += unit
-        elif act is not None:  # W
-            w_queue[r].pop(0)
+        t, waits, pick = free[r], [], None
+        for c in owned[r]:  # a ready B: (microbatch, -chunk) least
+            i = next_b[c]
+            if i < m:
+                if b_ready[c][i] > t:
+                    waits.append(b_ready[c][i])
+                elif pick is None or (i, -c) < (pick[1], -pick[2]):
+                    pick = (B, i, c)
+        if pick is None:
+            room = cap + eps - held[r]
+            for c in owned[r]:  # a ready F the cap allows: (entering, microbatch, chunk) least
+                i = next_f[c]
+                if i < m and need[c] <= room:
+                    if f_ready[c][i] > t:
+                        waits.append(f_ready[c][i])
+                    elif pick is None or (enters[c], i, c) < (enters[pick[2]], pick[1], pick[2]):
+                        pick = (F, i, c)
+        if pick is None and w_queue[r]:
+            c, i = w_queue[r].popleft()
+            pick = (W, i, c)
             held[r] -= unit
-        else:
-            free[r], stalled[r] = _idle(r, t, b_cands + f_cands, turns)
-            heapq.heappush(turns, (free[r], stalled[r], r))
+        if pick is None:
+            free[r], stalled = _idle(r, t, waits, turns)
+            heapq.heappush(turns, (free[r], stalled, r))
             continue
-        stalled[r] = False
-        orders[r].append(act)
+        kind, i, c = pick
         free[r] = t + unit
-        end[(act.kind, act.chunk, act.microbatch)] = free[r]
+        if kind == B:
+            next_b[c] += 1
+            b_end[c][i] = free[r]
+            w_queue[r].append((c, i))
+        elif kind == F:
+            next_f[c] += 1
+            f_end[c][i] = free[r]
+            held[r] += unit
+        orders[r].append(Action(kind, i, c))
         remaining[r] -= 1
         if remaining[r]:
             heapq.heappush(turns, (free[r], False, r))

@@ -76,6 +76,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     cheap.sort(key=lambda b: b[:2])
     bounded: list[tuple[float, int, Plan, dict]] = []
     blocks: dict[tuple, BlockCosts] = {}
+    scheds: dict[tuple[int, int], list[tuple]] = {}  # the search's schedule choices (`_schedule_table`)
     keys: list[float] = []  # ranking keys of the layouts found, ascending, at most `top`
     ahead = 0  # cheap[ahead:] have no bound yet
     while True:
@@ -93,7 +94,8 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
             break
         key = tuple(getattr(layout, a) for a in AXES)
         limit = keys[-1] if len(keys) >= top else float("inf")
-        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len, first, blocks, limit)
+        timed, found = _best_for_layout(m, c, layout, cons, global_batch_size, seq_len, first, blocks, scheds,
+                                        limit)
         n_cands += timed
         if found is not None:
             best[key] = found
@@ -183,7 +185,7 @@ def complexity(plan: Plan) -> float:
 
 def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
                      first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, BlockCosts],
-                     limit: float = float("inf")
+                     scheds: dict[tuple[int, int], list[tuple]], limit: float = float("inf")
                      ) -> tuple[int, tuple[float, tuple] | None]:
     """(plans timed, (step time, knobs) of this layout's fastest fitting plan or None); `first`:
     the micro-batch choices with their bound costs at the cheapest recomputation
@@ -191,7 +193,8 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
     for; a schedule is only costed (simulated) when the step's floor (no offload, the least
     gradient sync and optimizer time, the bubble's lower bound) could beat both that and the
     layout's best so far. The microbatch costs, gradient sync and states are those of each
-    schedule's chunk placement (`_chunking`), computed once per placement."""
+    schedule's chunk placement (`_chunking`), computed once per placement; `scheds`: the search's
+    schedule choices (`_schedule_table`)."""
     pp = layout.pp
     zeros = allowed(cons, "zero", rules.ZERO_STAGES if layout.dp * layout.cp > 1 else (0,))
     states = _placement_states(m, c, seq, {zero: layout.replace(zero=zero) for zero in zeros}, cons)
@@ -211,11 +214,12 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
                 break  # below every schedule's floor; more recomputation only adds time
             table = tables.get(mbs)
             if table is None:
-                table = tables[mbs] = _schedule_table(m, layout, seq, micro, cons, states)
+                table = tables[mbs] = [(*entry, states(entry[0], entry[1]))
+                                       for entry in _schedule_table(m, layout, seq, micro, cons, scheds)]
             send = est.p2p_send(m, plan_r, c, seq)
             costs: dict[tuple, est.MicrobatchCosts] = {}  # by the loads of the ranks that can be the busiest
             parts = None
-            for sched, v, key, loads, sends, placed, bubble in table:
+            for sched, v, key, loads, sends, bubble, placed in table:
                 mb = costs.get(loads)
                 if mb is None:
                     mb = costs[loads] = est.microbatch_costs(m, plan_r, c, seq, micro, blk, loads)
@@ -242,15 +246,19 @@ def _best_for_layout(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any
 
 
 def _schedule_table(m: ModelSpec, layout: Plan, seq: int, micro: int, cons: dict[str, Any],
-                    states: Callable[[str, int], tuple]) -> list[tuple]:
-    """A layout's schedule choices at `micro` microbatches with what each fixes whatever the
-    recomputation: (schedule, v, chunk placement (`_chunking`), the loads of the ranks that can be
-    the busiest, activation sends per microbatch (both directions), the placement's states
-    (`_placement_states`), the bubble's lower bound)."""
+                    memo: dict[tuple[int, int], list[tuple]]) -> list[tuple]:
+    """The schedule choices of `layout`'s pp at `micro` microbatches with what each fixes whatever
+    the layout's other degrees and the recomputation: (schedule, v, chunk placement (`_chunking`),
+    the loads of the ranks that can be the busiest, activation sends per microbatch (both
+    directions), the bubble's lower bound); computed once per search for each (pp, micro) (`memo`)."""
     pp = layout.pp
-    return [(sched, v, _chunking(sched, v), est.busiest_loads(m, pp, seq, sched, v),
-             2 * pipeline.p2p_per_microbatch(sched, v), states(sched, v), pipeline.bubble_floor(sched, pp, micro, v))
+    found = memo.get((pp, micro))
+    if found is None:
+        found = memo[(pp, micro)] = [
+            (sched, v, _chunking(sched, v), est.busiest_loads(m, pp, seq, sched, v),
+             2 * pipeline.p2p_per_microbatch(sched, v), pipeline.bubble_floor(sched, pp, micro, v))
             for sched, v in schedule_choices(m, layout, micro, cons)]
+    return found
 
 
 def _hopeless(floor: float, limit: float, best: tuple[float, tuple] | None) -> bool:
