@@ -236,6 +236,7 @@ def calibrate(spec: ModelSpec, seq: int, ranks: int = 8, out: Path = OUT) -> Pat
               f"block_overhead_s: {overhead:.4g}  # fixed time per Block forward + backward (above)",
               f"gemm_half_dim: {half:.4g}", "dtype_bytes: 4  # fp32 on CPU",
               f"overhead_bytes: {m['rss']:.4g}  # a rank's resident size after init and these tests",
-              f"compute_units: {len(os.sched_getaffinity(0))}  # cores the ranks share"]
+              f"compute_units: {len(os.sched_getaffinity(0))}  # cores the ranks share",
+              f"measured_ranks: {ranks}  # ranks sharing them while measured (Cluster.sharing rescales)"]
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -356,6 +356,13 @@ def _unknown(path: str) -> str:
 
 
 # ---- freezing ----
+def _cluster(raw: dict[str, Any]) -> Cluster:
+    """The cluster preset with its per-rank rates for its gpus_per_node ranks per node (a CPU
+    preset's were measured with measured_ranks ranks: perfmodel/specs.py `Cluster.sharing`)."""
+    cluster = Cluster(**raw)
+    return cluster.sharing(cluster.gpus_per_node)
+
+
 def freeze(cfg: DictConfig) -> RunConfig:
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
@@ -374,7 +381,7 @@ def freeze(cfg: DictConfig) -> RunConfig:
         model=spec,
         plan=plan,
         auto_plan=auto,
-        cluster=Cluster(**raw["cluster"]),
+        cluster=_cluster(raw["cluster"]),
         train=Train(**{**raw["train"], "goldfish": Goldfish(**raw["train"]["goldfish"])}),
         optim=Optim(**raw["optim"]),
         data=Data(**raw["data"]),

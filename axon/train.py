@@ -77,9 +77,11 @@ def _main(argv: list[str], full_argv: list[str]) -> int:
     cfg = resolve_launch(cfg, env)  # backend vs GPUs and cluster preset, before any process starts
     spawn = env.kind == "single" and cfg.launch.nproc_per_node > 1
     world = cfg.launch.nproc_per_node if spawn else env.world_size
+    local_ranks = world if spawn else env.local_world_size
+    cfg = replace(cfg, cluster=cfg.cluster.sharing(local_ranks))  # a CPU preset's rates per rank
     cfg, plan_info = resolve_plan(cfg, world, argv)  # fail before spawning anything
     try:  # run dir, data files, resumed checkpoint, memory (axon/preflight.py)
-        preflight.check(cfg, world, plan_info.get("estimate"), local_ranks=world if spawn else env.local_world_size)
+        preflight.check(cfg, world, plan_info.get("estimate"), local_ranks=local_ranks)
     except CheckpointError as e:  # an unreadable checkpoint: exit code 3, as in the workers
         return report("axon train", e, DEBUG_FLAG in full_argv, code=3)
     if spawn:

@@ -97,6 +97,7 @@ class Measured:
     wall_s: float = 0.0
     n_layers: int = 0  # the model's depth (auto compares only with runs of the same model)
     layout: str = ""  # Axon: the plan it trained with (plan.json), e.g. what parallel=auto picked
+    predicted_tps: Optional[float] = None  # Axon: the performance model's tokens/s for that plan (plan.json)
 
     @property
     def median(self) -> float:
@@ -200,27 +201,30 @@ def execute(run: Run, shape: Shape, world: int, work: Path, tag: str) -> Measure
     if proc.returncode != 0:
         return Measured(error=f"exit {proc.returncode}: {_error_line(proc.stdout + proc.stderr)}", wall_s=wall)
     records = _axon_records(target) if run.runner == "axon" else _peer_records(target)
-    layout = _axon_layout(target) if run.runner == "axon" else ""
+    layout, predicted = _axon_plan(target) if run.runner == "axon" else ("", None)
     if run.runner == "axon":
         shutil.rmtree(target, ignore_errors=True)
     timed = records[shape.warmup:]
     if not timed:
         return Measured(error="no timed steps recorded", wall_s=wall)
     return Measured([r["tokens_per_s"] for r in timed], [r["step_time_s"] for r in timed],
-                    records[0]["loss"], None, wall, layout=layout)
+                    records[0]["loss"], None, wall, layout=layout, predicted_tps=predicted)
 
 
-def _axon_layout(run_dir: Path) -> str:
-    """The plan's non-default settings that name a layout (plan.json), e.g. `dp=4 zero=1 micro_batch_size=4`."""
+def _axon_plan(run_dir: Path) -> tuple[str, Optional[float]]:
+    """From plan.json: the plan's non-default settings that name a layout, e.g. `dp=4 zero=1
+    micro_batch_size=4`, and the performance model's tokens/s for it (None when absent)."""
     path = run_dir / "plan.json"
     if not path.is_file():
-        return ""
-    plan = json.loads(path.read_text()).get("plan", {})
+        return "", None
+    info = json.loads(path.read_text())
+    plan = info.get("plan", {})
     keys = ("dp", "pp", "cp", "tp_col", "tp_row", "tp_depth", "zero", "schedule", "virtual_stages",
             "sequence_parallel", "micro_batch_size", "recompute")
     if plan.get("pp", 1) == 1:
         keys = tuple(k for k in keys if k not in ("schedule", "virtual_stages"))
-    return " ".join(f"{k}={plan[k]}" for k in keys if k in plan and plan[k] not in (1, 0, False, "none", None))
+    layout = " ".join(f"{k}={plan[k]}" for k in keys if k in plan and plan[k] not in (1, 0, False, "none", None))
+    return layout, (info.get("estimate") or {}).get("tokens_per_s")
 
 
 def _axon_records(run_dir: Path) -> list[dict]:
@@ -319,14 +323,16 @@ def table(results: list[ModeResult]) -> list[str]:
 
 
 def runs_table(cache: dict) -> list[str]:
-    """Every run measured: per trial median tok/s, median step time, wall time of the process."""
-    rows = ["| ranks | trial | run | Axon plan | median tok/s | median step s | process wall s | step-1 loss |",
-            "|---|---|---|---|---:|---:|---:|---|"]
+    """Every run measured: per trial median tok/s, Axon's predicted tok/s (performance model,
+    cluster preset local-cpu) over it, median step time, wall time of the process."""
+    rows = ["| ranks | trial | run | Axon plan | median tok/s | predicted / measured | median step s | process wall s "
+            "| step-1 loss |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for (w, t, k), m in sorted(cache.items()):
         if m.error:
-            rows.append(f"| {w} | {t + 1} | {k} | | failed | | {m.wall_s:.0f} | {m.error.replace('|', '/')} |")
+            rows.append(f"| {w} | {t + 1} | {k} | | failed | | | {m.wall_s:.0f} | {m.error.replace('|', '/')} |")
             continue
-        rows.append(f"| {w} | {t + 1} | {k} | {m.layout} | {m.median:,.0f} | {statistics.median(m.step_s):.3f} "
+        pred = f"{m.predicted_tps / m.median:.2f}" if m.predicted_tps else ""
+        rows.append(f"| {w} | {t + 1} | {k} | {m.layout} | {m.median:,.0f} | {pred} | {statistics.median(m.step_s):.3f} "
                     f"| {m.wall_s:.0f} | {m.first_loss:.4f} |")
     return rows
 

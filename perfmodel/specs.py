@@ -9,7 +9,7 @@ Standard library only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Optional
 
 AXES = ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")  # outermost first; tp_col innermost
@@ -272,9 +272,12 @@ class Cluster:
     # (a CPU run) peak_flops is a rank's rate while all are busy, and a rank idle in the pipeline
     # bubble lends its share to the busy ones
     compute_units: int = 0
+    # CPU presets: how many ranks shared the compute_units processors while peak_flops, mem_bw, host_bw
+    # and hbm_bytes were measured (axon tune --calibrate); 0 = gpus_per_node. See `sharing`
+    measured_ranks: int = 0
     SECTION: ClassVar[str] = "cluster"
     RANGES: ClassVar[dict[str, Range]] = {
-        "nodes": at_least(1), "gpus_per_node": at_least(1), "compute_units": at_least(0),
+        "nodes": at_least(1), "gpus_per_node": at_least(1), "compute_units": at_least(0), "measured_ranks": at_least(0),
         "dtype_bytes": one_of(1, 2, 4, 8), "compute_efficiency": within(0, 1, low_open=True),
         "stack": one_of(*STACKS), "eager_efficiency": Range(low=0, high=1, low_open=True, none_ok=True),
         **{n: above(0) for n in ("peak_flops", "hbm_bytes", "host_bytes", "intra_bw", "inter_bw", "host_bw",
@@ -295,6 +298,22 @@ class Cluster:
         if self.stack == "eager" and self.eager_efficiency is not None:
             return self.eager_efficiency
         return self.compute_efficiency
+
+    def sharing(self, ranks: int) -> "Cluster":
+        """This cluster run with `ranks` ranks per node. On a CPU preset (compute_units > 0) a rank's
+        rates and memory are its share of the machine: measured while measured_ranks ranks shared
+        compute_units processors, a rank gets compute_units / max(ranks, compute_units) of them
+        (one thread per rank uses at most one), so peak_flops, mem_bw and host_bw scale by
+        max(U, measured) / max(U, ranks) and the RAM per rank (hbm_bytes) by measured / ranks.
+        Device presets are returned unchanged."""
+        measured = self.measured_ranks or self.gpus_per_node
+        if self.compute_units <= 0 or ranks == measured == self.gpus_per_node:
+            return self
+        units = self.compute_units
+        scale = max(units, measured) / max(units, ranks)
+        return replace(self, gpus_per_node=ranks, measured_ranks=ranks, peak_flops=self.peak_flops * scale,
+                       mem_bw=self.mem_bw * scale, host_bw=self.host_bw * scale,
+                       hbm_bytes=self.hbm_bytes * measured / ranks)
 
     @property
     def ranks_per_unit(self) -> float:
