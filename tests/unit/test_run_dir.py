@@ -66,7 +66,7 @@ def _hold(run_dir: str, ready, release) -> None:
 
 
 def test_a_live_job_locks_its_directory(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # the holder only takes a file lock: no torch, no threads needed (5 s faster than spawn)
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold, args=(str(tmp_path), ready, release))
     holder.start()
