@@ -84,7 +84,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
             _, index, layout = cheap[ahead]
             ahead += 1
             first: dict[tuple, est.MicrobatchCosts] = {}
-            bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first, blocks)
+            bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first, blocks, scheds)
             if bound < float("inf"):
                 heapq.heappush(bounded, (bound, index, layout, first))
         if not bounded:
@@ -132,21 +132,27 @@ def _compute_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any],
 
 
 def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
-                 first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, BlockCosts]
-                 ) -> float:
+                 first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, BlockCosts],
+                 scheds: dict[tuple[int, int], list[tuple]]) -> float:
     """A lower bound of the step time of every plan of `layout`: the microbatches' work at the
     cheapest recomputation on the least load any chunk placement can give the busiest rank
-    (`est.least_loads`; recomputation, pipeline messages, offload, the bubble, the gradient sync
-    and the optimizer only add to it); inf when no micro-batch size is valid. Fills `first` with
-    each (micro-batch size, microbatches, cp_mode) choice's bound costs at that recomputation, for
-    `_best_for_layout`; `blocks`: the search's Block costs (`_block`)."""
+    (`est.least_loads`), stretched by the least bubble floor of the schedules that can run them
+    (recomputation, pipeline messages, offload, the gradient sync and the optimizer only add to
+    it); inf when no micro-batch size has a valid schedule. Fills `first` with each such
+    (micro-batch size, microbatches, cp_mode) choice's bound costs at that recomputation, for
+    `_best_for_layout`; `blocks`: the search's Block costs (`_block`); `scheds`: its schedule
+    choices (`_schedule_table`)."""
     plan = layout.replace(recompute=allowed(cons, "recompute", rules.RECOMPUTE)[0])  # cheapest first
     least = est.least_loads(m, layout.pp)
     bound = float("inf")
     for mbs, micro, cp_mode in micro_choices(m, layout, cons, gbs):
+        table = _schedule_table(m, layout, seq, micro, cons, scheds)
+        if not table:
+            continue
         mb = est.microbatch_costs(m, plan, c, seq, micro, _block(m, c, plan, seq, blocks, mbs, cp_mode), least)
         first[(mbs, micro, cp_mode)] = mb
-        bound = min(bound, micro * mb.total)
+        bubble = min(entry[5] for entry in table)
+        bound = min(bound, est.step_time(micro * mb.total, bubble, 0.0, 0.0, c.ranks_per_unit)[1])
     return bound
 
 
