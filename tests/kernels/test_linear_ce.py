@@ -52,9 +52,12 @@ def run(fn, x, w, t):
 
 
 def compare(fn, x, w, t, dtype):
-    for got, want in zip(run(fn, x, w, t), run(linear_cross_entropy_reference, x, w, t)):
+    """fn's (loss, d x, d weight) against the unfused definition's; fn's results (to compare further)."""
+    results = run(fn, x, w, t)
+    for got, want in zip(results, run(linear_cross_entropy_reference, x, w, t)):
         assert got.dtype == want.dtype
         close(got, want, dtype)
+    return results
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,10 +72,10 @@ def test_torch_path_equals_the_unfused_loss(chunk, dtype):
 @pytest.mark.parametrize("chunk,vocab", [(16, 300), (50, 5000)])  # 5000: more than one vocabulary block
 def test_triton_path_equals_the_unfused_loss(chunk, vocab, dtype):
     x, w, t = problem(tokens=(2, 45), vocab=vocab, dtype=dtype, seed=1)
-    compare(lambda x, w, t: kernels.linear_cross_entropy(x, w, t, "triton", chunk), x, w, t, dtype)
-    for got, want in zip(run(lambda x, w, t: kernels.linear_cross_entropy(x, w, t, "triton", chunk), x, w, t),
-                         run(lambda x, w, t: kernels.linear_cross_entropy(x, w, t, "torch", chunk), x, w, t)):
-        close(got, want, dtype)
+    got = compare(lambda x, w, t: kernels.linear_cross_entropy(x, w, t, "triton", chunk), x, w, t, dtype)
+    # the same Triton results (one interpreted run) against the torch path
+    for g, want in zip(got, run(lambda x, w, t: kernels.linear_cross_entropy(x, w, t, "torch", chunk), x, w, t)):
+        close(g, want, dtype)
 
 
 @pytest.mark.parametrize("kind", ["torch"] + (["triton"] if available() else []))

@@ -17,9 +17,10 @@ from perfmodel.specs import ModelSpec
 from tests.distributed.trainer_driver import make_cfg, train
 
 pytestmark = pytest.mark.skipif(not available(), reason="Triton is not installed (pip install triton)")
-# two AdamW steps of a small model with clipping active (the interpreter runs each kernel program in numpy)
+# two AdamW steps of a small model with clipping active (the interpreter runs each kernel program in numpy,
+# its time about proportional to the tokens: a global batch of 2 samples, two microbatches a step on each rank)
 STEPS = ["train.steps=2", "optim.grad_clip=0.5", "model.n_layers=2", "model.d_model=64", "model.d_ff=128",
-         "train.seq_len=16", "train.global_batch_size=4"]
+         "train.seq_len=16", "train.global_batch_size=2"]
 SPEC = ModelSpec(n_layers=2, d_model=48, n_heads=4, n_kv_heads=2, d_ff=100, vocab_size=96, max_seq_len=64)
 
 
