@@ -168,9 +168,11 @@ def knobs(p: Plan) -> str:
 def report(header: dict[str, Any], estimates: list[Estimate], cluster: Cluster) -> str:
     """The ranked table (memory against the device's HBM), the winner's time and memory breakdown,
     what limits it, and why it beats the runner-up (with the tie-break when they are close)."""
+    stack = (f"{cluster.stack} stack, a Block at {cluster.efficiency:.0%} of peak (cluster.stack)"
+             if cluster.eager_efficiency is not None else  # one measured rate for both stacks (local-cpu)
+             f"a Block at {cluster.efficiency:.0%} of peak (measured on this machine's stack)")
     lines = [f"{header['model']} on {header['world']} devices of {header['cluster']}: global batch "
-             f"{header['global_batch_size']} x {header['seq_len']} tokens; {cluster.stack} stack, a Block at "
-             f"{cluster.efficiency:.0%} of peak (cluster.stack)"]
+             f"{header['global_batch_size']} x {header['seq_len']} tokens; {stack}"]
     if header.get("batch_note"):
         lines.append(header["batch_note"])
     if "layouts" in header:
