@@ -157,21 +157,30 @@ def extrapolated_bubble(schedule: str, pp: int, m: int, v: int = 1) -> float:
 
 
 @lru_cache(maxsize=65536)
-def bubble_floor(schedule: str, pp: int, m: int, v: int = 1) -> float:
-    """A lower bound of `schedule_cost(...).bubble_fraction` without simulating. The closed form
-    where it is the simulated value: beyond the simulated range, and for EXACT, whose unit-cost
-    simulation equals it at every pp <= SIMULATED_PP and m <= SIMULATED_MICROBATCHES the rules allow
-    (checked over the whole range when written; tests/unit/test_perfmodel_pipeline.py samples it).
-    Otherwise every rank has 3m units of work (F + B, or F + B + W, of a full stage per
-    microbatch) and the last rank's first input arrives only after pp - 1 chunk forwards of
-    1/chunks each, so the step takes at least 3m + (pp - 1)/chunks. Shaded by 1e-9 so that
-    rounding never lifts it above the simulated value."""
+def bubble_bound(schedule: str, pp: int, m: int, v: int = 1) -> float:
+    """A lower bound of `schedule_cost(...).bubble_fraction` that never simulates. For EXACT the
+    closed form, which is the simulated value at every pp <= SIMULATED_PP and m <=
+    SIMULATED_MICROBATCHES the rules allow (checked over the whole range when written;
+    tests/unit/test_perfmodel_pipeline.py samples it). Otherwise every rank has 3m units of work
+    (F + B, or F + B + W, of a full stage per microbatch) and the last rank's first input arrives
+    only after pp - 1 chunk forwards of 1/chunks each, so the step takes at least 3m + (pp - 1)/chunks:
+    (pp - 1)/(3 chunks) idle microbatch slots. Beyond the simulated range it bounds the extrapolated
+    bubble too: that carries the edge's simulated idle slots per stage boundary, at least this
+    bound's, to pp - 1 boundaries. Shaded by 1e-9 so that rounding never lifts it above the bubble."""
     if schedule in EXACT:
         return closed_form(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
-    if pp > SIMULATED_PP or m > SIMULATED_MICROBATCHES:
-        return schedule_cost(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
     delay = (pp - 1) / chunks_per_rank(schedule, v)
     return delay / (3 * m + delay) * (1 - 1e-9)
+
+
+@lru_cache(maxsize=65536)
+def bubble_floor(schedule: str, pp: int, m: int, v: int = 1) -> float:
+    """`bubble_bound`, tightened to the bubble itself beyond the simulated range, where the
+    zero-bubble and V families' bubble is extrapolated from a few simulations at the range's edge
+    (`extrapolated_bubble`, shared by every pp and m that round to the same edge point)."""
+    if schedule not in EXACT and (pp > SIMULATED_PP or m > SIMULATED_MICROBATCHES):
+        return schedule_cost(schedule, pp, m, v).bubble_fraction * (1 - 1e-9)
+    return bubble_bound(schedule, pp, m, v)
 
 
 def p2p_per_microbatch(schedule: str, v: int) -> int:

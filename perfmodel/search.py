@@ -49,9 +49,9 @@ def clear_caches() -> None:
     """Forget every table the search memoizes across calls (schedule simulations, stage splits,
     group placements, divisors), so that the next search pays for all its work (benchmarks)."""
     from perfmodel import comm, split
-    for cached in (pipeline.simulated, pipeline.schedule_cost, pipeline.bubble_floor, pipeline.extrapolated_bubble,
-                   pipeline.run_orders, split.stage_layers, split._balanced, split.rank_loads, est.busiest_loads, est.stage_params, est.rank_units,
-                   comm._inside_node, divisors):
+    for cached in (pipeline.simulated, pipeline.schedule_cost, pipeline.bubble_floor, pipeline.bubble_bound,
+                   pipeline.extrapolated_bubble, pipeline.run_orders, split.stage_layers, split._balanced,
+                   split.rank_loads, est.busiest_loads, est.stage_params, est.rank_units, comm._inside_node, divisors):
         cached.cache_clear()
 
 
@@ -77,6 +77,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
     bounded: list[tuple[float, int, Plan, dict]] = []
     blocks: dict[tuple, BlockCosts] = {}
     scheds: dict[tuple[int, int], list[tuple]] = {}  # the search's schedule choices (`_schedule_table`)
+    least: dict[tuple[int, int], float | None] = {}  # (pp, microbatches) -> the least bubble bound (`_least_bubble`)
     keys: list[float] = []  # ranking keys of the layouts found, ascending, at most `top`
     ahead = 0  # cheap[ahead:] have no bound yet
     while True:
@@ -84,7 +85,7 @@ def search(m: ModelSpec, c: Cluster, world: int, constraints: dict[str, Any] | N
             _, index, layout = cheap[ahead]
             ahead += 1
             first: dict[tuple, est.MicrobatchCosts] = {}
-            bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first, blocks, scheds)
+            bound = _lower_bound(m, c, layout, cons, global_batch_size, seq_len, first, blocks, least)
             if bound < float("inf"):
                 heapq.heappush(bounded, (bound, index, layout, first))
         if not bounded:
@@ -133,27 +134,39 @@ def _compute_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any],
 
 def _lower_bound(m: ModelSpec, c: Cluster, layout: Plan, cons: dict[str, Any], gbs: int, seq: int,
                  first: dict[tuple, est.MicrobatchCosts], blocks: dict[tuple, BlockCosts],
-                 scheds: dict[tuple[int, int], list[tuple]]) -> float:
+                 least_bubble: dict[tuple[int, int], float | None]) -> float:
     """A lower bound of the step time of every plan of `layout`: the microbatches' work at the
     cheapest recomputation on the least load any chunk placement can give the busiest rank
-    (`est.least_loads`), stretched by the least bubble floor of the schedules that can run them
+    (`est.least_loads`), stretched by the least bubble bound of the schedules that can run them
     (recomputation, pipeline messages, offload, the gradient sync and the optimizer only add to
     it); inf when no micro-batch size has a valid schedule. Fills `first` with each such
     (micro-batch size, microbatches, cp_mode) choice's bound costs at that recomputation, for
-    `_best_for_layout`; `blocks`: the search's Block costs (`_block`); `scheds`: its schedule
-    choices (`_schedule_table`)."""
+    `_best_for_layout`; `blocks`: the search's Block costs (`_block`); `least_bubble`: its
+    `_least_bubble` memo."""
     plan = layout.replace(recompute=allowed(cons, "recompute", rules.RECOMPUTE)[0])  # cheapest first
     least = est.least_loads(m, layout.pp)
     bound = float("inf")
     for mbs, micro, cp_mode in micro_choices(m, layout, cons, gbs):
-        table = _schedule_table(m, layout, seq, micro, cons, scheds)
-        if not table:
+        bubble = _least_bubble(m, layout, micro, cons, least_bubble)
+        if bubble is None:
             continue
         mb = est.microbatch_costs(m, plan, c, seq, micro, _block(m, c, plan, seq, blocks, mbs, cp_mode), least)
         first[(mbs, micro, cp_mode)] = mb
-        bubble = min(entry[5] for entry in table)
         bound = min(bound, est.step_time(micro * mb.total, bubble, 0.0, 0.0, c.ranks_per_unit)[1])
     return bound
+
+
+def _least_bubble(m: ModelSpec, layout: Plan, micro: int, cons: dict[str, Any],
+                  memo: dict[tuple[int, int], float | None]) -> float | None:
+    """The least `pipeline.bubble_bound` (no simulation) over the schedules the rules allow for
+    `layout`'s pp at `micro` microbatches; None when there is none; once per search for each
+    (pp, micro) (`memo`)."""
+    key = (layout.pp, micro)
+    if key not in memo:
+        bounds = [pipeline.bubble_bound(sched, layout.pp, micro, v)
+                  for sched, v in schedule_choices(m, layout, micro, cons)]
+        memo[key] = min(bounds) if bounds else None
+    return memo[key]
 
 
 def _block(m: ModelSpec, c: Cluster, plan: Plan, seq: int, blocks: dict[tuple, BlockCosts], mbs: int,

@@ -62,6 +62,7 @@ def test_bubble_floor_bounds_the_simulation_and_is_exact_where_the_closed_form_i
     the floor never exceeds the simulated bubble, and equals it for the closed-form-exact schedules."""
     for sched, p, m, v in grid():
         floor, entry = pipeline.bubble_floor(sched, p, m, v), pipeline.simulated(sched, p, m, v)
+        assert pipeline.bubble_bound(sched, p, m, v) == floor  # within the range they are one bound
         assert floor <= entry.bubble_fraction, (sched, p, m, v)
         if sched in pipeline.EXACT:
             assert floor == pytest.approx(entry.bubble_fraction, rel=1e-8, abs=1e-12), (sched, p, m, v)
@@ -81,4 +82,8 @@ def test_bubbles_beyond_the_simulated_range_continue_the_simulation(sched, v):
     assert schedule_cost(sched, 2 * p, 4 * p, v).bubble_fraction > 0.5 * edge
     if sched == "zbv":
         assert closed_form(sched, 2 * p, 4 * p, v).bubble_fraction == 0.0  # what it replaces
-    assert pipeline.bubble_floor(sched, 2 * p, 4 * p, v) <= schedule_cost(sched, 2 * p, 4 * p, v).bubble_fraction
+    for pp, m in ((2 * p, 4 * p), (p + 1, 2), (p + 1, 200), (4 * p, 64), (p, 3 * pipeline.SIMULATED_MICROBATCHES)):
+        bubble = schedule_cost(sched, pp, m, v).bubble_fraction
+        # the search's floors: bubble_floor (tight beyond the range) and bubble_bound (never simulates)
+        bound, floor = pipeline.bubble_bound(sched, pp, m, v), pipeline.bubble_floor(sched, pp, m, v)
+        assert bound <= bubble and floor <= bubble and bound <= floor + 1e-12, (pp, m)
