@@ -8,7 +8,9 @@ them. Where Slurm cannot be installed or started the tests skip with the reason.
 
 Test-only settings: the node declares at least 8 CPUs (`SlurmdParameters=config_overrides`) so a
 4-task job fits on a 2-core machine, and `cred_expire=5` lets a requeued job start again after
-~5 s instead of Slurm's default 120 s.
+~5 s instead of Slurm's default 120 s, and `bf_interval=1,sched_interval=1` has the scheduler look
+at that job every second once it may start (by default only the next backfill pass, every 30 s,
+or main scheduling pass, every 60 s, picks it up: 20-35 s of a requeue test spent pending).
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=600
@@ -173,7 +176,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             info = self.job(job_id)
             if info.get("JobState") in until or info.get("JobState") in final or time.monotonic() > deadline:
                 return info
-            time.sleep(1.0)
+            time.sleep(0.25)
 
     def stop(self) -> None:
         """Cancel every job, shut Slurm down, then stop munged (only the processes started here)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.distributed
 from axon import prepare_data, submit, train, trainer, tune
 from launch import spawn
 from perfmodel.specs import ModelSpec
+from tests.integration.together import run_together
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TOKENS = 4000  # > one global batch of the defaults (16 x 129)
@@ -269,23 +269,40 @@ def test_good_inputs_pass_the_checks(data_dir):
     preflight.check(cfg, 1, info["estimate"], local_ranks=8)
 
 
-@pytest.mark.parametrize("argv,setting", [
+CLI_CASES = [  # (argv, the setting) of test_cli_process
     (["train", "optim.beta2=2"], "optim.beta2=2"),
     (["train", "launch.nproc_per_node=2", "parallel.dp=2", "data.path={tmp}/trunc.bin"], "data.path="),
     (["prepare-data", "{tmp}/missing.txt", "--out", "{tmp}/o/x"], "missing.txt"),
-])
-def test_cli_process(argv, setting, data_dir):
-    """Through a real `python -m axon.cli` process: one line, exit code 2, nothing written."""
-    args = [a.replace("{tmp}", str(data_dir)) for a in argv]
-    if args[0] == "train":
-        args.append(f"run.dir={data_dir}/run")
+]
+
+
+@pytest.fixture(scope="module")
+def cli_processes(data_dir) -> tuple[dict, dict, dict]:
+    """The real processes of test_cli_process, started together (each spends seconds importing on
+    one core; side by side on two they take about half the time) and waited for: tuple(argv) ->
+    the finished process, and the tree of data_dir before they started and after all finished."""
+    argvs = {}
+    for argv, _ in CLI_CASES:
+        args = [a.replace("{tmp}", str(data_dir)) for a in argv]
+        if args[0] == "train":
+            args.append(f"run.dir={data_dir}/run")
+        argvs[tuple(argv)] = args
     before = _tree(data_dir)
-    done = subprocess.run([sys.executable, "-m", "axon.cli", *args], capture_output=True, text=True, cwd=data_dir,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    done = run_together({key: [sys.executable, "-m", "axon.cli", *args] for key, args in argvs.items()}, 120,
+                        cwd=data_dir, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return done, before, _tree(data_dir)
+
+
+@pytest.mark.parametrize("argv,setting", CLI_CASES)
+def test_cli_process(argv, setting, cli_processes):
+    """Through a real `python -m axon.cli` process: one line, exit code 2, nothing written (by any
+    of the three: they run side by side)."""
+    results, before, after = cli_processes
+    done = results[tuple(argv)]
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(err) == 1 and setting in err[0], err
-    assert _tree(data_dir) == before
+    assert after == before
 
 
 def test_unwritable_run_dir(data_dir, monkeypatch, capsys):

@@ -5,27 +5,52 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from axon.config import freeze, load
+from tests.integration.together import run_together
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model.n_layers=2", "train.seq_len=32", "train.global_batch_size=8", "logger.wandb.mode=disabled",
         "train.progress=false"]
 
 
-def axon(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "axon.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+LOCAL, LAUNCHERS = "local", ("torchrun", "mpiexec")
 
 
-def test_local_run_writes_the_run_directory(tmp_path):
-    run = tmp_path / "run"
-    p = axon("train", "launch.nproc_per_node=2", "parallel.dp=2", "train.steps=4", f"run.dir={run}", *FAST)
+def _outside_launcher_cmd(launcher: str, run: Path) -> list[str] | None:
+    """The command of test_train_under_an_outside_launcher; None where mpiexec is not installed."""
+    args = ["-m", "axon.train", "parallel.dp=2", "train.steps=2", f"run.dir={run}", *FAST]
+    if launcher == "torchrun":
+        from launch.dist import free_port
+
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port("127.0.0.1")), *args]
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    return [str(mpiexec), "-n", "2", sys.executable, *args] if mpiexec.exists() else None
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> dict:
+    """The three training jobs of this module (local launcher, torchrun, mpiexec), started together
+    and waited for: a job's start is mostly its processes importing torch, and phases of each
+    leave a core idle that the others use. Key: LOCAL or the launcher; value: (the finished
+    process, its run dir), or None for a launcher that is not installed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    root = tmp_path_factory.mktemp("cli")
+    cmds = {LOCAL: [sys.executable, "-m", "axon.cli", "train", "launch.nproc_per_node=2", "parallel.dp=2",
+                    "train.steps=4", f"run.dir={root / LOCAL}", *FAST]}
+    cmds.update({launcher: _outside_launcher_cmd(launcher, root / launcher) for launcher in LAUNCHERS})
+    ran = run_together({key: cmd for key, cmd in cmds.items() if cmd is not None}, 300, cwd=ROOT, env=env)
+    done: dict = {key: (ran[key], root / key) if key in ran else None for key in cmds}
+    return done
+
+
+def test_local_run_writes_the_run_directory(jobs):
+    p, run = jobs[LOCAL]
     assert p.returncode == 0, p.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -81,23 +106,12 @@ def test_documented_override_keys():
         freeze(load([f"model={preset}"])).model.check()
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
-def test_train_under_an_outside_launcher(launcher, tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_train_under_an_outside_launcher(launcher, jobs):
     """The same entry under torchrun and under mpiexec (MPI env vars, mpi4py rendezvous)."""
-    run = tmp_path / "run"
-    args = ["-m", "axon.train", "parallel.dp=2", "train.steps=2", f"run.dir={run}", *FAST]
-    if launcher == "torchrun":
-        from launch.dist import free_port
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port("127.0.0.1")), *args]
-    else:
-        mpiexec = Path(sys.executable).parent / "mpiexec"
-        if not mpiexec.exists():
-            pytest.skip("mpiexec not installed in the environment (pip install mpich mpi4py)")
-        cmd = [str(mpiexec), "-n", "2", sys.executable, *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    if jobs[launcher] is None:
+        pytest.skip("mpiexec not installed in the environment (pip install mpich mpi4py)")
+    p, run = jobs[launcher]
     assert p.returncode == 0, p.stderr[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     assert plan["world_size"] == 2

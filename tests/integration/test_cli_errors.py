@@ -3,13 +3,13 @@ fix), exit code 2, no traceback (only with --debug). Most cases call the command
 in-process; a few go through a real process, one of them failing on rank 0 after start-up."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from axon import checkpoints_cmd, cli, prepare_data, submit, train, tune
+from tests.integration.together import run_together
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model.n_layers=1", "train.seq_len=16", "train.global_batch_size=2", "logger.wandb.mode=disabled",
@@ -83,25 +83,36 @@ def test_debug_adds_the_traceback(capsys):
     assert "Traceback" in err and err.rstrip().endswith("did you mean model=llama3.1-70b?")
 
 
-def _axon(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "axon.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-@pytest.mark.parametrize("args,message", [
+REAL = [  # (args, the message) of test_through_a_real_process
     (["tune", "model=llama3-70b"], "axon tune: model=llama3-70b is not a preset"),
     (["train", "cluster=h100"], "axon train: cluster=h100 is not a preset"),
     (["checkpoints", "/nonexistent/run"], "axon checkpoints: /nonexistent/run does not exist"),
-])
-def test_through_a_real_process(args, message):
-    p = _axon(*args)
+]
+VOCAB = "vocab"  # the key of test_data_vocab_beyond_the_model_is_one_line_before_start_up's process
+
+
+@pytest.fixture(scope="module")
+def real_processes(tmp_path_factory) -> dict:
+    """Every real `python -m axon.cli` process of this module, started together and waited for:
+    each spends seconds importing on one core, so side by side they take the time of about half of
+    them on two. Key: tuple(args) or VOCAB; value: the finished process (returncode, stderr)."""
+    run = tmp_path_factory.mktemp("vocab") / "run"
+    # the embedded corpus is byte-tokenized: preflight (axon/preflight.py) refuses vocab 100
+    argvs = {tuple(args): args for args, _ in REAL}
+    argvs[VOCAB] = ["train", "model.vocab_size=100", "train.steps=1", f"run.dir={run}", *FAST]
+    done = run_together({key: [sys.executable, "-m", "axon.cli", *args] for key, args in argvs.items()}, 300, cwd=ROOT)
+    return done
+
+
+@pytest.mark.parametrize("args,message", REAL)
+def test_through_a_real_process(args, message, real_processes):
+    p = real_processes[tuple(args)]
     assert p.returncode == 2 and p.stderr.strip() == p.stderr.strip().splitlines()[0]
     assert p.stderr.startswith(message) and "Traceback" not in p.stderr
 
 
-def test_data_vocab_beyond_the_model_is_one_line_before_start_up(tmp_path):
-    # the embedded corpus is byte-tokenized: preflight (axon/preflight.py) refuses vocab 100
-    p = _axon("train", "model.vocab_size=100", "train.steps=1", f"run.dir={tmp_path / 'run'}", *FAST)
+def test_data_vocab_beyond_the_model_is_one_line_before_start_up(real_processes):
+    p = real_processes[VOCAB]
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     line = [ln for ln in p.stderr.splitlines() if ln.startswith("axon train")]

@@ -76,7 +76,7 @@ def test_killed_rank_stops_the_job(tmp_path: Path, local_env: None) -> None:
 
 def test_failed_worker_stops_the_others_and_its_code_passes_through(tmp_path: Path, local_env: None) -> None:
     # Rank 1 exits 3 while rank 0 sleeps ignoring SIGTERM: only SIGKILL after the grace ends the job.
-    assert run_local(2, [str(tmp_path), "fail-one"], module=WORKER, timeout_s=2.0) == 3
+    assert run_local(2, [str(tmp_path), "fail-one"], module=WORKER, timeout_s=1.0) == 3
     with pytest.raises(ProcessLookupError):
         os.kill(int((tmp_path / "pid0").read_text()), 0)
 

@@ -4,7 +4,10 @@ checkpoint at a step boundary and exit non-zero, a worker is kill -9ed at a rand
 run resumed after all that logs exactly an uninterrupted run's losses (one chain of runs, since
 each start costs seconds of imports). Also the
 watchdog alone (blocked main thread), the launcher's rule for a worker left running after another
-finished, and the NCCL watchdog variables, without a GPU."""
+finished, and the NCCL watchdog variables, without a GPU. The uninterrupted run, the blocked
+watchdog and the supervisor of a worker left running run in the background while the stopped-rank
+job waits ~15 s for its watchdog with idle cores (the `background` fixture); each is checked by its
+own test."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,10 +45,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(run: Path, *extra: str) -> subprocess.Popen:
+def _start(run: Path, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "axon.train", *TRAIN, f"launch.timeout_s={TIMEOUT_S:g}",
                              f"run.dir={run}", *extra], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=stderr, text=True)
 
 
 def _finish(job: subprocess.Popen, timeout: float = 150) -> tuple[int, str]:
@@ -93,16 +97,83 @@ def _checkpoint_steps(run: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*") if (p / "axon.json").is_file())
 
 
+class _Background:
+    """A process started by the first test that has idle cores to give it (`start`, idempotent) and
+    waited for by the test that checks it (`wait`: exit code, stdout, stderr, seconds from its
+    start to its exit). Its output goes to files: a pipe nobody reads while it runs could fill up
+    and block it."""
+
+    def __init__(self, name: str, folder: Path, start) -> None:
+        self.name, self._start, self.job = name, start, None
+        self.out, self.err = folder / f"{name}.stdout", folder / f"{name}.stderr"
+        self.exited_after: float | None = None
+
+    def start(self) -> None:
+        if self.job is None:
+            with open(self.out, "w") as out, open(self.err, "w") as err:
+                t0 = time.monotonic()
+                self.job = self._start(out, err)
+            threading.Thread(target=self._time_exit, args=(t0,), daemon=True).start()
+
+    def _time_exit(self, t0: float) -> None:
+        self.job.wait()
+        self.exited_after = time.monotonic() - t0
+
+    def wait(self, timeout: float = 150) -> tuple[int, str, str, float]:
+        self.start()
+        self.job.wait(timeout=timeout)
+        deadline = time.monotonic() + 5  # the timing thread records the exit right after wait returns
+        while self.exited_after is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.job.returncode, self.out.read_text(), self.err.read_text(), self.exited_after
+
+    def close(self) -> None:
+        if self.job is not None and self.job.poll() is None:
+            self.job.kill()  # a training job's workers die with it (parent-death signal)
+            self.job.wait()
+
+
+BLOCKED_CODE = ("import sys, threading; from launch.watchdog import Watchdog; "
+                "wd = Watchdog.start(0, 2, sys.argv[1], 0.5, heartbeat_s=1.0); wd.mark(3, 'grad-sync'); "
+                "threading.Event().wait()")
+STRAGGLER_CODE = """import subprocess, sys
+from launch.spawn import _StopRequest, _supervise
+procs = [subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+         for code in ("pass", "import time; time.sleep(120)")]
+try:
+    code = _supervise(procs, 0.5, _StopRequest())
+    print(code, procs[1].poll() is not None)  # and stopped and reaped?
+finally:
+    for p in procs:
+        p.kill()
+        p.wait()
+"""
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
-    run = tmp_path_factory.mktemp("reliability") / "base"
-    code, err = _finish(_start(run))
-    assert code == 0, err[-3000:]
-    return _losses(run)
+def background(tmp_path_factory: pytest.TempPathFactory):
+    """The processes that only wait or only need idle cores, each started at most once: the
+    uninterrupted run of TRAIN (its metrics in `folder / "base"`), a process whose main thread
+    blocks under a watchdog (its status files in `folder / "blocked"`) and a supervisor of one
+    finished and one running worker. test_stopped_rank_fails_the_job_in_time_naming_it starts them
+    all while its cores idle for ~15 s before the watchdog fires; each is checked by its own test."""
+    folder = tmp_path_factory.mktemp("reliability")
+    (folder / "blocked").mkdir()
+    py = [sys.executable, "-c"]
+    jobs = {
+        "base": _Background("base", folder, lambda out, err: _start(folder / "base", stderr=err)),
+        "blocked": _Background("blocked", folder, lambda out, err: subprocess.Popen(
+            [*py, BLOCKED_CODE, str(folder / "blocked")], cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True)),
+        "straggler": _Background("straggler", folder, lambda out, err: subprocess.Popen(
+            [*py, STRAGGLER_CODE], cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True)),
+    }
+    yield folder, jobs
+    for job in jobs.values():
+        job.close()
 
 
 @pytest.mark.slow
-def test_stopped_rank_fails_the_job_in_time_naming_it(tmp_path: Path) -> None:
+def test_stopped_rank_fails_the_job_in_time_naming_it(tmp_path: Path, background) -> None:
     run = tmp_path / "run"
     job = _start(run, "train.steps=100000", "checkpoint.every=0")
     ranks = {}
@@ -111,6 +182,8 @@ def test_stopped_rank_fails_the_job_in_time_naming_it(tmp_path: Path) -> None:
         ranks = _workers(job)
         os.kill(ranks[1], signal.SIGSTOP)
         t0 = time.monotonic()
+        for other in background[1].values():  # idle cores until the watchdog fires: other tests' processes
+            other.start()
         code, err = _finish(job, timeout=120)
         elapsed = time.monotonic() - t0
     finally:
@@ -125,12 +198,14 @@ def test_stopped_rank_fails_the_job_in_time_naming_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_stops_and_a_kill_9_resume_exactly(tmp_path: Path, uninterrupted: list) -> None:
+def test_stops_and_a_kill_9_resume_exactly(tmp_path: Path, background) -> None:
     """One run, interrupted three times: SIGTERM to a worker, then SIGUSR1 to the local launcher
     (each: a checkpoint at a step boundary and the signal's exit code), then a kill -9 of a random
     worker at a random moment (seeded; possibly mid-checkpoint). Resumed to the end with
     checkpoint.resume=auto, it logs exactly the uninterrupted run's losses."""
     run = tmp_path / "run"
+    folder, jobs = background
+    jobs["base"].start()  # the uninterrupted run; a no-op when the previous test started it
     job = _start(run)
     _wait_for_step(job, run, 1)
     os.kill(_workers(job)[1], signal.SIGTERM)
@@ -165,24 +240,24 @@ def test_stops_and_a_kill_9_resume_exactly(tmp_path: Path, uninterrupted: list) 
 
     code, err = _finish(_start(run))
     assert code == 0, err[-3000:]
-    assert _losses(run) == uninterrupted
+    code, _, err, _ = jobs["base"].wait()
+    assert code == 0, err[-3000:]
+    assert _losses(run) == _losses(folder / "base")
 
 
 # ---- without training processes ----
 
-def test_watchdog_ends_a_blocked_process_with_a_report(tmp_path: Path) -> None:
-    """The main thread blocks without marking: the watchdog prints its report and exits 124."""
-    code = ("import sys, threading; from launch.watchdog import Watchdog; "
-            f"wd = Watchdog.start(0, 2, {str(tmp_path)!r}, 0.5, heartbeat_s=1.0); wd.mark(3, 'grad-sync'); "
-            "threading.Event().wait()")
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode == STALL_EXIT, p.stderr
-    assert time.monotonic() - t0 < 0.5 + MARGIN_S + 10
-    assert "rank 0 made no progress" in p.stderr and "step 3, phase grad-sync" in p.stderr
-    assert "launch.timeout_s=0.5" in p.stderr and "no status file (never reached start-up): ranks 1" in p.stderr
-    assert json.loads((tmp_path / "rank0.json").read_text())["phase"] == "grad-sync"
+def test_watchdog_ends_a_blocked_process_with_a_report(background) -> None:
+    """The main thread blocks without marking: the watchdog prints its report and exits 124. (The
+    process runs in the background, started while test_stopped_rank... waits; `elapsed` is from its
+    start to its exit.)"""
+    folder, jobs = background
+    code, _, err, elapsed = jobs["blocked"].wait(timeout=60)
+    assert code == STALL_EXIT, err
+    assert elapsed < 0.5 + MARGIN_S + 10
+    assert "rank 0 made no progress" in err and "step 3, phase grad-sync" in err
+    assert "launch.timeout_s=0.5" in err and "no status file (never reached start-up): ranks 1" in err
+    assert json.loads((folder / "blocked" / "rank0.json").read_text())["phase"] == "grad-sync"
 
 
 def test_report_puts_the_silent_rank_first(tmp_path: Path) -> None:
@@ -201,20 +276,13 @@ def test_report_puts_the_silent_rank_first(tmp_path: Path) -> None:
                                                                      "before start-up)\n")
 
 
-def test_a_worker_left_running_after_another_finished_fails_the_job(capfd: pytest.CaptureFixture) -> None:
-    """Rank 0 exits 0, rank 1 still runs launch.timeout_s + MARGIN_S later: STALL_EXIT, naming both."""
-    from launch.spawn import _StopRequest, _supervise
-
-    procs = [subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-             for code in ("pass", "import time; time.sleep(120)")]
-    try:
-        assert _supervise(procs, 0.5, _StopRequest()) == STALL_EXIT
-        assert procs[1].poll() is not None  # stopped and reaped
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert "ranks [0] finished but ranks [1] still run" in capfd.readouterr().err
+def test_a_worker_left_running_after_another_finished_fails_the_job(background) -> None:
+    """Rank 0 exits 0, rank 1 still runs launch.timeout_s + MARGIN_S later: STALL_EXIT, naming both.
+    (`_supervise` runs in a process of its own in the background, see STRAGGLER_CODE.)"""
+    code, out, err, _ = background[1]["straggler"].wait(timeout=120)
+    assert code == 0, err
+    assert out.split() == [str(STALL_EXIT), "True"], (out, err)  # and rank 1 was stopped and reaped
+    assert "ranks [0] finished but ranks [1] still run" in err
 
 
 def test_nccl_watchdog_variables() -> None:

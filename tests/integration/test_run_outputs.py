@@ -1,7 +1,8 @@
 """What a run shows: MFU against the machine's real peak (<= 1 on local-cpu), smoothed and
 per-device tokens/s beside the per-step figure, progress lines with ETA in a log, TensorBoard
 scalars, a profiler trace of the requested steps, and `axon checkpoints` listing and inspecting
-the checkpoint it wrote. One small one-process run serves every test."""
+the checkpoint it wrote. One small one-process run serves every test (the last one, a refused
+resume, runs `axon train`'s main in this process)."""
 from __future__ import annotations
 
 import json
@@ -86,11 +87,22 @@ def test_checkpoints_lists_and_inspects(run, capsys, tmp_path):
     assert not row["valid"] and "truncated" in row["problem"]
 
 
-def test_a_changed_batch_on_resume_is_one_line_before_start_up(run):
+def test_a_changed_batch_on_resume_is_one_line_before_start_up(run, monkeypatch, capsys):
+    """`axon train`'s main in this process (a process start costs seconds of torch import; the real
+    `python -m axon.cli` path of such a refusal is test_bad_inputs.test_cli_process), against the
+    real checkpoint of the run: exit code 2, one line, and neither a local worker nor a rank started."""
+    import launch.spawn
+    from axon import train
+
+    def started(*_a, **_k):
+        raise AssertionError("a worker or rank started")
+
+    monkeypatch.setattr(launch.spawn, "run_local", started)
+    monkeypatch.setattr(train, "_run_rank", started)
     run_dir, _ = run  # resumes from step 4 with another batch: found by preflight, one line
-    p = subprocess.run([sys.executable, "-m", "axon.cli", "train", "cluster=local-cpu", "model.n_layers=2",
-                        "train.seq_len=32", "train.global_batch_size=16", "train.steps=5", "logger.wandb.mode=disabled",
-                        f"run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.startswith("axon train")]
-    assert len(lines) == 1 and lines[0].startswith("axon train: resumed run changes train.global_batch_size")
+    code = train.main(["cluster=local-cpu", "model.n_layers=2", "train.seq_len=32", "train.global_batch_size=16",
+                       "train.steps=5", "logger.wandb.mode=disabled", f"run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("axon train")]
+    assert len(lines) == 1 and lines[0].startswith("axon train: resumed run changes train.global_batch_size"), err
