@@ -2,11 +2,13 @@
 
 `parity(...)` runs one step of a pipelined model and, on the same rank, the same data through
 the whole model in one process; it returns the largest relative differences of the loss and of
-every gradient this rank holds, plus the measured activation memory.
+every gradient this rank holds, plus the measured activation memory. The single-process run
+(`reference`) is computed once per worker and (dp, microbatches, micro-batch size).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,29 @@ def microbatches_of(local: torch.Tensor, mbs: int) -> list:
     return [(mb[:, :-1], mb[:, 1:], positions) for mb in local.split(mbs)]
 
 
+_REFERENCES: dict[tuple, tuple[float, dict[str, torch.Tensor]]] = {}
+
+
+def reference(dp: int, microbatches: int, mbs: int, spec: ModelSpec = SPEC) -> tuple[float, dict[str, torch.Tensor]]:
+    """The single-process run of one step: the whole model, every dp shard's samples (the same
+    microbatches as the pipelined step), in one process: (the loss sum, every parameter's gradient).
+    It depends only on its arguments and the module's constants, so each worker computes it once
+    per key (kept for the life of the worker: the many configs and schedules that share it)."""
+    key = (spec, SEED, SEQ, dp, microbatches, mbs)
+    if key not in _REFERENCES:
+        ref = build(spec)
+        materialize(ref, spec, SEED, torch.device("cpu"))
+        global_tokens = microbatches * mbs * dp * SEQ
+        ref_loss = torch.zeros(())
+        for shard in range(dp):
+            for inputs, targets, positions in microbatches_of(batch(0, shard, microbatches * mbs), mbs):
+                l = loss_fn(ref(inputs, positions), targets)
+                (l / global_tokens).backward()
+                ref_loss += l.detach()
+        _REFERENCES[key] = (ref_loss.item(), {n: p.grad.detach().clone() for n, p in ref.named_parameters()})
+    return _REFERENCES[key]
+
+
 def parity_many(dp: int, pp: int, configs: list[dict], microbatches: int = 4) -> list[dict]:
     """`parity` for each config (make_plan keyword arguments) on one grid of dp x pp ranks."""
     grid = Grid.build(make_plan(pp, "1f1b", dp=dp), dist.get_rank(), dist.get_world_size())
@@ -84,33 +109,28 @@ def parity(plan: Plan, microbatches: int, layout=None, kill_rank: int | None = N
         dist.all_reduce(loss, group=pp_group)  # the loss lives on one pp rank
     if dp_axis.size > 1:
         dist.all_reduce(loss, group=dp_axis.group)
-    # the reference: the whole model, every dp shard's samples, one process
-    ref = build(SPEC)
-    materialize(ref, SPEC, SEED, torch.device("cpu"))
-    ref_loss = torch.zeros(())
-    for shard in range(plan.dp):
-        for inputs, targets, positions in microbatches_of(batch(0, shard, microbatches * plan.micro_batch_size),
-                                                          plan.micro_batch_size):
-            l = loss_fn(ref(inputs, positions), targets)
-            (l / global_tokens).backward()
-            ref_loss += l.detach()
-    ref_named = dict(ref.named_parameters())
-    grad_err = max(((named[n].grad - ref_named[n].grad).norm() / ref_named[n].grad.norm()).item() for n in named)
-    return {"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err,
+    ref_loss, ref_grads = reference(plan.dp, microbatches, plan.micro_batch_size)
+    grad_err = max(((named[n].grad - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in named)
+    return {"loss_err": abs(loss.item() - ref_loss) / ref_loss, "grad_err": grad_err,
             "names": sorted(named), "memory": pipe.last_memory, "layers": [list(r) for r in pipe.layers]}
 
 
-def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
+TP_SPEC = replace(SPEC, n_layers=4)  # one Block per chunk of a pp=2 V (zbv), two per 1f1b stage
+
+
+def parity_tp(schedules: list[str], microbatches: int = 4, spec: ModelSpec = TP_SPEC) -> list[dict]:
     """pp2 x tp2 x dp2 (8 ranks): tensor parallelism applied to every chunk, gradients summed over
-    each parameter's grad_axes; compared with this rank's slices of the single-process gradients."""
+    each parameter's grad_axes; compared with this rank's slices of the single-process gradients.
+    `spec` defaults to the 4-layer model: every chunk still holds a Block (the first also the
+    embedding, the last the head), at half the tensor-parallel collectives of SPEC on gloo."""
     grid = Grid.build(make_plan(2, "1f1b", dp=2, tp_col=2), dist.get_rank(), dist.get_world_size())
     out = []
     for schedule in schedules:
         plan = make_plan(2, schedule, dp=2, tp_col=2, mbs=1)
-        pipe = apply(SPEC, plan, grid, chunk_builder(SPEC), SEQ)
-        tps = {c: tensor.apply(chunk, SPEC, plan, grid) for c, chunk in pipe.chunks.items()}
+        pipe = apply(spec, plan, grid, chunk_builder(spec), SEQ)
+        tps = {c: tensor.apply(chunk, spec, plan, grid) for c, chunk in pipe.chunks.items()}
         for c, chunk in pipe.chunks.items():
-            materialize(chunk, SPEC, SEED, torch.device("cpu"), tps[c].layouts)
+            materialize(chunk, spec, SEED, torch.device("cpu"), tps[c].layouts)
         last = pipe.n_chunks - 1
         global_tokens = microbatches * plan.dp * SEQ
         local = batch(0, grid.axis("dp").coord, microbatches)
@@ -118,21 +138,13 @@ def parity_tp(schedules: list[str], microbatches: int = 4) -> list[dict]:
         loss = pipe.step(microbatches_of(local, 1), tp_loss, global_tokens, None)
         dist.all_reduce(loss, group=grid.axis("pp").group)
         dist.all_reduce(loss, group=grid.group("dp", "cp").group)
-        ref = build(SPEC)
-        materialize(ref, SPEC, SEED, torch.device("cpu"))
-        ref_loss = torch.zeros(())
-        for shard in range(plan.dp):
-            for inputs, targets, positions in microbatches_of(batch(0, shard, microbatches), 1):
-                l = loss_fn(ref(inputs, positions), targets)
-                (l / global_tokens).backward()
-                ref_loss += l.detach()
-        ref_named = dict(ref.named_parameters())
+        ref_loss, ref_grads = reference(plan.dp, microbatches, 1, spec)
         grad_err = 0.0
         for c, chunk in pipe.chunks.items():
             for name, p in chunk.named_parameters():
                 layout = tps[c].layouts.get(name) or replicated(p.shape)
                 dist.all_reduce(p.grad, group=grid.group(*layout.grad_axes).group)
-                want = local_slice(ref_named[name].grad, layout.shard).reshape(p.shape)
+                want = local_slice(ref_grads[name], layout.shard).reshape(p.shape)
                 grad_err = max(grad_err, ((p.grad - want).norm() / want.norm().clamp_min(1e-3)).item())
-        out.append({"loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(), "grad_err": grad_err})
+        out.append({"loss_err": abs(loss.item() - ref_loss) / ref_loss, "grad_err": grad_err})
     return out
