@@ -219,11 +219,11 @@ def _axon_plan(run_dir: Path) -> tuple[str, Optional[float]]:
         return "", None
     info = json.loads(path.read_text())
     plan = info.get("plan", {})
-    keys = ("dp", "pp", "cp", "tp_col", "tp_row", "tp_depth", "zero", "schedule", "virtual_stages",
-            "sequence_parallel", "micro_batch_size", "recompute")
+    defaults = {"dp": 1, "pp": 1, "cp": 1, "tp_col": 1, "tp_row": 1, "tp_depth": 1, "zero": 0, "schedule": None,
+                "virtual_stages": 1, "sequence_parallel": False, "micro_batch_size": 1, "recompute": "none"}
     if plan.get("pp", 1) == 1:
-        keys = tuple(k for k in keys if k not in ("schedule", "virtual_stages"))
-    layout = " ".join(f"{k}={plan[k]}" for k in keys if k in plan and plan[k] not in (1, 0, False, "none", None))
+        defaults = {k: v for k, v in defaults.items() if k not in ("schedule", "virtual_stages")}
+    layout = " ".join(f"{k}={plan[k]}" for k, default in defaults.items() if plan.get(k, default) != default)
     return layout, (info.get("estimate") or {}).get("tokens_per_s")
 
 

@@ -304,8 +304,9 @@ class Cluster:
         rates and memory are its share of the machine: measured while measured_ranks ranks shared
         compute_units processors, a rank gets compute_units / max(ranks, compute_units) of them
         (one thread per rank uses at most one), so peak_flops, mem_bw and host_bw scale by
-        max(U, measured) / max(U, ranks) and the RAM per rank (hbm_bytes) by measured / ranks.
-        Device presets are returned unchanged."""
+        max(U, measured) / max(U, ranks), the per-Block dispatch time (block_overhead_s, CPU time
+        too) by its inverse, and the RAM per rank (hbm_bytes) by measured / ranks. Device presets
+        are returned unchanged."""
         measured = self.measured_ranks or self.gpus_per_node
         if self.compute_units <= 0 or ranks == measured == self.gpus_per_node:
             return self
@@ -313,6 +314,7 @@ class Cluster:
         scale = max(units, measured) / max(units, ranks)
         return replace(self, gpus_per_node=ranks, measured_ranks=ranks, peak_flops=self.peak_flops * scale,
                        mem_bw=self.mem_bw * scale, host_bw=self.host_bw * scale,
+                       block_overhead_s=self.block_overhead_s / scale,
                        hbm_bytes=self.hbm_bytes * measured / ranks)
 
     @property

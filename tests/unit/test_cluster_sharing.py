@@ -8,7 +8,7 @@ from axon.metrics import device_peak_flops
 from perfmodel.specs import Cluster
 
 CPU = Cluster(name="cpu", gpus_per_node=8, compute_units=2, measured_ranks=8, peak_flops=1e10, mem_bw=1e9,
-              host_bw=1e9, hbm_bytes=3e9)
+              host_bw=1e9, hbm_bytes=3e9, block_overhead_s=0.008)
 
 
 @pytest.mark.parametrize("ranks,scale", [(8, 1.0), (4, 2.0), (2, 4.0), (1, 4.0), (16, 0.5)])
@@ -16,6 +16,7 @@ def test_rates_scale_with_each_ranks_share_of_the_cores(ranks, scale):
     c = CPU.sharing(ranks)
     assert c.gpus_per_node == ranks and c.measured_ranks == ranks
     assert (c.peak_flops, c.mem_bw, c.host_bw) == pytest.approx((1e10 * scale, 1e9 * scale, 1e9 * scale))
+    assert c.block_overhead_s == pytest.approx(0.008 / scale)  # dispatch is CPU time, shared alike
     assert c.hbm_bytes == pytest.approx(3e9 * 8 / ranks)  # the RAM the ranks share
     assert c.sharing(ranks) == c  # idempotent
     # the machine's peak (MFU's denominator) does not depend on how many ranks share it
