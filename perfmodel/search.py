@@ -2,14 +2,16 @@
 
 Pruning keeps it fast without losing the optimum:
 - best first: every layout gets a lower bound of its step time (its microbatches' work at the
-  cheapest recomputation; computed only when the cheaper bound of their compute alone could come
-  first); layouts are evaluated in bound order, and the search stops once the bound passes the
+  cheapest recomputation, stretched by the least bubble its schedules can have
+  (`pipeline.bubble_bound`, no simulation); computed only when the cheaper bound of their compute
+  alone could come first); layouts are evaluated in bound order, and the search stops once the bound passes the
   `top`-th best ranking key found; inside a layout a schedule is only costed
   (simulated) when the step's floor (its bubble at `pipeline.bubble_floor`, no offload, the least
   gradient sync and optimizer time) beats the best so far, and a micro-batch choice is dropped
   as soon as its microbatches' work alone cannot;
 - a Block's costs (`block_cost.block_costs`) are computed once per search for each tensor / context
-  layout and micro-batch, shared by every pp and dp; the per-microbatch costs once per (layout,
+  layout and micro-batch, shared by every pp and dp; the schedule choices with what they fix once
+  per (pp, microbatches) (`_schedule_table`); the per-microbatch costs once per (layout,
   micro-batch, cp_mode, recompute) and reused across schedules, offload and ZeRO choices;
 - recompute (none < selective < full), activation offload (0 < 0.5 < 1) and optimizer offload
   (off < on) only ever add time and save memory, so a choice is skipped when a cheaper
