@@ -75,7 +75,7 @@ def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 600
             _wait(procs)
         finally:
             stopped = _stop(procs)
-        failed = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in stopped]
+        failed = _failed(procs, stopped, out)
         if failed:
             raise RuntimeError(_failure_report(fn, procs, failed, stopped, out))
         return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(world)]
@@ -121,6 +121,14 @@ def _stop(procs: list) -> set[int]:
     return stopped
 
 
+def _failed(procs: list, stopped: set[int], out: str) -> list[int]:
+    """The ranks that failed: exited non-zero unless stopped by us, and every rank that reported
+    its own exception (`_entry` writes `<rank>.err`) even if it was stopped on its way out: under
+    load its teardown can outlast the grace a peer's quicker failure started."""
+    return [r for r, p in enumerate(procs)
+            if (p.exitcode != 0 and r not in stopped) or os.path.exists(os.path.join(out, f"{r}.err"))]
+
+
 def _failure_report(fn: Callable[..., Any], procs: list, failed: list[int], stopped: set[int], out: str) -> str:
     """The failed ranks, root cause first: a rank that died without a Python exception (killed,
     os._exit), else the earliest exception; then the others, and the ranks stopped."""
@@ -139,6 +147,6 @@ def _failure_report(fn: Callable[..., Any], procs: list, failed: list[int], stop
     text = f"rank {first} failed in {fn.__name__}:\n{found[first][1]}"
     for r in rest:
         text += f"\nthen rank {r}: {found[r][1].strip().splitlines()[-1]}"
-    if stopped:
-        text += f"\nranks {sorted(stopped)} were still running and were stopped"
+    if stopped - set(failed):
+        text += f"\nranks {sorted(stopped - set(failed))} were still running and were stopped"
     return text

@@ -131,3 +131,22 @@ def test_mpiexec_through_srun_proxies_is_mpi() -> None:
 def test_inconsistent_environment_is_a_clear_error(environ: dict, match: str) -> None:
     with pytest.raises(LaunchEnvError, match=match):
         detect(environ)
+
+
+def test_a_rank_stopped_after_its_own_exception_is_named_first(tmp_path):
+    """launch/local.py: the rank that raised is the root cause even when it was still tearing down
+    (stopped by the supervisor) after its peer, whose barrier broke, had already exited non-zero."""
+    from types import SimpleNamespace
+
+    from launch.local import _failed, _failure_report
+
+    procs = [SimpleNamespace(exitcode=1), SimpleNamespace(exitcode=-15)]  # rank 1 stopped by SIGTERM
+    (tmp_path / "1.err").write_text("100.0\nTraceback ...\nValueError: rank 1 fails on purpose\n")
+    (tmp_path / "0.err").write_text("101.0\nTraceback ...\nRuntimeError: Connection closed by peer\n")
+    failed = _failed(procs, {1}, str(tmp_path))
+    assert failed == [0, 1]
+    report = _failure_report(SimpleNamespace(__name__="fn"), procs, failed, {1}, str(tmp_path))
+    assert report.startswith("rank 1 failed in fn:\nTraceback ...\nValueError: rank 1 fails on purpose")
+    assert "then rank 0: RuntimeError: Connection closed by peer" in report and "were stopped" not in report
+    (tmp_path / "1.err").unlink()  # a rank stopped with no error of its own is not a failure
+    assert _failed(procs, {1}, str(tmp_path)) == [0]
