@@ -332,8 +332,8 @@ def runs_table(cache: dict) -> list[str]:
             rows.append(f"| {w} | {t + 1} | {k} | | failed | | | {m.wall_s:.0f} | {m.error.replace('|', '/')} |")
             continue
         pred = f"{m.predicted_tps / m.median:.2f}" if m.predicted_tps else ""
-        rows.append(f"| {w} | {t + 1} | {k} | {m.layout} | {m.median:,.0f} | {pred} | {statistics.median(m.step_s):.3f} "
-                    f"| {m.wall_s:.0f} | {m.first_loss:.4f} |")
+        rows.append(f"| {w} | {t + 1} | {k} | {m.layout} | {m.median:,.0f} | {pred} "
+                    f"| {statistics.median(m.step_s):.3f} | {m.wall_s:.0f} | {m.first_loss:.4f} |")
     return rows
 
 

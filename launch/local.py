@@ -147,6 +147,7 @@ def _failure_report(fn: Callable[..., Any], procs: list, failed: list[int], stop
     text = f"rank {first} failed in {fn.__name__}:\n{found[first][1]}"
     for r in rest:
         text += f"\nthen rank {r}: {found[r][1].strip().splitlines()[-1]}"
-    if stopped - set(failed):
-        text += f"\nranks {sorted(stopped - set(failed))} were still running and were stopped"
+    still = sorted(stopped - set(failed))  # stopped without an error of their own
+    if still:
+        text += f"\nranks {still} were still running and were stopped"
     return text
