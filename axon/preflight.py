@@ -9,7 +9,8 @@ errors. Read-only: nothing is created or written.
 Settings' ranges are checked when the config is frozen (each type's RANGES, axon/config.py and
 perfmodel/specs.py), the layout by perfmodel/rules.py (train.resolve_plan), the backend by
 launch/dist.py (train.resolve_launch). This module adds what needs the file system or several
-settings at once: the Goldfish settings (axon/goldfish.py), the run directory, the data files
+settings at once: the cluster settings only the performance model prices (perfmodel/rules.py
+`training_cluster_rules`), the Goldfish settings (axon/goldfish.py), the run directory, the data files
 (axon/data.py), the checkpoint a resume would load (axon/checkpoint.py), and memory. The modules
 needing torch are imported where used: `axon tune` and `axon prepare-data` use the path checks
 without torch.
@@ -44,7 +45,9 @@ def check(cfg: RunConfig, world: int, estimate: Optional[dict[str, Any]] = None,
     `host_bytes`: a node's memory for a CPU run (None = this machine's)."""
     from axon import data as data_mod
     from axon import goldfish, run_dir
+    from perfmodel import rules
 
+    rules.raise_if(rules.training_cluster_rules(cfg.cluster))
     goldfish.check(cfg.train.goldfish)
     check_run_location(cfg.run_name, cfg.run_dir)
     run_dir.preflight(cfg.run_dir, cfg.checkpoint.resume)  # another run's checkpoints, a live job

@@ -169,8 +169,10 @@ def report(header: dict[str, Any], estimates: list[Estimate], cluster: Cluster) 
     """The ranked table (memory against the device's HBM), the winner's time and memory breakdown,
     what limits it, and why it beats the runner-up (with the tie-break when they are close)."""
     stack = (f"{cluster.stack} stack, a Block at {cluster.efficiency:.0%} of peak (cluster.stack)"
-             if cluster.eager_efficiency is not None else  # one measured rate for both stacks (local-cpu)
-             f"a Block at {cluster.efficiency:.0%} of peak (measured on this machine's stack)")
+             if cluster.eager_efficiency is not None or cluster.compiled_efficiency is not None else
+             f"a Block at {cluster.efficiency:.0%} of peak (measured on this machine's stack)")  # local-cpu: one rate
+    stack += "".join(f", {name} priced (cluster.{knob}; axon train refuses it)" for name, knob, on in (
+        ("Float8 Linears", "float8_linears", cluster.float8_linears), ("AsyncTP", "async_tp", cluster.async_tp)) if on)
     lines = [f"{header['model']} on {header['world']} devices of {header['cluster']}: global batch "
              f"{header['global_batch_size']} x {header['seq_len']} tokens; {stack}"]
     if header.get("batch_note"):

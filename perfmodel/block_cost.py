@@ -35,13 +35,17 @@ def block_compute(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockComput
     near gemm_half_dim; the whole Block (norms, RoPE, softmax, elementwise work, autograd) is
     priced at that rate: the efficiency is the fraction of peak a real Block reaches (calibrated
     on a Block for local-cpu, axon/calibrate.py; on published runs for the GPU presets,
-    configs/cluster/*.yaml)."""
+    configs/cluster/*.yaml). The attention core runs at attention_efficiency x that rate (flash
+    attention reaches a smaller fraction of peak than a GEMM); Float8 Linears
+    (`Cluster.float8_linears`) run float8_speedup x faster, the attention core and the head in bf16."""
     x, y = plan.tp_col, plan.tp_row
     tokens = plan.micro_batch_size * seq / plan.cp  # this rank's tokens (batch already split over dp x depth)
     smallest = min(tokens, m.d_model / max(x, y))
     rate = c.peak_flops * c.efficiency * smallest / (smallest + c.gemm_half_dim)
-    gemm = tokens * flops.layer_gemm_flops(m) / (x * y) / rate
-    attn = tokens * flops.attention_flops(m, seq) / x / rate  # causal attention core (heads split over tp_col only)
+    linear_rate = rate * c.float8_speedup if c.float8_linears else rate
+    gemm = tokens * flops.layer_gemm_flops(m) / (x * y) / linear_rate
+    # causal attention core (heads split over tp_col only), at attention_efficiency x the GEMMs' rate
+    attn = tokens * flops.attention_flops(m, seq) / x / (rate * c.attention_efficiency)
     head = tokens * flops.head_flops(m) / (x * y) / rate
     return BlockCompute(gemm, attn, head)
 
@@ -135,7 +139,13 @@ def block_costs(m: ModelSpec, plan: Plan, c: Cluster, seq: int) -> BlockCosts:
         fwd_row * comm.all_reduce(vol.fwd_over_row / fwd_row, y, row) + norms
     backward_col = bwd_col * comm.all_reduce(vol.bwd_over_col / bwd_col, x, col)
     backward_ar = backward_col + bwd_row * comm.all_reduce(vol.bwd_over_row / bwd_row, y, row) + norms
-    exposed_dx = exposed(backward_ar, gemm, plan.overlap_tp_input_grad, c)
+    overlap_window = gemm  # the dX all-reduce behind the dW GEMM
+    if c.async_tp and plan.sequence_parallel and x > 1:  # each pass's collectives behind that pass's GEMMs
+        overlap_window = 2 * gemm
+        exposed_f = exposed(forward_ar, gemm, True, c)
+        _add(hidden_fwd, (col.kind, "tp"), forward_ar - exposed_f)
+        forward_ar = exposed_f
+    exposed_dx = exposed(backward_ar, overlap_window, plan.overlap_tp_input_grad, c)
     tensor = forward_ar + exposed_dx
     if backward_ar > exposed_dx:  # the hidden part, on the tp_col and tp_row links in proportion
         _add(hidden_bwd, (col.kind, "tp"), (backward_ar - exposed_dx) * backward_col / backward_ar)

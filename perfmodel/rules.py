@@ -18,14 +18,16 @@ rule. The groups, by what they read:
 - `schedule_rules(plan, microbatches)`: the pipeline schedule with the real microbatch count
   (chunks per rank, interleaving groups); the schedule builder checks with it too;
 - `packed_rules(model, plan)`: what packed instruction data (several documents per row,
-  axon/sft_data.py) cannot combine with; the trainer checks it when data.path is packed.
+  axon/sft_data.py) cannot combine with; the trainer checks it when data.path is packed;
+- `training_cluster_rules(cluster)`: what the performance model prices for other stacks' runs but
+  Axon's trainer does not do (preflight refuses it before `axon train` or `axon submit` starts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from perfmodel.schedules import SCHEDULES, V_SHAPED, chunks_per_rank
-from perfmodel.specs import AXES, ModelSpec, Plan, PlanError
+from perfmodel.specs import AXES, Cluster, ModelSpec, Plan, PlanError
 
 ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE = ("none", "selective", "full")  # cheapest first (the search relies on the order)
@@ -220,6 +222,19 @@ def packed_rules(m: ModelSpec, p: Plan) -> list[Violation]:
         out.append(_v("parallel.sequence_parallel", "packed instruction data with model.pos=learned does not support "
                                                     "parallel.sequence_parallel=true; set it to false or use "
                                                     "model.pos=rope"))
+    return out
+
+
+def training_cluster_rules(c: Cluster) -> list[Violation]:
+    """Cluster settings that price another stack's published run (benchmarks/perfmodel_anchors.py):
+    a run of Axon's trainer priced with them would be predicted for work it does not do."""
+    out = []
+    if c.float8_linears:
+        out.append(_v("cluster.float8_linears", "cluster.float8_linears=true prices Float8 Linears, which Axon's "
+                                                "trainer does not run (its Linears are bf16); set it to false"))
+    if c.async_tp:
+        out.append(_v("cluster.async_tp", "cluster.async_tp=true prices tensor-parallel collectives overlapped with "
+                                          "every GEMM, which Axon's trainer does not do; set it to false"))
     return out
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Optional
 
 AXES = ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")  # outermost first; tp_col innermost
-STACKS = ("fused", "eager")  # Cluster.stack: the software stacks a compute efficiency is given for
+STACKS = ("fused", "compiled", "eager")  # Cluster.stack: the software stacks a compute efficiency is given for
 
 
 class PlanError(ValueError):
@@ -255,14 +255,31 @@ class Cluster:
     mem_bw: float = 1e11  # device memory bandwidth (bytes/s); prices the optimizer step
     # the software stack the Blocks run on, which sets the fraction of peak they reach (`efficiency`):
     # fused (fused kernels: Axon's Triton kernels, model.kernels=auto on GPUs; Megatron-LM; Meta's Llama 3
-    # stack) | eager (PyTorch eager ops: model.kernels=torch; torchtitan without torch.compile)
+    # stack) | compiled (PyTorch ops under torch.compile: torchtitan with compile) | eager (PyTorch eager
+    # ops: model.kernels=torch; torchtitan without torch.compile)
     stack: str = "fused"
     # fraction of peak_flops a whole transformer Block reaches at large sizes on the fused stack (each GPU
     # preset's is fitted on published runs, cited beside it in configs/cluster/*.yaml)
     compute_efficiency: float = 0.6
-    # the same on the eager stack; None: compute_efficiency (a preset measured on its own stack: local-cpu)
+    # the same on the compiled and the eager stacks; None: compute_efficiency (a preset measured on its own
+    # stack: local-cpu)
+    compiled_efficiency: Optional[float] = None
     eager_efficiency: Optional[float] = None
+    # Two techniques of other stacks, priced so that their published runs can be checked against the model
+    # (benchmarks/perfmodel_anchors.py); Axon's trainer runs neither (bf16 Linears; TP collectives
+    # overlapped with the weight-gradient GEMM only), so `axon train` refuses them (perfmodel/rules.py).
+    # float8_linears: the Blocks' Linears run their three GEMMs in Float8 with dynamic tensorwise scaling
+    # (torchao's Float8Linear; the output head stays bf16), float8_speedup x faster than in bf16 on the same
+    # stack, the scaling and casts included (fitted per preset on a published bf16 / Float8 pair)
+    float8_linears: bool = False
+    float8_speedup: float = 1.0
+    # async_tp: sequence-parallel TP's all-gathers and reduce-scatters decomposed and overlapped with the
+    # GEMMs that consume or produce them, in both passes (torchtitan AsyncTP, Megatron-LM --tp-comm-overlap)
+    async_tp: bool = False
     gemm_half_dim: float = 64.0  # a GEMM whose smallest dim is this reaches half that rate
+    # the causal attention core's rate over the GEMMs' (flash attention kernels reach a smaller fraction of
+    # peak than GEMMs; 1 where the Block's efficiency was measured as a whole: local-cpu)
+    attention_efficiency: float = 1.0
     # fixed seconds per Block forward + backward of a microbatch, whatever its size: operator dispatch
     # and kernel launches (calibrated for local-cpu; ~0 on GPUs, whose launches queue ahead)
     block_overhead_s: float = 0.0
@@ -279,7 +296,9 @@ class Cluster:
     RANGES: ClassVar[dict[str, Range]] = {
         "nodes": at_least(1), "gpus_per_node": at_least(1), "compute_units": at_least(0), "measured_ranks": at_least(0),
         "dtype_bytes": one_of(1, 2, 4, 8), "compute_efficiency": within(0, 1, low_open=True),
-        "stack": one_of(*STACKS), "eager_efficiency": Range(low=0, high=1, low_open=True, none_ok=True),
+        "attention_efficiency": within(0, 1, low_open=True),
+        "stack": one_of(*STACKS), "float8_speedup": at_least(1),
+        **{n: Range(low=0, high=1, low_open=True, none_ok=True) for n in ("compiled_efficiency", "eager_efficiency")},
         **{n: above(0) for n in ("peak_flops", "hbm_bytes", "host_bytes", "intra_bw", "inter_bw", "host_bw",
                                  "mem_bw")},
         **{n: at_least(0) for n in ("intra_lat", "inter_lat", "gemm_half_dim", "block_overhead_s",
@@ -295,9 +314,9 @@ class Cluster:
     @property
     def efficiency(self) -> float:
         """Fraction of peak_flops a whole Block reaches on this cluster's software stack (`stack`)."""
-        if self.stack == "eager" and self.eager_efficiency is not None:
-            return self.eager_efficiency
-        return self.compute_efficiency
+        own = self.eager_efficiency if self.stack == "eager" else \
+            self.compiled_efficiency if self.stack == "compiled" else None
+        return self.compute_efficiency if own is None else own
 
     def sharing(self, ranks: int) -> "Cluster":
         """This cluster run with `ranks` ranks per node. On a CPU preset (compute_units > 0) a rank's

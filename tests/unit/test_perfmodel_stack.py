@@ -21,16 +21,20 @@ WIDE = ModelSpec(n_layers=8, d_model=128, n_heads=4, n_kv_heads=2, d_ff=344, voc
 
 def test_unknown_stack_is_one_line_naming_the_field_and_the_stacks():
     with pytest.raises(RangeError) as err:
-        Cluster(stack="compiled")
-    assert str(err.value) == "cluster.stack='compiled' is not one of fused, eager"
-    with pytest.raises(RangeError, match=r"^cluster\.stack='jit' is not one of fused, eager$"):
+        Cluster(stack="jit")
+    assert str(err.value) == "cluster.stack='jit' is not one of fused, compiled, eager"
+    with pytest.raises(RangeError, match=r"^cluster\.stack='jit' is not one of fused, compiled, eager$"):
         freeze(load(["cluster=dgx-h100", "cluster.stack=jit"]))
 
 
-def test_eager_efficiency_is_a_fraction_or_unset():
-    with pytest.raises(RangeError, match="cluster.eager_efficiency=1.5"):
-        Cluster(eager_efficiency=1.5)
-    assert Cluster(compute_efficiency=0.4, stack="eager").efficiency == 0.4  # unset: one measured stack
+def test_stack_efficiencies_are_fractions_or_unset():
+    for name in ("eager_efficiency", "compiled_efficiency"):
+        with pytest.raises(RangeError, match=f"cluster.{name}=1.5"):
+            Cluster(**{name: 1.5})
+    for stack in ("eager", "compiled"):  # unset: one measured stack
+        assert Cluster(compute_efficiency=0.4, stack=stack).efficiency == 0.4
+    both = Cluster(compute_efficiency=0.5, compiled_efficiency=0.4, eager_efficiency=0.3)
+    assert [replace(both, stack=s).efficiency for s in ("fused", "compiled", "eager")] == [0.5, 0.4, 0.3]
 
 
 def test_eager_stack_prices_the_same_layout_slower_by_the_efficiency_ratio():
@@ -44,16 +48,18 @@ def test_eager_stack_prices_the_same_layout_slower_by_the_efficiency_ratio():
     assert eager.step_time_s > 2 * fused.step_time_s
 
 
-def test_gpu_presets_state_the_eager_over_fused_ratio_and_local_cpu_keeps_its_number():
+def test_gpu_presets_state_each_stacks_efficiency_and_local_cpu_keeps_its_number():
     h100 = freeze(load(["cluster=dgx-h100"])).cluster
-    assert (h100.stack, h100.efficiency) == ("fused", 0.55)  # Axon's own runs: the fused stack
+    assert (h100.stack, h100.efficiency) == ("fused", 0.57)  # Axon's own runs: the fused stack
+    assert replace(h100, stack="compiled").efficiency == 0.46
     eager = replace(h100, stack="eager")
-    assert eager.efficiency == 0.32
+    assert eager.efficiency == 0.39
     m = ModelSpec(n_layers=2, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=128256)
     fast, slow = (block_compute(m, Plan(), c, 8192) for c in (h100, eager))
-    assert slow.gemm / fast.gemm == pytest.approx(0.55 / 0.32)
+    assert slow.gemm / fast.gemm == pytest.approx(0.57 / 0.39)
     cpu = freeze(load(["cluster=local-cpu"])).cluster
     assert cpu.efficiency == cpu.compute_efficiency == replace(cpu, stack="eager").efficiency
+    assert cpu.attention_efficiency == 1.0  # its Block was measured as a whole
 
 
 @pytest.mark.parametrize("schedule,v,holder", [("zbv", 2, 0), ("vhalf", 2, 0), ("interleaved", 2, 1)])

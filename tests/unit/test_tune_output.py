@@ -114,11 +114,15 @@ def test_plot_has_time_and_memory_panels_with_legends_outside(tmp_path):
 
 
 def test_the_stack_is_named_only_where_the_preset_prices_two():
-    """A GPU preset has a fused and an eager efficiency (cluster.stack picks one); local-cpu has one
+    """A GPU preset has a fused, a compiled and an eager efficiency (cluster.stack picks one); local-cpu has one
     rate, measured on this machine, so the header does not claim a stack for it."""
     header = {"model": "tiny", "world": 8, "cluster": "local-cpu", "global_batch_size": 16, "seq_len": 128}
     cfg, ests = _tiny(Plan(dp=8))
     assert "stack," not in report(header, ests, cfg.cluster).splitlines()[0]
     assert "measured on this machine's stack" in report(header, ests, cfg.cluster).splitlines()[0]
     gpu = freeze(load(["model=tiny", "cluster=dgx-h100", "cluster.stack=eager"])).cluster
-    assert "eager stack, a Block at 32% of peak" in report(header, ests, gpu).splitlines()[0]
+    assert "eager stack, a Block at 39% of peak" in report(header, ests, gpu).splitlines()[0]
+    f8 = dataclasses.replace(gpu, stack="compiled", float8_linears=True)
+    assert report(header, ests, f8).splitlines()[0].endswith(
+        "compiled stack, a Block at 46% of peak (cluster.stack), Float8 Linears priced (cluster.float8_linears; "
+        "axon train refuses it)")
