@@ -1,10 +1,14 @@
 """Calibrate the performance model on this machine (`axon tune --calibrate`).
 
 Starts `ranks` local processes on gloo (127.0.0.1) and measures, while all ranks run at once:
-- the fp32 GEMM rate per rank at two sizes (giving peak_flops and gemm_half_dim);
-- the forward + backward time of a transformer Block of the configured model at two batch sizes
-  (giving compute_efficiency, how far below the GEMM rate a whole Block runs: norms, RoPE,
-  softmax, elementwise ops and autograd; and block_overhead_s, a fixed cost per Block pass);
+- the fp32 GEMM rate per rank at two sizes (giving peak_flops);
+- the forward + backward time of a transformer Block of the configured model, and of one twice as
+  wide, at two batch sizes each (`block_law_fit`: compute_efficiency, how far below the GEMM rate
+  a whole Block runs: norms, RoPE, softmax, elementwise ops and autograd; gemm_half_dim, how that
+  rate falls with the Block's smallest dimension: per token the elementwise work grows with
+  d_model, the GEMMs' with its square, so a narrower Block spends a larger share outside GEMMs
+  (one width alone priced a Block twice as wide ~20% too slow); and block_overhead_s, a fixed
+  cost per Block pass);
 - the memory copy rate;
 - the time of all-reduce, all-gather and reduce-scatter for each group size 2, 4, ... ranks over
   a few message sizes.
@@ -25,7 +29,9 @@ import resource
 import statistics
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,6 +47,7 @@ GEMM_DIMS = (128, 512)
 GEMM_REPEATS = 5
 REPEATS = 3
 BLOCK_BATCHES, BLOCK_CALLS = (1, 4), 3  # sequences per timed Block call, calls per sample
+BLOCK_WIDTHS = (1, 2)  # the configured Block and one this many times as wide (heads too: same head size)
 LOAD_DIM, LOAD_CALLS = 256, 8  # GEMM before each timed collective call (~10 ms with every rank busy), calls per sample
 
 
@@ -73,22 +80,32 @@ def _gemm_rates() -> dict[int, float]:
     return {n: 2 * n**3 * reps[n] / statistics.median(times[n]) for n in GEMM_DIMS}
 
 
-def _block_times(spec: ModelSpec, seq: int) -> dict[int, float]:
-    """Seconds of one forward + backward of a transformer Block of `spec` on b x `seq` tokens for
-    each b in BLOCK_BATCHES, every rank busy (median of 5; the sizes alternate)."""
-    block = Block(spec)  # default init: the values do not matter, the shapes do
-    rope = rope_tables(torch.arange(seq), spec) if spec.pos == "rope" else None
-    xs = {b: torch.randn(b, seq, spec.d_model, requires_grad=True) for b in BLOCK_BATCHES}  # [b, S, h]
-    times: dict[int, list[float]] = {b: [] for b in BLOCK_BATCHES}
+def widened(spec: ModelSpec, k: int) -> ModelSpec:
+    """`spec` k times as wide: d_model, d_ff and the head counts (the head size stays)."""
+    return replace(spec, d_model=spec.d_model * k, d_ff=spec.d_ff * k, n_heads=spec.n_heads * k,
+                   n_kv_heads=spec.n_kv_heads * k)
+
+
+def _block_times(spec: ModelSpec, seq: int) -> dict[tuple[int, int], float]:
+    """Seconds of one forward + backward of a transformer Block of `widened(spec, k)` on b x `seq`
+    tokens, by (k, b) for each k in BLOCK_WIDTHS and b in BLOCK_BATCHES, every rank busy (median of
+    5; the shapes alternate)."""
+    blocks, xs = {}, {}
+    for k in BLOCK_WIDTHS:
+        wide = widened(spec, k)
+        blocks[k] = (Block(wide), rope_tables(torch.arange(seq), wide) if wide.pos == "rope" else None)  # default init
+        xs.update({(k, b): torch.randn(b, seq, wide.d_model, requires_grad=True) for b in BLOCK_BATCHES})  # [b, S, h]
+    times: dict[tuple[int, int], list[float]] = {key: [] for key in xs}
     for i in range(6):  # the first round warms up
-        for b, x in xs.items():
+        for (k, b), x in xs.items():
+            block, rope = blocks[k]
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(BLOCK_CALLS):
                 block(x, rope).sum().backward()
             if i:
-                times[b].append((time.perf_counter() - t0) / BLOCK_CALLS)
-    return {b: statistics.median(ts) for b, ts in times.items()}
+                times[(k, b)].append((time.perf_counter() - t0) / BLOCK_CALLS)
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def block_fit(spec: ModelSpec, seq: int, block_s: dict[int, float], peak: float, half: float
@@ -106,6 +123,28 @@ def block_fit(spec: ModelSpec, seq: int, block_s: dict[int, float], peak: float,
     if inv_eff <= 1.0 or overhead < 0:  # too noisy to separate the terms (or above the GEMM rate): rate only
         return min(1.0, i2 / t2), 0.0
     return 1.0 / inv_eff, overhead
+
+
+def block_law_fit(samples: list[tuple[ModelSpec, int, float]], seq: int, peak: float
+                  ) -> Optional[tuple[float, float, float]]:
+    """(compute_efficiency, block_overhead_s, gemm_half_dim) from Block times (spec, sequences,
+    seconds) of at least two widths: the model's law (perfmodel/block_cost.py block_compute), t =
+    overhead + ideal / efficiency * (s + half) / s, with ideal the forward + backward at the GEMM
+    peak (3x the forward GEMMs and attention core) and s the smallest of the Block's tokens and
+    d_model, is linear in (overhead, 1 / efficiency, half / efficiency): least squares on the
+    relative error. None when noise makes a term negative or the rate exceeds the GEMM peak."""
+    ideal = Cluster(peak_flops=peak, gemm_half_dim=0.0, compute_efficiency=1.0)
+    rows, targets = [], []
+    for spec, b, t in samples:
+        bc = block_compute(spec, Plan(micro_batch_size=b), ideal, seq)
+        x = 3 * (bc.gemm + bc.attn)
+        rows.append([1.0 / t, x / t, x / min(b * seq, spec.d_model) / t])  # each row divided by t: relative error
+        targets.append([1.0])
+    sol = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64))
+    overhead, inv_eff, half_over_eff = sol.solution.flatten().tolist()
+    if overhead < 0 or inv_eff < 1.0 or half_over_eff < 0:
+        return None
+    return 1.0 / inv_eff, overhead, half_over_eff / inv_eff
 
 
 def _p2p_time(peer: int, size: int, a: torch.Tensor, base: float) -> float:
@@ -184,7 +223,7 @@ def measure(ranks: int, spec: ModelSpec, seq: int) -> dict:
     results = dict(enumerate(spawn(ranks, _worker, spec, seq)))
     return {"gemm": {n: min(r["gemm"][n] for r in results.values()) for n in GEMM_DIMS},
             "copy": min(r["copy"] for r in results.values()),
-            "block": {b: max(r["block"][b] for r in results.values()) for b in BLOCK_BATCHES},
+            "block": {key: max(r["block"][key] for r in results.values()) for key in results[0]["block"]},
             "rss": max(r["rss"] for r in results.values()),
             "collectives": results[0]["collectives"], "p2p": results[0]["p2p"]}
 
@@ -204,14 +243,24 @@ def calibrate(spec: ModelSpec, seq: int, ranks: int = 8, out: Path = OUT) -> Pat
         half = (n1 - ratio * n1) / (ratio - n1 / n2)
     peak = r2 * (n2 + half) / n2
     alpha, beta = _fit(m["collectives"])
-    eff, overhead = block_fit(spec, seq, m["block"], peak, half)
+    law = block_law_fit([(widened(spec, k), b, t) for (k, b), t in m["block"].items()], seq, peak)
+    if law is None:  # too noisy for three terms: the configured width's rate and fixed part, the GEMMs' half
+        eff, overhead = block_fit(spec, seq, {b: t for (k, b), t in m["block"].items() if k == 1}, peak, half)
+        block_half, how = half, "the GEMMs' half rate: too noisy to fit across the widths"
+    else:
+        eff, overhead, block_half = law
+        how = "fitted on the Blocks"
     lines = [f"# This machine, measured by `axon tune --calibrate` with {ranks} gloo ranks on 127.0.0.1 "
              f"({time.perf_counter() - t0:.1f} s).",
-             f"# fp32 GEMM per rank while all ranks run: {r1 / 1e9:.2f} GFLOP/s at n={n1}, {r2 / 1e9:.2f} at n={n2};"
-             f" copy {m['copy'] / 1e9:.2f} GB/s; peak RSS {m['rss'] / 1e6:.0f} MB per rank.",
-             f"# Block forward + backward (d_model {spec.d_model}, d_ff {spec.d_ff}), slowest rank: " +
-             ", ".join(f"{b} x {seq} tokens {t * 1e3:.1f} ms" for b, t in m["block"].items()) +
-             f"; fitted: {overhead * 1e3:.2f} ms fixed + the model's GEMM time / {eff:.2f}.",
+             f"# fp32 GEMM per rank while all ranks run: {r1 / 1e9:.2f} GFLOP/s at n={n1}, {r2 / 1e9:.2f} at n={n2}"
+             f" (half rate at n={half:.1f}); copy {m['copy'] / 1e9:.2f} GB/s;"
+             f" peak RSS {m['rss'] / 1e6:.0f} MB per rank.",
+             *(f"# Block forward + backward (d_model {widened(spec, k).d_model}, d_ff {widened(spec, k).d_ff}),"
+               " slowest rank: " +
+               ", ".join(f"{b} x {seq} tokens {t * 1e3:.1f} ms" for (kk, b), t in m["block"].items() if kk == k)
+               for k in BLOCK_WIDTHS),
+             f"# fitted: {overhead * 1e3:.2f} ms fixed + the model's GEMM time / {eff:.2f}, the rate falling as"
+             f" s / (s + {block_half:.1f}), s the smaller of tokens and d_model ({how}).",
              "# alpha (us) / beta (GB/s) fitted per collective and group size (ring formulas):"]
     for kind in ("all_reduce", "all_gather", "reduce_scatter"):
         fits = []
@@ -234,7 +283,7 @@ def calibrate(spec: ModelSpec, seq: int, ranks: int = 8, out: Path = OUT) -> Pat
               f"intra_lat: {alpha:.4g}", f"inter_lat: {alpha:.4g}", f"host_bw: {m['copy']:.4g}",
               f"mem_bw: {m['copy']:.4g}", f"compute_efficiency: {eff:.3g}  # a whole Block's rate / the GEMM rate (above)",
               f"block_overhead_s: {overhead:.4g}  # fixed time per Block forward + backward (above)",
-              f"gemm_half_dim: {half:.4g}", "dtype_bytes: 4  # fp32 on CPU",
+              f"gemm_half_dim: {block_half:.4g}  # {how} (above)", "dtype_bytes: 4  # fp32 on CPU",
               f"overhead_bytes: {m['rss']:.4g}  # a rank's resident size after init and these tests",
               f"compute_units: {len(os.sched_getaffinity(0))}  # cores the ranks share",
               f"measured_ranks: {ranks}  # ranks sharing them while measured (Cluster.sharing rescales)"]

@@ -289,8 +289,8 @@ class Cluster:
     # (a CPU run) peak_flops is a rank's rate while all are busy, and a rank idle in the pipeline
     # bubble lends its share to the busy ones
     compute_units: int = 0
-    # CPU presets: how many ranks shared the compute_units processors while peak_flops, mem_bw, host_bw
-    # and hbm_bytes were measured (axon tune --calibrate); 0 = gpus_per_node. See `sharing`
+    # CPU presets: how many ranks shared the compute_units processors while peak_flops, mem_bw, host_bw,
+    # intra_bw, intra_lat and hbm_bytes were measured (axon tune --calibrate); 0 = gpus_per_node. See `sharing`
     measured_ranks: int = 0
     SECTION: ClassVar[str] = "cluster"
     RANGES: ClassVar[dict[str, Range]] = {
@@ -322,18 +322,21 @@ class Cluster:
         """This cluster run with `ranks` ranks per node. On a CPU preset (compute_units > 0) a rank's
         rates and memory are its share of the machine: measured while measured_ranks ranks shared
         compute_units processors, a rank gets compute_units / max(ranks, compute_units) of them
-        (one thread per rank uses at most one), so peak_flops, mem_bw and host_bw scale by
+        (one thread per rank uses at most one), so peak_flops, mem_bw, host_bw and intra_bw scale by
         max(U, measured) / max(U, ranks), the per-Block dispatch time (block_overhead_s, CPU time
-        too) by its inverse, and the RAM per rank (hbm_bytes) by measured / ranks. Device presets
-        are returned unchanged."""
+        too) and intra_lat by its inverse, and the RAM per rank (hbm_bytes) by measured / ranks.
+        The node's link is loopback: its bytes are copied by the ranks' own CPU share, and its
+        latency is mostly waiting for peers that are descheduled (axon/calibrate.py), which a
+        larger share shortens alike (at 4 ranks on 2 cores a dp=4 gradient sync waits about half
+        of what the 8-rank constants give). Device presets are returned unchanged."""
         measured = self.measured_ranks or self.gpus_per_node
         if self.compute_units <= 0 or ranks == measured == self.gpus_per_node:
             return self
         units = self.compute_units
         scale = max(units, measured) / max(units, ranks)
         return replace(self, gpus_per_node=ranks, measured_ranks=ranks, peak_flops=self.peak_flops * scale,
-                       mem_bw=self.mem_bw * scale, host_bw=self.host_bw * scale,
-                       block_overhead_s=self.block_overhead_s / scale,
+                       mem_bw=self.mem_bw * scale, host_bw=self.host_bw * scale, intra_bw=self.intra_bw * scale,
+                       block_overhead_s=self.block_overhead_s / scale, intra_lat=self.intra_lat / scale,
                        hbm_bytes=self.hbm_bytes * measured / ranks)
 
     @property
