@@ -42,11 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from axon.config import RunConfig, freeze, load  # noqa: E402
-from benchmarks.perfmodel_world import MEMORY_KEYS, WORLD, plan_name, run_plans  # noqa: E402
-from perfmodel.estimate import estimate  # noqa: E402
 from perfmodel.specs import Plan  # noqa: E402
-from perfmodel.validation import (Sweep, candidate_plans, confirm_candidates, confirmed_ratio,  # noqa: E402
-                                  headline, predicted_best)
+from benchmarks.perfmodel_world import WORLD, plan_name, run_plans  # noqa: E402
+from perfmodel.validation import (MEMORY_KEYS, Sweep, candidate_plans, confirm_candidates,  # noqa: E402
+                                  confirmed_ratio, headline, predicted_best, score)
 
 FIGURES = ROOT / "benchmarks" / "figures"
 
@@ -62,21 +61,6 @@ def sweep(cfg: RunConfig) -> Sweep:
 
 
 # ---- comparison ----
-def score(cfg: RunConfig, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each measurement beside the current model's prediction."""
-    rows = []
-    for r in results:
-        plan = Plan.from_dict(r["plan"])
-        e = estimate(cfg.model, plan, cfg.cluster, cfg.train.global_batch_size, cfg.train.seq_len)
-        pred_mem = sum(getattr(e.memory, k) for k in MEMORY_KEYS)
-        meas_mem = sum(r["memory"][k] for k in MEMORY_KEYS)
-        rows.append({"name": plan_name(plan), "plan": r["plan"], "pred_s": e.step_time_s, "meas_s": r["step_time_s"],
-                     "pred_mem": pred_mem, "meas_mem": meas_mem, "pred_parts": {k: getattr(e.memory, k) for k in
-                                                                              MEMORY_KEYS},
-                     "meas_parts": {k: r["memory"][k] for k in MEMORY_KEYS}, "breakdown": e.breakdown})
-    return rows
-
-
 def report(rows: list[dict[str, Any]], verbose: bool) -> dict[str, float]:
     print(f"\n{'plan':<42} {'pred s':>8} {'meas s':>8} {'ratio':>6} {'pred MB':>8} {'meas MB':>8} {'ratio':>6}")
     for r in sorted(rows, key=lambda r: r["meas_s"]):
@@ -206,7 +190,7 @@ def main() -> None:
         results = kept + run_plans(cfg, plans, args.warmup, args.steps, lambda done: save(kept + done))
         print(f"measured in {time.perf_counter() - t0:.0f} s; saved to {args.out}")
         quick = args.quick
-    rows = score(cfg, results)
+    rows = score(sweep(cfg), results, plan_name)
     headline = report(rows, args.verbose)
     source = args.rescore or args.out
     saved = json.loads(source.read_text())

@@ -21,9 +21,9 @@ from launch import dist as launch_dist
 from launch.grid import Grid
 from launch.local import free_port, join_generation, local_store
 from perfmodel.specs import AXES, Plan
+from perfmodel.validation import MEMORY_KEYS
 
 WORLD = 8
-MEMORY_KEYS = ("params", "grads", "optimizer", "activations")
 
 
 def plan_name(p: Plan) -> str:

@@ -8,7 +8,8 @@ Ulysses. The pure data x pipeline layouts also run at micro-batch 1 and 2, with 
 selective recomputation and every other schedule (see `variants`). Last, the search's best plan
 for each of its top layouts, so the plan `axon tune` would pick is always measured.
 
-Scores (`headline`): the Spearman rank correlation of predicted and measured step times, the
+Scores (`score` sets each measurement beside the current model's prediction; `headline`): the
+Spearman rank correlation of predicted and measured step times, the
 measured time of the predicted-best plan over the measured best, and how far predicted memory
 is from measured. A row is a dict with pred_s, meas_s, pred_mem, meas_mem (and a name).
 """
@@ -18,7 +19,7 @@ import itertools
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from perfmodel.estimate import estimate
 from perfmodel.search import search
@@ -27,6 +28,7 @@ from perfmodel.specs import AXES, Cluster, ModelSpec, Plan, PlanError
 QUICK = ({"dp": 8}, {"pp": 2, "dp": 4}, {"tp_col": 2, "dp": 4}, {"cp": 2, "dp": 4}, {"pp": 8},
          {"tp_col": 2, "tp_row": 2, "tp_depth": 2})  # a handful of layouts of 8 ranks, two variants each
 MEMORY_TOLERANCE = 0.10  # "within 10%"
+MEMORY_KEYS = ("params", "grads", "optimizer", "activations")  # the Memory fields a measurement compares
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,21 @@ def spearman(a: list[float], b: list[float]) -> float:
     ma, mb = statistics.fmean(ra), statistics.fmean(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
+def score(sweep: Sweep, results: list[dict[str, Any]], name: Callable[[Plan], str] = str) -> list[dict[str, Any]]:
+    """Each measurement (plan dict, step_time_s, memory by MEMORY_KEYS) beside the current model's
+    prediction for it: the rows `headline` scores."""
+    rows = []
+    for r in results:
+        plan = Plan.from_dict(r["plan"])
+        e = estimate(sweep.model, plan, sweep.cluster, sweep.global_batch_size, sweep.seq_len)
+        pred_parts = {k: getattr(e.memory, k) for k in MEMORY_KEYS}
+        meas_parts = {k: r["memory"][k] for k in MEMORY_KEYS}
+        rows.append({"name": name(plan), "plan": r["plan"], "pred_s": e.step_time_s, "meas_s": r["step_time_s"],
+                     "pred_mem": sum(pred_parts.values()), "meas_mem": sum(meas_parts.values()),
+                     "pred_parts": pred_parts, "meas_parts": meas_parts, "breakdown": e.breakdown})
+    return rows
 
 
 def predicted_best(rows: list[dict[str, Any]]) -> dict[str, Any]:
