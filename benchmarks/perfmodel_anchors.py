@@ -239,7 +239,7 @@ def fmt(x: float, unit: str) -> str:
     return f"{x:.1%}" if unit == "MFU" else f"{x:.3f}x" if unit.startswith(SPEEDUP) else f"{x:,.0f}"
 
 
-def ratio(name: str, pub: float, unit: str, model, cluster, gbs: int, seq: int, layout, **changes) -> float:
+def ratio(pub: float, unit: str, model, cluster, gbs: int, seq: int, layout, **changes) -> float:
     """Predicted / published of an anchor at its published layout, with `changes` to its cluster."""
     return predict(unit, model, layout, replace(cluster, **changes), gbs, seq)[0] / pub
 
@@ -257,8 +257,8 @@ def calibrate(rows) -> None:
         low, high = (1.0, 3.0) if number == "float8_speedup" else (0.05, 1.0)
         for _ in range(30):
             mid = (low + high) / 2
-            logs = [math.log(ratio(n, pub, u, mdl, cl, gbs, seq, lay, **{number: mid}))
-                    for n, pub, u, mdl, cl, _, gbs, seq, lay, _ in members]
+            logs = [math.log(ratio(pub, u, mdl, cl, gbs, seq, lay, **{number: mid}))
+                    for _, pub, u, mdl, cl, _, gbs, seq, lay, _ in members]
             low, high = (mid, high) if sum(logs) < 0 else (low, mid)
         print(f"| {preset_name} | {number} | {(low + high) / 2:.3f} | {'; '.join(r[0] for r in members)} |", flush=True)
 
@@ -275,12 +275,12 @@ STEPS = [("their layouts as they ran; fused 0.55, attention at the GEMM rate, bf
 
 def steps() -> None:
     """Predicted / published of torchtitan's Float8 runs as each priced technique is added."""
-    runs = [r for r in torchtitan_runs() if r[3].n_layers > 32 and "Float8" in r[0] and "over" not in r[0]]
+    runs = [r for r in torchtitan_runs() if r[3].n_layers > 32 and r[4].float8_linears and not r[2].startswith(SPEEDUP)]
     print("| step | " + " | ".join(r[0].replace("torchtitan Llama 3.1 ", "") for r in runs) + " |")
     print("|---|" + "---|" * len(runs))
     for label, changes in STEPS:
-        cells = [f"{ratio(n, pub, u, mdl, cl, gbs, seq, lay, **changes):.2f}" if cl.async_tp or "AsyncTP" not in label
-                 else "-" for n, pub, u, mdl, cl, _, gbs, seq, lay, _ in runs]
+        cells = [f"{ratio(pub, u, mdl, cl, gbs, seq, lay, **changes):.2f}" if cl.async_tp or "async_tp" in changes
+                 else "-" for _, pub, u, mdl, cl, _, gbs, seq, lay, _ in runs]  # the AsyncTP step: its runs only
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

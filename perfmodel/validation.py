@@ -9,9 +9,8 @@ selective recomputation and every other schedule (see `variants`). Last, the sea
 for each of its top layouts, so the plan `axon tune` would pick is always measured.
 
 Scores (`score` sets each measurement beside the current model's prediction; `headline`): the
-Spearman rank correlation of predicted and measured step times, the
-measured time of the predicted-best plan over the measured best, and how far predicted memory
-is from measured. A row is a dict with pred_s, meas_s, pred_mem, meas_mem (and a name).
+Spearman rank correlation of predicted and measured step times, the measured time of the
+predicted-best plan over the measured best, and how far predicted memory is from measured. A row is a dict with pred_s, meas_s, pred_mem, meas_mem (and a name).
 """
 from __future__ import annotations
 
