@@ -298,10 +298,10 @@ def _train(cfg: RunConfig, trainer: Trainer, start: int, rank0: bool, preempt: A
     try:
         while step < cfg.train.steps:
             profiler.before(step + 1)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = trainer.step(step, preempt)
             step += 1
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             profiler.after(step)
             meter.add(tokens, dt)
             result.losses.append(out["loss"])
@@ -316,7 +316,7 @@ def _train(cfg: RunConfig, trainer: Trainer, start: int, rank0: bool, preempt: A
             if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps
                                          or "skipped_steps" in out or "val_loss" in out):
                 tps = tokens / dt
-                reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt,
+                reporter.log({"step": step, **out, "tokens_per_s": tps, "step_time_s": dt, "host_cpu_s": cpu,
                               "mfu": mfu(cfg.model, cfg.train.seq_len, tps, world, peak),
                               "peak_mem_bytes": peak_memory_bytes(trainer.device), **meter.figures(world)})
             if preempt is not None and preempt.agreed is not None:  # settled by the step

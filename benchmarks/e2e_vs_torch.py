@@ -92,6 +92,7 @@ class Mode:
 class Measured:
     tps: list[float] = field(default_factory=list)  # timed steps' tokens/s
     step_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # rank 0's process CPU seconds per timed step
     first_loss: Optional[float] = None
     error: Optional[str] = None
     wall_s: float = 0.0
@@ -102,6 +103,10 @@ class Measured:
     @property
     def median(self) -> float:
         return statistics.median(self.tps) if self.tps and self.error is None else 0.0
+
+    @property
+    def cpu(self) -> Optional[float]:
+        return statistics.median(self.cpu_s) if self.cpu_s and self.error is None else None
 
 
 def _tp3d(world: int) -> tuple[int, int, int]:
@@ -208,6 +213,7 @@ def execute(run: Run, shape: Shape, world: int, work: Path, tag: str) -> Measure
     if not timed:
         return Measured(error="no timed steps recorded", wall_s=wall)
     return Measured([r["tokens_per_s"] for r in timed], [r["step_time_s"] for r in timed],
+                    [r["cpu_s"] for r in timed if r.get("cpu_s") is not None],
                     records[0]["loss"], None, wall, layout=layout, predicted_tps=predicted)
 
 
@@ -230,13 +236,14 @@ def _axon_plan(run_dir: Path) -> tuple[str, Optional[float]]:
 def _axon_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    return sorted((r for r in records if "tokens_per_s" in r), key=lambda r: r["step"])
+    return sorted(({**r, "cpu_s": r.get("host_cpu_s")} for r in records if "tokens_per_s" in r),
+                  key=lambda r: r["step"])
 
 
 def _peer_records(path: Path) -> list[dict]:
     d = json.loads(path.read_text())
-    return [{"tokens_per_s": t, "step_time_s": s, "loss": loss}
-            for t, s, loss in zip(d["tokens_per_s"], d["step_time_s"], d["loss"])]
+    return [{"tokens_per_s": t, "step_time_s": s, "cpu_s": c, "loss": loss}
+            for t, s, c, loss in zip(d["tokens_per_s"], d["step_time_s"], d["cpu_s"], d["loss"])]
 
 
 @dataclass
@@ -244,7 +251,7 @@ class ModeResult:
     mode: Mode
     world: int
     trials: list[dict[str, Measured]] = field(default_factory=list)  # per trial: run key -> figures
-    baselines: list[dict[str, float]] = field(default_factory=list)  # auto: the fixed layouts per trial
+    baselines: list[dict[str, Measured]] = field(default_factory=list)  # auto: the fixed layouts per trial
     load: tuple[float, float] = (0.0, 0.0)
 
 
@@ -271,31 +278,38 @@ def run_mode(mode: Mode, world: int, shape: Shape, trials: int, cache: dict, wor
     return result
 
 
-def _fixed_layouts(cache: dict, world: int, trial: int, auto: Run) -> dict[str, float]:
+def _fixed_layouts(cache: dict, world: int, trial: int, auto: Run) -> dict[str, Measured]:
     """Every run of the same model measured at this world size and trial except `auto` itself."""
-    return {k: m.median for (w, t, k), m in cache.items()
+    return {k: m for (w, t, k), m in cache.items()
             if w == world and t == trial and k != auto.key and m.error is None and m.n_layers == auto.n_layers}
 
 
-def _ratio_cells(res: ModeResult) -> tuple[str, str, str, list[float]]:
-    """Axon tok/s, best peer tok/s (and which), ratio median [min-max]; the per-trial ratios."""
-    axon, best, names, ratios = [], [], [], []
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]" if xs else "-"
+
+
+def _ratio_cells(res: ModeResult) -> tuple[str, str, str, list[float], str]:
+    """Axon tok/s, best peer tok/s (and which), ratio median [min-max]; the per-trial ratios; the
+    best peer's rank-0 CPU seconds per step over Axon's, median [min-max] (> 1: Axon's step costs
+    its host less CPU; the figure the machine's other load moves least)."""
+    axon, best, names, ratios, cpu = [], [], [], [], []
     for t, got in enumerate(res.trials):
         a = got[res.mode.axon.key]
         peers = res.baselines[t] if res.mode.vs_fixed else {
-            p.key: got[p.key].median for p in res.mode.peers if got[p.key].error is None}
+            p.key: got[p.key] for p in res.mode.peers if got[p.key].error is None}
         if a.error is None:
             axon.append(a.median)
         if peers:
-            name = max(peers, key=peers.get)
-            best.append(peers[name])
+            name = max(peers, key=lambda k: peers[k].median)
+            best.append(peers[name].median)
             names.append(name)
             if a.error is None:
-                ratios.append(a.median / peers[name])
+                ratios.append(a.median / peers[name].median)
+                if a.cpu and peers[name].cpu:
+                    cpu.append(peers[name].cpu / a.cpu)
     fmt = lambda xs: f"{statistics.median(xs):,.0f}" if xs else "-"  # noqa: E731
     who = "/".join(sorted(set(names), key=names.index))  # the best peer of each trial, in order of first win
-    ratio = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]" if ratios else "-"
-    return fmt(axon), f"{fmt(best)} ({who})" if who else "-", ratio, ratios
+    return fmt(axon), f"{fmt(best)} ({who})" if who else "-", _spread(ratios), ratios, _spread(cpu)
 
 
 def _losses(res: ModeResult) -> str:
@@ -308,16 +322,17 @@ def _losses(res: ModeResult) -> str:
 
 def table(results: list[ModeResult]) -> list[str]:
     rows = ["| ranks | mode | Axon run | native peer | Axon tok/s | best peer tok/s | Axon / peer "
-            "median [min-max] | goal | step-1 loss Axon / peer(s) | load 1-min before -> after | errors |",
-            "|---|---|---|---|---:|---:|---|---|---|---|---|"]
+            "median [min-max] | goal | rank-0 CPU per step peer / Axon | step-1 loss Axon / peer(s) "
+            "| load 1-min before -> after | errors |",
+            "|---|---|---|---|---:|---:|---|---|---|---|---|---|"]
     for res in results:
-        axon, best, ratio, ratios = _ratio_cells(res)
+        axon, best, ratio, ratios, cpu = _ratio_cells(res)
         goal = GOALS.get(res.mode.name)
         met = "" if goal is None else (f">= {goal} " + ("met" if ratios and statistics.median(ratios) >= goal
                                                           else "not met"))
         errors = sorted({f"{k}: {m.error}" for got in res.trials for k, m in got.items() if m.error})
         rows.append(f"| {res.world} | {res.mode.name} | {res.mode.axon.key} | {res.mode.note} | {axon} | {best} "
-                    f"| {ratio} | {met} | {_losses(res)} | {res.load[0]:.1f} -> {res.load[1]:.1f} "
+                    f"| {ratio} | {met} | {cpu} | {_losses(res)} | {res.load[0]:.1f} -> {res.load[1]:.1f} "
                     f"| {'; '.join(errors).replace('|', '/')} |")
     return rows
 
@@ -325,15 +340,16 @@ def table(results: list[ModeResult]) -> list[str]:
 def runs_table(cache: dict) -> list[str]:
     """Every run measured: per trial median tok/s, Axon's predicted tok/s (performance model,
     cluster preset local-cpu) over it, median step time, wall time of the process."""
-    rows = ["| ranks | trial | run | Axon plan | median tok/s | predicted / measured | median step s | process wall s "
-            "| step-1 loss |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+    rows = ["| ranks | trial | run | Axon plan | median tok/s | predicted / measured | median step s "
+            "| rank-0 CPU s per step | process wall s | step-1 loss |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for (w, t, k), m in sorted(cache.items()):
         if m.error:
-            rows.append(f"| {w} | {t + 1} | {k} | | failed | | | {m.wall_s:.0f} | {m.error.replace('|', '/')} |")
+            rows.append(f"| {w} | {t + 1} | {k} | | failed | | | | {m.wall_s:.0f} | {m.error.replace('|', '/')} |")
             continue
         pred = f"{m.predicted_tps / m.median:.2f}" if m.predicted_tps else ""
+        cpu = f"{m.cpu:.3f}" if m.cpu else ""
         rows.append(f"| {w} | {t + 1} | {k} | {m.layout} | {m.median:,.0f} | {pred} "
-                    f"| {statistics.median(m.step_s):.3f} | {m.wall_s:.0f} | {m.first_loss:.4f} |")
+                    f"| {statistics.median(m.step_s):.3f} | {cpu} | {m.wall_s:.0f} | {m.first_loss:.4f} |")
     return rows
 
 

@@ -67,6 +67,7 @@ class DataParallelEngine:
                                overlap=plan.overlap_grad_reduce, reduce_dtype=reduce_dtype(plan.reduce_dtype))
         self.optimizer = adamw(self.named, optim_cfg, layouts=layouts)
         self.weights = {name: 1.0 / layouts[name].copies(plan) for name in self.named}
+        self._norm_parts = _norm_parts(self.dp.buckets, {p: self.weights[n] for n, p in self.named.items()})
         tp = grid.group(*TP_AXES)
         self.tensor_group = tp.group if tp.size > 1 else None
         self.mesh = TensorMesh(grid)
@@ -99,16 +100,17 @@ class DataParallelEngine:
 
     def grad_norm(self, stage_group: Any = None) -> torch.Tensor:
         """L2 norm of the full gradient: squares weighted by 1 / copies, summed over the tensor
-        group and `stage_group` (the pipeline stages)."""
+        group and `stage_group` (the pipeline stages). Read from the flat gradient buckets, a dot
+        product per bucket (`_norm_parts`)."""
         device = next(iter(self.named.values())).device
         sq = torch.zeros((), dtype=torch.float32, device=device)
-        for name, p in self.named.items():
-            if p.grad is not None:
-                sq += p.grad.detach().float().pow(2).sum() * self.weights[name]
+        for flat, weight in self._norm_parts:
+            g = flat.float()  # [numel]
+            sq += torch.dot(g, g) * weight
         return total_norm(sq, (self.tensor_group, stage_group))
 
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
-        clip_([p.grad for p in self.named.values()], norm, max_norm)
+        clip_([flat for flat, _ in self._norm_parts], norm, max_norm)
 
     def nonfinite(self) -> list[str]:
         """Names of my parameters whose reduced gradient holds a NaN/Inf (a failure-path check)."""
@@ -160,3 +162,18 @@ class DataParallelEngine:
 
     def remove(self) -> None:
         self.dp.remove()
+
+
+def _norm_parts(buckets: list, weight_of: Mapping[nn.Parameter, float]) -> list[tuple[torch.Tensor, float]]:
+    """[(flat gradient [numel], norm weight)] covering every bucketed gradient once: a bucket's
+    whole buffer where its parameters share a weight (the usual case: a bucket holds one reduction
+    group, whose parameters are replicated over the same tensor axes), else each parameter's view
+    (`.grad` is a view into the buffer for the engine's life: `DataParallel.zero_grad` keeps it)."""
+    parts: list[tuple[torch.Tensor, float]] = []
+    for b in buckets:
+        weights = {weight_of[p] for p in b.params}
+        if len(weights) == 1:
+            parts.append((b.buffer, weights.pop()))
+        else:
+            parts.extend((p.grad.view(-1), weight_of[p]) for p in b.params)
+    return parts

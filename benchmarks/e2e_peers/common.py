@@ -5,7 +5,8 @@ step loop and the command line every peer script shares.
 
 A peer script runs as `python -m benchmarks.e2e_peers.<script> --variant V --world W --shape JSON
 --out FILE`: it starts W local gloo ranks (launch.local.spawn, one CPU thread each) and writes
-rank 0's per-step figures as JSON: {"tokens_per_s": [...], "step_time_s": [...], "loss": [...]}.
+rank 0's per-step figures as JSON: {"tokens_per_s": [...], "step_time_s": [...], "cpu_s": [...], "loss": [...]}
+(cpu_s: rank 0's process CPU seconds in the step, all its threads, as Axon's `host_cpu_s`).
 Like Axon's trainer, a step's time is rank 0's wall time from fetching the batch to the end of the
 optimizer step, and it contains an all-reduce of the loss (the global loss is reported), so rank 0
 cannot finish a step before every rank has finished its forward and backward.
@@ -135,11 +136,12 @@ def global_loss(loss_sum: torch.Tensor, shape: Shape, group: Any = None) -> floa
 
 def timed_loop(step_fn: Callable[[int], float], shape: Shape) -> dict[str, list[float]]:
     """Run warm-up + timed steps; step_fn(step) -> global loss. Rank 0's figures per step."""
-    out: dict[str, list[float]] = {"tokens_per_s": [], "step_time_s": [], "loss": []}
+    out: dict[str, list[float]] = {"tokens_per_s": [], "step_time_s": [], "cpu_s": [], "loss": []}
     for step in range(shape.total_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step_fn(step)
         dt = time.perf_counter() - t0
+        out["cpu_s"].append(time.process_time() - c0)  # rank 0's CPU in the step, all its threads
         out["tokens_per_s"].append(shape.global_tokens / dt)
         out["step_time_s"].append(dt)
         out["loss"].append(loss)

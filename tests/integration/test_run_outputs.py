@@ -16,7 +16,7 @@ import pytest
 from axon import checkpoints_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "peak_mem_bytes")
+KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "host_cpu_s", "mfu", "peak_mem_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def test_mfu_is_at_most_one_on_local_cpu_and_throughput_is_smoothed(run):
     for r in records:
         assert set(KEYS) <= set(r)
         assert 0 < r["mfu"] <= 1.0
+        assert r["host_cpu_s"] > 0  # the step's forward and backward ran in this process
         assert r["tokens_per_s_smooth"] > 0 and r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s_smooth"])
     last = records[-1]  # the window's figure is total tokens over total time of the steps so far
     times = [r["step_time_s"] for r in records]
