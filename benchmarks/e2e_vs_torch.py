@@ -28,8 +28,12 @@ all-reduce of the loss, so the slowest rank's forward/backward counts). Per mode
     pp_zbv          schedule=zbv (V, 2 chunks)    ScheduleZBVZeroBubble
     cp              cp=2 dp=W/2 (ring)            none usable (torch's context_parallel has no CPU SDPA
                                                   sharding rule): DDP at dp=W (cp=1) instead
-    auto            parallel=auto                 the best fixed layout of the same model and world size
-                                                  measured in the same trial (Axon's and the peers')
+    auto            parallel=auto, the micro-      the best native fixed layout of the same model and world
+                    batch size its pick too       size measured in the same trial: DDP at the shape's
+                                                  micro-batch and, where it differs, at the whole per-rank
+                                                  batch (no accumulation), and every other native run of the
+                                                  trial (the other modes'); Axon's fixed dp=W is measured
+                                                  and listed beside it, not counted as a peer
 The pipeline modes train a deeper model (--pp-layers, default 8) so that every chunk of the
 interleaved and V schedules holds a layer; everything else trains --layers (default 4).
 
@@ -77,6 +81,8 @@ class Run:
     runner: str
     args: tuple[str, ...]
     n_layers: int
+    micro_batch: Optional[int] = None  # None: the shape's; Axon with free_micro_batch: its own pick
+    free_micro_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class Mode:
     axon: Run
     peers: tuple[Run, ...]
     note: str
-    vs_fixed: bool = False  # auto: compare with every fixed layout measured at this world size
+    vs_fixed: bool = False  # auto: compare with every native fixed layout measured at this world size
 
 
 @dataclass
@@ -97,6 +103,7 @@ class Measured:
     error: Optional[str] = None
     wall_s: float = 0.0
     n_layers: int = 0  # the model's depth (auto compares only with runs of the same model)
+    runner: str = ""  # "axon" or the peer script (auto compares only with native runs)
     layout: str = ""  # Axon: the plan it trained with (plan.json), e.g. what parallel=auto picked
     predicted_tps: Optional[float] = None  # Axon: the performance model's tokens/s for that plan (plan.json)
 
@@ -123,7 +130,14 @@ def _peer(script: str, variant: str, layers: int) -> Run:
     return Run(f"torch {variant}" + (f" L{layers}" if script == "pipelining" else ""), script, (variant,), layers)
 
 
-def modes(world: int, layers: int, pp_layers: int) -> dict[str, Mode]:
+def _whole_batch_ddp(world: int, layers: int, micro: int, global_batch: int) -> tuple[Run, ...]:
+    """DDP without accumulation (micro-batch = the rank's whole batch), where that differs from `micro`."""
+    whole = global_batch // world
+    return () if whole == micro else (replace(_peer("ddp_fsdp", "ddp", layers), key=f"torch ddp mbs{whole}",
+                                              micro_batch=whole),)
+
+
+def modes(world: int, layers: int, pp_layers: int, micro: int = 2, global_batch: int = 16) -> dict[str, Mode]:
     w = world
     x, y, z = _tp3d(w)
     axon = lambda key, *a, n=layers: Run(f"axon {key}", "axon", a, n)  # noqa: E731
@@ -153,13 +167,14 @@ def modes(world: int, layers: int, pp_layers: int) -> dict[str, Mode]:
                        (_peer("pipelining", "zbv", pp_layers),), "ScheduleZBVZeroBubble"),
         "cp": Mode("cp", axon(f"cp=2 dp={w // 2}", "parallel.cp=2", f"parallel.dp={w // 2}", "parallel.cp_mode=ring"),
                    (ddp,), "no native CP on CPU (context_parallel: no sharding rule for CPU SDPA): DDP dp=W"),
-        "auto": Mode("auto", axon("auto", "parallel=auto"), (axon(f"dp={w}", f"parallel.dp={w}"), ddp),
-                     "best fixed layout measured (same model, same trial)", vs_fixed=True),
+        "auto": Mode("auto", replace(axon("auto", "parallel=auto"), free_micro_batch=True),
+                     (axon(f"dp={w}", f"parallel.dp={w}"), ddp, *_whole_batch_ddp(w, layers, micro, global_batch)),
+                     "best native fixed layout measured (same model, same trial)", vs_fixed=True),
     }
 
 
 def axon_command(run: Run, shape: Shape, world: int, run_dir: Path) -> list[str]:
-    s = replace(shape, n_layers=run.n_layers)
+    s = replace(shape, n_layers=run.n_layers, micro_batch=run.micro_batch or shape.micro_batch)
     group = [a for a in run.args if a.startswith("parallel=")]  # a preset group goes first
     keys = {"model.n_layers": s.n_layers, "model.d_model": s.d_model, "model.n_heads": s.n_heads,
             "model.n_kv_heads": s.n_kv_heads, "model.d_ff": s.d_ff, "model.vocab_size": s.vocab_size,
@@ -173,12 +188,14 @@ def axon_command(run: Run, shape: Shape, world: int, run_dir: Path) -> list[str]
             "checkpoint.every": 0, "checkpoint.at_end": "false", "checkpoint.resume": "never",
             "logger.wandb.mode": "disabled", "logger.tensorboard.enabled": "false",
             "launch.nproc_per_node": world, "launch.backend": "gloo", "run.dir": str(run_dir)}
+    if run.free_micro_batch:
+        del keys["parallel.micro_batch_size"]
     rest = [a for a in run.args if a not in group]
     return [sys.executable, "-m", "axon.train", *group, *(f"{k}={v}" for k, v in keys.items()), *rest]
 
 
 def peer_command(run: Run, shape: Shape, world: int, out: Path) -> list[str]:
-    s = replace(shape, n_layers=run.n_layers)
+    s = replace(shape, n_layers=run.n_layers, micro_batch=run.micro_batch or shape.micro_batch)
     return [sys.executable, "-m", f"benchmarks.e2e_peers.{run.runner}", "--variant", run.args[0],
             "--world", str(world), "--shape", s.to_json(), "--out", str(out)]
 
@@ -267,7 +284,8 @@ def run_mode(mode: Mode, world: int, shape: Shape, trials: int, cache: dict, wor
             key = (world, t, run.key)
             if key not in cache:
                 tag = f"w{world}_t{t}_{run.key.replace(' ', '_').replace('=', '').replace(',', '-')}"
-                m = cache[key] = replace(execute(run, shape, world, work, tag), n_layers=run.n_layers)
+                m = cache[key] = replace(execute(run, shape, world, work, tag), n_layers=run.n_layers,
+                                         runner=run.runner)
                 print(f"  [{mode.name} trial {t + 1}/{trials}] {run.key}: "
                       f"{m.error or f'{m.median:,.0f} tok/s'} ({m.wall_s:.0f} s)", flush=True)
             got[run.key] = cache[key]
@@ -279,9 +297,9 @@ def run_mode(mode: Mode, world: int, shape: Shape, trials: int, cache: dict, wor
 
 
 def _fixed_layouts(cache: dict, world: int, trial: int, auto: Run) -> dict[str, Measured]:
-    """Every run of the same model measured at this world size and trial except `auto` itself."""
+    """Every native run of the same model measured at this world size and trial."""
     return {k: m for (w, t, k), m in cache.items()
-            if w == world and t == trial and k != auto.key and m.error is None and m.n_layers == auto.n_layers}
+            if w == world and t == trial and m.runner != "axon" and m.error is None and m.n_layers == auto.n_layers}
 
 
 def _spread(xs: list[float]) -> str:
@@ -386,7 +404,7 @@ def main() -> None:
     cache: dict = {}
     results = []
     for world in args.ranks:
-        table_of = modes(world, args.layers, args.pp_layers)
+        table_of = modes(world, args.layers, args.pp_layers, args.micro_batch, args.global_batch)
         for name in args.modes.split(","):
             print(f"{world} ranks, mode {name}", flush=True)
             results.append(run_mode(table_of[name], world, shape, args.trials, cache, work))

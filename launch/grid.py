@@ -3,6 +3,12 @@
 Rank order, innermost (fastest-varying) first: tp_col, tp_row, tp_depth, cp, dp, pp, so tensor
 groups stay inside a node. This module is the only place that creates process groups; all of
 them are created up front, in the same order on every rank, as torch.distributed requires.
+Axes whose groups hold the same ranks share one process group (with dp=8 alone, dp, dp x cp and
+the other data combos are one group, and each rank's size-1 axes one more): every idle gloo
+group still costs each rank CPU in every step (benchmarks/results/e2e_2026-12-01.md, ninth
+session: 5-15% of a DDP step at 8 ranks on 2 cores), and every NCCL one its own buffers. Sharing
+is safe because a group's members run the same sequence of its collectives whichever axis
+names it (only pp's members run different code, and no other axis set equals pp's).
 """
 from __future__ import annotations
 
@@ -98,13 +104,15 @@ class Grid:
             timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
             new_group = partial(dist.new_group, timeout=timeout)
         axes: dict[tuple[str, ...], Axis] = {}
+        made: dict[tuple[int, ...], Any] = {}  # one process group per distinct set of ranks
         for key in [(a,) for a in INNER_FIRST] + list(COMBOS):
             mine = group_ranks(plan, rank, key)
             group = None
             for ranks in all_groups(plan, key):  # every rank creates every group, same order
-                g = new_group(ranks) if new_group is not None else None
+                if tuple(ranks) not in made:
+                    made[tuple(ranks)] = new_group(ranks) if new_group is not None else None
                 if ranks == mine:
-                    group = g
+                    group = made[tuple(ranks)]
             size = len(mine)
             axes[key] = Axis("x".join(key), size, mine.index(rank), tuple(mine), group)
         return cls(plan, rank, axes)

@@ -62,3 +62,30 @@ def test_unknown_combo_names_the_fix():
     grid = Grid.build(Plan(), 0, 1, create_groups=False)
     with pytest.raises(KeyError, match="COMBOS"):
         grid.group("pp", "tp_col")
+
+
+@pytest.mark.parametrize("plan", SHAPES, ids=str)
+def test_axes_over_the_same_ranks_share_one_group_created_in_the_same_order_everywhere(plan, monkeypatch):
+    import torch.distributed as dist
+
+    calls: list[tuple[int, ...]] = []
+
+    def new_group(ranks, timeout=None):
+        calls.append(tuple(ranks))
+        return ("group", tuple(ranks))
+
+    monkeypatch.setattr(dist, "new_group", new_group)
+    sequences = []
+    for r in range(plan.world_size):
+        calls.clear()
+        grid = Grid.build(plan, r, plan.world_size)
+        sequences.append(list(calls))
+        assert len(calls) == len(set(calls))  # each distinct set of ranks once
+        keys = [(a,) for a in ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")] + list(COMBOS)
+        for key in keys:
+            ax = grid.group(*key) if len(key) > 1 else grid.axis(key[0])
+            assert ax.group == ("group", ax.ranks)  # the one group of exactly these ranks
+    assert all(seq == sequences[0] for seq in sequences)  # torch.distributed: same calls, same order
+    every = {tuple(g) for key in [(a,) for a in ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")] + list(COMBOS)
+             for g in all_groups(plan, key)}
+    assert set(sequences[0]) == every
