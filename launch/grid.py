@@ -3,8 +3,9 @@
 Rank order, innermost (fastest-varying) first: tp_col, tp_row, tp_depth, cp, dp, pp, so tensor
 groups stay inside a node. This module is the only place that creates process groups; all of
 them are created up front, in the same order on every rank, as torch.distributed requires.
-Axes whose groups hold the same ranks share one process group (with dp=8 alone, dp, dp x cp and
-the other data combos are one group, and each rank's size-1 axes one more): every idle gloo
+Axes whose groups hold the same ranks share one process group, and a group of every rank is the
+default group (with dp=8 alone: the default group, and one more for each rank's size-1 axes),
+where one group per axis made 11 per rank: every idle gloo
 group still costs each rank CPU in every step (benchmarks/results/e2e_2026-12-01.md, ninth
 session: 5-15% of a DDP step at 8 ranks on 2 cores), and every NCCL one its own buffers. Sharing
 is safe because a group's members run the same sequence of its collectives whichever axis
@@ -110,7 +111,7 @@ class Grid:
             group = None
             for ranks in all_groups(plan, key):  # every rank creates every group, same order
                 if tuple(ranks) not in made:
-                    made[tuple(ranks)] = new_group(ranks) if new_group is not None else None
+                    made[tuple(ranks)] = _group(ranks, new_group) if new_group is not None else None
                 if ranks == mine:
                     group = made[tuple(ranks)]
             size = len(mine)
@@ -135,3 +136,10 @@ class Grid:
 
     def is_last_stage(self) -> bool:
         return self.axis("pp").coord == self.plan.pp - 1
+
+
+def _group(ranks: list[int], new_group: Any) -> Any:
+    """The process group of `ranks`: the default group when they are all the job's ranks, else a new one."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_initialized() and len(ranks) == dist.get_world_size() else new_group(ranks)

@@ -89,3 +89,18 @@ def test_axes_over_the_same_ranks_share_one_group_created_in_the_same_order_ever
     every = {tuple(g) for key in [(a,) for a in ("pp", "dp", "cp", "tp_depth", "tp_row", "tp_col")] + list(COMBOS)
              for g in all_groups(plan, key)}
     assert set(sequences[0]) == every
+
+
+def test_a_group_of_every_rank_is_the_default_group(monkeypatch):
+    import torch.distributed as dist
+
+    plan = Plan(dp=4, tp_col=2)
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: plan.world_size)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, timeout=None: made.append(tuple(ranks)) or tuple(ranks))
+    grid = Grid.build(plan, 3, plan.world_size)
+    world = dist.group.WORLD  # None here: no default group was initialized
+    assert grid.group("dp", "cp", "tp_depth", "tp_col").group is world
+    assert grid.axis("dp").group == (1, 3, 5, 7) and grid.axis("tp_col").group == (2, 3)
+    assert tuple(range(plan.world_size)) not in made
