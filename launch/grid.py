@@ -3,13 +3,14 @@
 Rank order, innermost (fastest-varying) first: tp_col, tp_row, tp_depth, cp, dp, pp, so tensor
 groups stay inside a node. This module is the only place that creates process groups; all of
 them are created up front, in the same order on every rank, as torch.distributed requires.
-Axes whose groups hold the same ranks share one process group, and a group of every rank is the
-default group (with dp=8 alone: the default group, and one more for each rank's size-1 axes),
-where one group per axis made 11 per rank: every idle gloo
-group still costs each rank CPU in every step (benchmarks/results/e2e_2026-12-01.md, ninth
-session: 5-15% of a DDP step at 8 ranks on 2 cores), and every NCCL one its own buffers. Sharing
-is safe because a group's members run the same sequence of its collectives whichever axis
-names it (only pp's members run different code, and no other axis set equals pp's).
+Axes whose groups hold the same ranks share one process group, and a group of every rank other
+than the pipeline's is the default group (dp=8 alone: the default group and one group for each
+rank's size-1 axes, where one group per axis made 11 per rank). Every idle gloo group costs each
+rank CPU in every step (benchmarks/results/e2e_2026-12-01.md, ninth session: 5-15% of a DDP step
+at 8 ranks on 2 cores), and every NCCL one its own buffers. Sharing is safe because a group's
+members run the same sequence of its collectives whichever axis names it. Only the pipeline's
+stages run different code (point-to-point sends between collectives), so its group is never
+shared: no other axis set equals it, and it stays apart from the default group.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ class Grid:
             group = None
             for ranks in all_groups(plan, key):  # every rank creates every group, same order
                 if tuple(ranks) not in made:
-                    made[tuple(ranks)] = _group(ranks, new_group) if new_group is not None else None
+                    made[tuple(ranks)] = _group(ranks, new_group, key != ("pp",)) if new_group is not None else None
                 if ranks == mine:
                     group = made[tuple(ranks)]
             size = len(mine)
@@ -138,8 +139,10 @@ class Grid:
         return self.axis("pp").coord == self.plan.pp - 1
 
 
-def _group(ranks: list[int], new_group: Any) -> Any:
-    """The process group of `ranks`: the default group when they are all the job's ranks, else a new one."""
+def _group(ranks: list[int], new_group: Any, may_be_world: bool) -> Any:
+    """The process group of `ranks`: the default group when they are all the job's ranks and
+    `may_be_world`, else a new one."""
     import torch.distributed as dist
 
-    return dist.group.WORLD if dist.is_initialized() and len(ranks) == dist.get_world_size() else new_group(ranks)
+    whole = may_be_world and dist.is_initialized() and len(ranks) == dist.get_world_size()
+    return dist.group.WORLD if whole else new_group(ranks)

@@ -104,3 +104,6 @@ def test_a_group_of_every_rank_is_the_default_group(monkeypatch):
     assert grid.group("dp", "cp", "tp_depth", "tp_col").group is world
     assert grid.axis("dp").group == (1, 3, 5, 7) and grid.axis("tp_col").group == (2, 3)
     assert tuple(range(plan.world_size)) not in made
+    made.clear()  # the pipeline's stages run different code: their group is never the default one
+    pipe = Plan(pp=plan.world_size)
+    assert Grid.build(pipe, 3, pipe.world_size).axis("pp").group == tuple(range(pipe.world_size))
