@@ -173,8 +173,13 @@ def modes(world: int, layers: int, pp_layers: int, micro: int = 2, global_batch:
     }
 
 
+def run_shape(run: Run, shape: Shape) -> Shape:
+    """`shape` with the run's model depth and micro-batch."""
+    return replace(shape, n_layers=run.n_layers, micro_batch=run.micro_batch or shape.micro_batch)
+
+
 def axon_command(run: Run, shape: Shape, world: int, run_dir: Path) -> list[str]:
-    s = replace(shape, n_layers=run.n_layers, micro_batch=run.micro_batch or shape.micro_batch)
+    s = run_shape(run, shape)
     group = [a for a in run.args if a.startswith("parallel=")]  # a preset group goes first
     keys = {"model.n_layers": s.n_layers, "model.d_model": s.d_model, "model.n_heads": s.n_heads,
             "model.n_kv_heads": s.n_kv_heads, "model.d_ff": s.d_ff, "model.vocab_size": s.vocab_size,
@@ -195,7 +200,7 @@ def axon_command(run: Run, shape: Shape, world: int, run_dir: Path) -> list[str]
 
 
 def peer_command(run: Run, shape: Shape, world: int, out: Path) -> list[str]:
-    s = replace(shape, n_layers=run.n_layers, micro_batch=run.micro_batch or shape.micro_batch)
+    s = run_shape(run, shape)
     return [sys.executable, "-m", f"benchmarks.e2e_peers.{run.runner}", "--variant", run.args[0],
             "--world", str(world), "--shape", s.to_json(), "--out", str(out)]
 
@@ -357,7 +362,8 @@ def table(results: list[ModeResult]) -> list[str]:
 
 def runs_table(cache: dict) -> list[str]:
     """Every run measured: per trial median tok/s, Axon's predicted tok/s (performance model,
-    cluster preset local-cpu) over it, median step time, wall time of the process."""
+    cluster preset local-cpu) over it, median step time, rank 0's median CPU per step, wall time
+    of the process."""
     rows = ["| ranks | trial | run | Axon plan | median tok/s | predicted / measured | median step s "
             "| rank-0 CPU s per step | process wall s | step-1 loss |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for (w, t, k), m in sorted(cache.items()):

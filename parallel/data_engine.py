@@ -66,8 +66,8 @@ class DataParallelEngine:
         self.dp = DataParallel(reduction_groups(self.named, layouts, grid), bucket_mb=plan.bucket_mb,
                                overlap=plan.overlap_grad_reduce, reduce_dtype=reduce_dtype(plan.reduce_dtype))
         self.optimizer = adamw(self.named, optim_cfg, layouts=layouts)
-        self.weights = {name: 1.0 / layouts[name].copies(plan) for name in self.named}
-        self._norm_parts = _norm_parts(self.dp.buckets, {p: self.weights[n] for n, p in self.named.items()})
+        weight_of = {p: 1.0 / layouts[name].copies(plan) for name, p in self.named.items()}  # norm: 1 / copies
+        self._norm_parts = _norm_parts(self.dp.buckets, weight_of)
         tp = grid.group(*TP_AXES)
         self.tensor_group = tp.group if tp.size > 1 else None
         self.mesh = TensorMesh(grid)
